@@ -1,0 +1,146 @@
+//! The CNI: types shared by the plugin binary (`sluice-cni`, run by the container runtime) and
+//! the agent, which does the work behind a root-only unix socket.
+
+pub mod plugin;
+pub mod server;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// CNI spec versions whose result format this plugin writes (they share one shape).
+pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
+
+/// Error codes: 1-11 as the CNI spec defines them, 100+ Sluice's own.
+pub mod code {
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const UNKNOWN_CONTAINER: u32 = 3;
+    pub const INVALID_ENV: u32 = 4;
+    pub const IO_FAILURE: u32 = 5;
+    pub const DECODE_FAILED: u32 = 6;
+    pub const INVALID_CONFIG: u32 = 7;
+    pub const TRY_AGAIN_LATER: u32 = 11;
+    /// No free address left in the node's pod CIDR.
+    pub const POOL_EXHAUSTED: u32 = 100;
+    /// The datapath refused a change (map full, attach failed).
+    pub const DATAPATH: u32 = 101;
+    /// CHECK found the pod's networking not as ADD left it.
+    pub const CHECK_FAILED: u32 = 102;
+}
+
+/// A CNI error as the spec's JSON.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("CNI error {code}: {msg}{}", if details.is_empty() { String::new() } else { format!(": {details}") })]
+pub struct CniError {
+    pub code: u32,
+    pub msg: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub details: String,
+}
+
+impl CniError {
+    pub fn new(code: u32, msg: impl Into<String>) -> CniError {
+        CniError {
+            code,
+            msg: msg.into(),
+            details: String::new(),
+        }
+    }
+
+    pub fn with_details(mut self, details: impl ToString) -> CniError {
+        self.details = details.to_string();
+        self
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Command {
+    Add,
+    Del,
+    Check,
+}
+
+/// The network configuration the runtime passes on stdin. Fields other plugins or the runtime
+/// add (`prevResult`, `runtimeConfig`, ...) are accepted and ignored.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetConf {
+    pub cni_version: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub plugin_type: String,
+    /// The agent's CNI socket; defaults to `config::default_cni_socket()`.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+}
+
+/// What the plugin asks of the agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRequest {
+    pub command: Command,
+    pub container_id: String,
+    pub netns: String,
+    pub ifname: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentReply {
+    Ok(Option<CniResult>),
+    Error(CniError),
+}
+
+/// The ADD result (spec 1.0.0 shape; `cniVersion` is set by the plugin from the config).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CniResult {
+    #[serde(default)]
+    pub cni_version: String,
+    pub interfaces: Vec<Interface>,
+    pub ips: Vec<IpConfig>,
+    pub routes: Vec<Route>,
+    pub dns: serde_json::Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interface {
+    pub name: String,
+    pub mac: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpConfig {
+    pub address: String,
+    pub gateway: String,
+    pub interface: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub dst: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gw: Option<String>,
+}
+
+/// CNI_CONTAINERID: "alphanumeric characters, hyphen, underscore and period" (the spec), which
+/// also keeps it safe as part of a file name.
+pub fn valid_container_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// CNI_IFNAME: a Linux interface name.
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}

@@ -1,0 +1,490 @@
+//! The agent side of the CNI: veth pairs, IPAM, endpoint records, datapath entries and
+//! attachments, behind a unix socket only root can open. Requests are served one at a time, so
+//! two calls never race on a pod's state.
+
+use std::{
+    fs::File,
+    net::IpAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{Context, Result};
+use ipnetwork::IpNetwork;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::Mutex,
+};
+use tracing::{info, warn};
+
+use super::{
+    code, AgentReply, AgentRequest, CniError, CniResult, Command, Interface, IpConfig, Route,
+};
+use crate::{
+    config::NodeNetwork,
+    datapath::Datapath,
+    endpoints::Store,
+    ipam::{Ipam, IpamError},
+    masquerade,
+    model::{LocalEndpoint, Mac, Pipeline},
+    net::{self, Gateway, Netlink, PodInterface},
+};
+
+pub struct PodNetwork {
+    node: NodeNetwork,
+    gateway: Gateway,
+    datapath: Box<dyn Datapath>,
+    ipam: Ipam,
+    store: Store,
+    nl: Netlink,
+}
+
+/// What a reconcile found.
+#[derive(Debug, Default)]
+pub struct ReconcileReport {
+    pub live: usize,
+    pub stale: Vec<String>,
+    pub orphan_addresses: Vec<IpAddr>,
+}
+
+fn io(msg: &str) -> impl FnOnce(anyhow::Error) -> CniError + '_ {
+    move |e| CniError::new(code::IO_FAILURE, msg).with_details(format!("{e:#}"))
+}
+
+fn datapath_err(msg: &str) -> impl FnOnce(anyhow::Error) -> CniError + '_ {
+    move |e| CniError::new(code::DATAPATH, msg).with_details(format!("{e:#}"))
+}
+
+/// Interface names derived from the pod's identity (FNV-1a), short enough for IFNAMSIZ.
+fn port_names(container_id: &str, ifname: &str) -> (String, String) {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in container_id.bytes().chain([b'/']).chain(ifname.bytes()) {
+        hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    let hex = format!("{hash:016x}");
+    (format!("sl{}", &hex[..12]), format!("sp{}", &hex[..12]))
+}
+
+impl PodNetwork {
+    /// Wires the node (gateway, forwarding, masquerade), then reconciles with what the previous
+    /// agent left: pinned maps, attachments, records.
+    pub async fn start(
+        node: NodeNetwork,
+        datapath: Box<dyn Datapath>,
+        state_dir: &Path,
+    ) -> Result<PodNetwork> {
+        let nl = Netlink::new()?;
+        let gateway = nl
+            .ensure_gateway(
+                &node.gateway_name,
+                node.gateway_ip,
+                node.pod_cidr.prefix(),
+                node.mtu,
+            )
+            .await
+            .context("setting up the gateway")?;
+        net::write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+        if node.masquerade {
+            masquerade::install(node.pod_cidr, &node.gateway_name)?;
+        }
+        let ipam = Ipam::open(&state_dir.join("ipam"), node.pod_cidr, node.gateway_ip)?;
+        let store = Store::open(&state_dir.join("endpoints"))?;
+        let mut pods = PodNetwork {
+            node,
+            gateway,
+            datapath,
+            ipam,
+            store,
+            nl,
+        };
+        pods.datapath
+            .install_gateway(&pods.gateway)
+            .context("attaching the gateway program")?;
+        let report = pods.reconcile().await?;
+        info!(live = report.live, stale = ?report.stale, orphan_addresses = ?report.orphan_addresses, "reconciled with the previous state");
+        Ok(pods)
+    }
+
+    /// Drops the records, reservations and entries of pods whose interface is gone, keeps the
+    /// live ones, and re-attaches the (possibly newer) program to every live port.
+    pub async fn reconcile(&mut self) -> Result<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        let mut live = Vec::new();
+        for ep in self.store.list()? {
+            let present = self
+                .nl
+                .link(&ep.host_ifname)
+                .await?
+                .is_some_and(|l| l.index == ep.host_ifindex);
+            if present {
+                live.push(ep);
+            } else {
+                self.datapath.detach_port(&ep.host_ifname)?;
+                self.store.remove(&ep.container_id, &ep.ifname)?;
+                self.ipam.release(&ep.container_id, &ep.ifname)?;
+                report
+                    .stale
+                    .push(format!("{}/{}", ep.container_id, ep.ifname));
+            }
+        }
+        for (ip, id, ifname) in self.ipam.reservations()? {
+            if !live
+                .iter()
+                .any(|ep| ep.container_id == id && ep.ifname == ifname)
+            {
+                self.ipam.release(&id, &ifname)?;
+                report.orphan_addresses.push(ip);
+            }
+        }
+        self.datapath.sync(&Pipeline::compile(&live))?;
+        for ep in &live {
+            self.datapath.attach_port(&ep.host_ifname)?;
+        }
+        report.live = live.len();
+        Ok(report)
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        let endpoints = self.store.list()?;
+        self.datapath.sync(&Pipeline::compile(&endpoints))?;
+        Ok(())
+    }
+
+    pub async fn handle(&mut self, request: AgentRequest) -> AgentReply {
+        let reply = match request.command {
+            Command::Add => self.add(&request).await.map(Some),
+            Command::Del => self.del(&request).await.map(|()| None),
+            Command::Check => self.check(&request).await.map(|()| None),
+        };
+        match reply {
+            Ok(result) => AgentReply::Ok(result),
+            Err(err) => {
+                warn!(command = ?request.command, container = %request.container_id, %err, "CNI request failed");
+                AgentReply::Error(err)
+            }
+        }
+    }
+
+    fn result(&self, ep: &LocalEndpoint) -> CniResult {
+        CniResult {
+            cni_version: String::new(),
+            interfaces: vec![Interface {
+                name: ep.ifname.clone(),
+                mac: ep.mac.to_string(),
+                sandbox: Some(ep.netns.clone()),
+            }],
+            ips: ep
+                .ips
+                .iter()
+                .map(|net| IpConfig {
+                    address: net.to_string(),
+                    gateway: self.node.gateway_ip.to_string(),
+                    interface: 0,
+                })
+                .collect(),
+            routes: vec![Route {
+                dst: "0.0.0.0/0".into(),
+                gw: Some(self.node.gateway_ip.to_string()),
+            }],
+            dns: serde_json::json!({}),
+        }
+    }
+
+    async fn add(&mut self, req: &AgentRequest) -> Result<CniResult, CniError> {
+        if !Path::new(&req.netns).exists() {
+            return Err(CniError::new(
+                code::UNKNOWN_CONTAINER,
+                format!("network namespace {} does not exist", req.netns),
+            ));
+        }
+        if let Some(ep) = self
+            .store
+            .get(&req.container_id, &req.ifname)
+            .map_err(|e| io("reading endpoint records")(e.into()))?
+        {
+            // A repeated ADD for a pod that is still wired gets the same answer.
+            if self
+                .nl
+                .link(&ep.host_ifname)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|l| l.index == ep.host_ifindex)
+            {
+                return Ok(self.result(&ep));
+            }
+        }
+        let ip = self
+            .ipam
+            .reserve(&req.container_id, &req.ifname)
+            .map_err(|e| match e {
+                IpamError::Exhausted { .. } => CniError::new(code::POOL_EXHAUSTED, e.to_string()),
+                IpamError::Io { .. } => {
+                    CniError::new(code::IO_FAILURE, "IPAM store failed").with_details(e)
+                }
+            })?;
+        match self.wire(req, ip).await {
+            Ok(ep) => {
+                info!(container = %req.container_id, ip = %ip, port = %ep.host_ifname, "pod added");
+                Ok(self.result(&ep))
+            }
+            Err(err) => {
+                // Leave nothing behind: the runtime will call ADD again or DEL.
+                let (host, _) = port_names(&req.container_id, &req.ifname);
+                let _ = self.datapath.detach_port(&host);
+                if let Ok(Some(link)) = self.nl.link(&host).await {
+                    let _ = self.nl.delete_link(link.index).await;
+                }
+                let _ = self.store.remove(&req.container_id, &req.ifname);
+                let _ = self.sync();
+                let _ = self.ipam.release(&req.container_id, &req.ifname);
+                Err(err)
+            }
+        }
+    }
+
+    async fn wire(&mut self, req: &AgentRequest, ip: IpAddr) -> Result<LocalEndpoint, CniError> {
+        let IpAddr::V4(ipv4) = ip else {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "IPv6 pod addresses are not supported yet",
+            ));
+        };
+        let IpAddr::V4(gateway) = self.node.gateway_ip else {
+            unreachable!("validated as IPv4")
+        };
+        let (host, temp) = port_names(&req.container_id, &req.ifname);
+        if let Some(leftover) = self.nl.link(&host).await.map_err(io("looking up links"))? {
+            self.nl
+                .delete_link(leftover.index)
+                .await
+                .map_err(io("deleting a leftover veth"))?;
+        }
+        self.nl
+            .create_veth(&host, &temp)
+            .await
+            .map_err(io("creating the veth pair"))?;
+        let peer = self
+            .nl
+            .link(&temp)
+            .await
+            .map_err(io("looking up links"))?
+            .ok_or_else(|| {
+                CniError::new(
+                    code::IO_FAILURE,
+                    format!("veth end {temp} vanished right after creation"),
+                )
+            })?;
+        let netns = File::open(&req.netns).map_err(|e| {
+            CniError::new(
+                code::UNKNOWN_CONTAINER,
+                format!("cannot open network namespace {}", req.netns),
+            )
+            .with_details(e)
+        })?;
+        self.nl
+            .move_to_netns(peer.index, &netns)
+            .await
+            .map_err(io("moving the veth into the pod"))?;
+        let mac = Mac::for_ipv4(ipv4);
+        let pod = PodInterface {
+            temp_name: temp,
+            ifname: req.ifname.clone(),
+            mac,
+            ip: ipv4,
+            prefix: self.node.pod_cidr.prefix(),
+            gateway,
+            mtu: self.node.mtu,
+        };
+        let netns_path = PathBuf::from(&req.netns);
+        tokio::task::spawn_blocking(move || net::configure_pod(&netns_path, pod))
+            .await
+            .map_err(|e| io("configuring the pod interface")(e.into()))?
+            .map_err(io("configuring the pod interface"))?;
+        let host_link = self
+            .nl
+            .link(&host)
+            .await
+            .map_err(io("looking up links"))?
+            .ok_or_else(|| {
+                CniError::new(
+                    code::IO_FAILURE,
+                    format!("host end {host} of the pod's veth vanished"),
+                )
+            })?;
+        self.nl
+            .set_up(host_link.index, self.node.mtu)
+            .await
+            .map_err(io("bringing the host end up"))?;
+        let ep = LocalEndpoint {
+            container_id: req.container_id.clone(),
+            ifname: req.ifname.clone(),
+            netns: req.netns.clone(),
+            host_ifname: host.clone(),
+            host_ifindex: host_link.index,
+            mac,
+            ips: vec![
+                IpNetwork::new(ip, self.node.pod_cidr.prefix()).expect("prefix of a valid CIDR")
+            ],
+        };
+        self.store
+            .put(&ep)
+            .map_err(|e| io("writing the endpoint record")(e.into()))?;
+        self.sync()
+            .map_err(datapath_err("programming the datapath"))?;
+        self.datapath
+            .attach_port(&host)
+            .map_err(datapath_err("attaching the datapath to the pod's port"))?;
+        Ok(ep)
+    }
+
+    /// Idempotent: an unknown container or a second DEL is success, as the spec requires.
+    async fn del(&mut self, req: &AgentRequest) -> Result<(), CniError> {
+        let record = self
+            .store
+            .get(&req.container_id, &req.ifname)
+            .map_err(|e| io("reading endpoint records")(e.into()))?;
+        let host = record.as_ref().map_or_else(
+            || port_names(&req.container_id, &req.ifname).0,
+            |ep| ep.host_ifname.clone(),
+        );
+        // Entries go first, the address last, so no address is reused while still programmed.
+        self.store
+            .remove(&req.container_id, &req.ifname)
+            .map_err(|e| io("removing the endpoint record")(e.into()))?;
+        self.sync()
+            .map_err(datapath_err("removing datapath entries"))?;
+        self.datapath
+            .detach_port(&host)
+            .map_err(datapath_err("detaching the datapath"))?;
+        if let Some(link) = self.nl.link(&host).await.map_err(io("looking up links"))? {
+            self.nl
+                .delete_link(link.index)
+                .await
+                .map_err(io("deleting the veth"))?;
+        }
+        let released = self
+            .ipam
+            .release(&req.container_id, &req.ifname)
+            .map_err(|e| io("releasing the address")(e.into()))?;
+        info!(container = %req.container_id, released = ?released, "pod deleted");
+        Ok(())
+    }
+
+    async fn check(&mut self, req: &AgentRequest) -> Result<(), CniError> {
+        let failed = |what: String| CniError::new(code::CHECK_FAILED, what);
+        let ep = self
+            .store
+            .get(&req.container_id, &req.ifname)
+            .map_err(|e| io("reading endpoint records")(e.into()))?
+            .ok_or_else(|| {
+                CniError::new(
+                    code::UNKNOWN_CONTAINER,
+                    format!(
+                        "no pod interface {}/{} on this node",
+                        req.container_id, req.ifname
+                    ),
+                )
+            })?;
+        match self
+            .nl
+            .link(&ep.host_ifname)
+            .await
+            .map_err(io("looking up links"))?
+        {
+            Some(link) if link.index == ep.host_ifindex => {}
+            _ => {
+                return Err(failed(format!(
+                    "host end {} of the pod's veth is missing",
+                    ep.host_ifname
+                )))
+            }
+        }
+        let netns = PathBuf::from(&req.netns);
+        let ifname = req.ifname.clone();
+        let pod_link = tokio::task::spawn_blocking(move || net::inspect_pod(&netns, ifname))
+            .await
+            .map_err(|e| io("inspecting the pod")(e.into()))?
+            .map_err(io("inspecting the pod"))?;
+        match pod_link {
+            Some(link) if link.mac == Some(ep.mac) => {}
+            Some(_) => {
+                return Err(failed(format!(
+                    "{} in the pod does not have MAC {}",
+                    req.ifname, ep.mac
+                )))
+            }
+            None => {
+                return Err(failed(format!(
+                    "{} is missing in the pod's namespace",
+                    req.ifname
+                )))
+            }
+        }
+        let expected = Pipeline::compile([&ep]);
+        let actual = self
+            .current_pipeline()
+            .map_err(datapath_err("reading the datapath"))?;
+        let programmed = expected
+            .spoof_guard
+            .iter()
+            .all(|(k, v)| actual.spoof_guard.get(k) == Some(v))
+            && expected
+                .l3_forwarding
+                .iter()
+                .all(|(k, v)| actual.l3_forwarding.get(k) == Some(v));
+        if !programmed {
+            return Err(failed(format!(
+                "the datapath entries of {}/{} are missing",
+                req.container_id, req.ifname
+            )));
+        }
+        Ok(())
+    }
+
+    fn current_pipeline(&self) -> Result<Pipeline> {
+        self.datapath.current()
+    }
+}
+
+/// Serves CNI requests until the listener fails. The socket's directory is root-only.
+pub async fn serve(socket: &Path, pods: Arc<Mutex<PodNetwork>>) -> Result<()> {
+    let dir = socket
+        .parent()
+        .context("the CNI socket path has no directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    let _ = std::fs::remove_file(socket);
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    info!(socket = %socket.display(), "serving CNI requests");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let pods = pods.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(stream, pods).await {
+                warn!("CNI connection failed: {e:#}");
+            }
+        });
+    }
+}
+
+async fn serve_one(stream: UnixStream, pods: Arc<Mutex<PodNetwork>>) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    let reply = match serde_json::from_str::<AgentRequest>(&line) {
+        Ok(request) => pods.lock().await.handle(request).await,
+        Err(e) => AgentReply::Error(
+            CniError::new(code::DECODE_FAILED, "malformed request from the CNI plugin")
+                .with_details(e),
+        ),
+    };
+    let mut out = serde_json::to_vec(&reply)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    Ok(())
+}

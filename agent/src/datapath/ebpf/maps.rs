@@ -1,0 +1,161 @@
+//! The pinned maps of the eBPF datapath, typed. The agent takes them from the loaded object;
+//! `sluicectl` and tests open the same maps from their pins.
+
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use sluice_common::{
+    map_names, DropReason, Endpoint, IpKey, NodeConfig, SpoofGuardEntry, SpoofGuardKey, Stage,
+};
+
+use crate::{
+    datapath::SyncReport,
+    model::{diff, Pipeline},
+};
+
+pub struct Maps {
+    pub endpoints: HashMap<MapData, IpKey, Endpoint>,
+    pub spoof_guard: HashMap<MapData, SpoofGuardKey, SpoofGuardEntry>,
+    pub node_config: Array<MapData, NodeConfig>,
+    pub stage_packets: PerCpuArray<MapData, u64>,
+    pub drops: PerCpuArray<MapData, u64>,
+}
+
+/// Counter totals over all CPUs, by name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Counters {
+    pub stages: Vec<(Stage, u64)>,
+    pub drops: Vec<(DropReason, u64)>,
+}
+
+impl Counters {
+    pub fn drops_for(&self, reason: DropReason) -> u64 {
+        self.drops
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(map: Map, name: &str) -> Result<T> {
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Maps {
+    pub fn take(bpf: &mut aya::Ebpf) -> Result<Maps> {
+        let mut take = |name: &str| {
+            bpf.take_map(name)
+                .with_context(|| format!("the eBPF object has no map {name}"))
+        };
+        Ok(Maps {
+            endpoints: typed(take(map_names::ENDPOINTS)?, map_names::ENDPOINTS)?,
+            spoof_guard: typed(take(map_names::SPOOF_GUARD)?, map_names::SPOOF_GUARD)?,
+            node_config: typed(take(map_names::NODE_CONFIG)?, map_names::NODE_CONFIG)?,
+            stage_packets: typed(take(map_names::STAGE_PACKETS)?, map_names::STAGE_PACKETS)?,
+            drops: typed(take(map_names::DROPS)?, map_names::DROPS)?,
+        })
+    }
+
+    pub fn from_pins(dir: &Path) -> Result<Maps> {
+        let open = |name: &str| -> Result<Map> {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).with_context(|| {
+                format!(
+                    "opening pinned map {} (is the agent running on this node?)",
+                    path.display()
+                )
+            })?;
+            Ok(Map::from_map_data(data)?)
+        };
+        Ok(Maps {
+            endpoints: typed(open(map_names::ENDPOINTS)?, map_names::ENDPOINTS)?,
+            spoof_guard: typed(open(map_names::SPOOF_GUARD)?, map_names::SPOOF_GUARD)?,
+            node_config: typed(open(map_names::NODE_CONFIG)?, map_names::NODE_CONFIG)?,
+            stage_packets: typed(open(map_names::STAGE_PACKETS)?, map_names::STAGE_PACKETS)?,
+            drops: typed(open(map_names::DROPS)?, map_names::DROPS)?,
+        })
+    }
+
+    /// The entries the kernel holds now.
+    pub fn pipeline(&self) -> Result<Pipeline> {
+        Ok(Pipeline {
+            spoof_guard: self
+                .spoof_guard
+                .iter()
+                .collect::<Result<BTreeMap<_, _>, _>>()?,
+            l3_forwarding: self
+                .endpoints
+                .iter()
+                .collect::<Result<BTreeMap<_, _>, _>>()?,
+        })
+    }
+
+    pub fn sync(&mut self, desired: &Pipeline) -> Result<SyncReport> {
+        let current = self.pipeline()?;
+        let mut report = SyncReport::default();
+        let spoof = diff(&current.spoof_guard, &desired.spoof_guard);
+        let fwd = diff(&current.l3_forwarding, &desired.l3_forwarding);
+        // Deletes first: they free room for the writes in a full map.
+        for key in &fwd.deletes {
+            remove(&mut self.endpoints, key, map_names::ENDPOINTS)?;
+        }
+        for key in &spoof.deletes {
+            remove(&mut self.spoof_guard, key, map_names::SPOOF_GUARD)?;
+        }
+        // SpoofGuard before L3Forwarding: a pod becomes reachable only once it may send.
+        for (key, value) in &spoof.upserts {
+            self.spoof_guard
+                .insert(key, value, 0)
+                .map_err(|e| full(e, map_names::SPOOF_GUARD))?;
+        }
+        for (key, value) in &fwd.upserts {
+            self.endpoints
+                .insert(key, value, 0)
+                .map_err(|e| full(e, map_names::ENDPOINTS))?;
+        }
+        report.written = spoof.upserts.len() + fwd.upserts.len();
+        report.deleted = spoof.deletes.len() + fwd.deletes.len();
+        Ok(report)
+    }
+
+    pub fn counters(&self) -> Result<Counters> {
+        let sum = |map: &PerCpuArray<MapData, u64>, index: u32| -> Result<u64> {
+            Ok(map.get(&index, 0)?.iter().sum())
+        };
+        Ok(Counters {
+            stages: Stage::ALL
+                .iter()
+                .map(|s| Ok((*s, sum(&self.stage_packets, *s as u32)?)))
+                .collect::<Result<_>>()?,
+            drops: DropReason::ALL
+                .iter()
+                .map(|r| Ok((*r, sum(&self.drops, *r as u32)?)))
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+fn remove<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+    name: &str,
+) -> Result<()> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("deleting an entry of map {name}")),
+    }
+}
+
+/// A full hash map answers E2BIG; say so in words.
+fn full(err: MapError, name: &str) -> anyhow::Error {
+    if let MapError::SyscallError(sys) = &err {
+        if sys.io_error.raw_os_error() == Some(libc::E2BIG) {
+            return anyhow::anyhow!(
+                "map {name} is full ({} entries): no room for another endpoint",
+                sluice_common::MAX_ENDPOINTS
+            );
+        }
+    }
+    anyhow::Error::new(err).context(format!("writing map {name}"))
+}

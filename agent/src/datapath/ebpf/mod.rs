@@ -1,0 +1,263 @@
+//! The eBPF backend: loads the embedded object with its maps pinned under the bpffs directory,
+//! attaches the TC programs, and keeps the maps equal to the desired pipeline.
+//!
+//! Everything it creates outlives the agent process: maps are pinned, tcx links are pinned,
+//! netlink filters belong to the interface. A restarted agent adopts them (the same pins are
+//! reused, attachments are replaced in place), so forwarding never stops with the agent.
+
+mod maps;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        LinkOrder, SchedClassifier, TcAttachType,
+    },
+    util::KernelVersion,
+    Ebpf, EbpfLoader,
+};
+pub use maps::{Counters, Maps};
+use sluice_common::{map_names, program_names, NodeConfig};
+
+use crate::{
+    config::TcAttachMode,
+    datapath::{Datapath, SyncReport},
+    model::Pipeline,
+    net::Gateway,
+};
+
+/// The compiled TC programs, built by `cargo xtask build` and embedded at compile time.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-ebpf"));
+
+/// The netlink filter slot Sluice owns on each interface, so a restarted agent finds it again.
+const NL_PRIORITY: u16 = 1;
+const NL_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// How programs are attached on this node, resolved from the configured mode and the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    Tcx,
+    Netlink,
+}
+
+impl Attach {
+    pub fn resolve(mode: TcAttachMode) -> Result<Attach> {
+        let tcx_supported =
+            KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        match mode {
+            TcAttachMode::Netlink => Ok(Attach::Netlink),
+            TcAttachMode::Auto if tcx_supported => Ok(Attach::Tcx),
+            TcAttachMode::Auto => Ok(Attach::Netlink),
+            TcAttachMode::Tcx if tcx_supported => Ok(Attach::Tcx),
+            TcAttachMode::Tcx => {
+                bail!("field `tcAttachMode`: tcx needs kernel 6.6 or later; use netlink or auto")
+            }
+        }
+    }
+}
+
+pub struct EbpfDatapath {
+    bpf: Ebpf,
+    maps: Maps,
+    pin_dir: PathBuf,
+    attach: Attach,
+}
+
+/// Makes sure `dir` lives on a bpffs, mounting one at /sys/fs/bpf if nothing is mounted there.
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let on_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    };
+    if !on_bpffs(existing) {
+        let root = Path::new("/sys/fs/bpf");
+        if dir.starts_with(root) && root.is_dir() && !on_bpffs(root) {
+            nix::mount::mount(
+                Some("bpffs"),
+                root,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .context("mounting bpffs at /sys/fs/bpf")?;
+        } else {
+            bail!(
+                "{} is not on a bpffs mount: maps could not be pinned there",
+                dir.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(dir.join("links"))
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+impl EbpfDatapath {
+    pub fn load(pin_dir: &Path, mode: TcAttachMode) -> Result<EbpfDatapath> {
+        let attach = Attach::resolve(mode)?;
+        ensure_bpffs(pin_dir)?;
+        let mut loader = EbpfLoader::new();
+        for name in map_names::ALL {
+            loader.map_pin_path(name, pin_dir.join(name));
+        }
+        let mut bpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        for name in [program_names::FROM_POD, program_names::FROM_GATEWAY] {
+            let program: &mut SchedClassifier = bpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("loading program {name} (verifier)"))?;
+        }
+        let maps = Maps::take(&mut bpf)?;
+        Ok(EbpfDatapath {
+            bpf,
+            maps,
+            pin_dir: pin_dir.to_path_buf(),
+            attach,
+        })
+    }
+
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    pub fn attach_mode(&self) -> Attach {
+        self.attach
+    }
+
+    fn link_pin(&self, ifname: &str, program: &str) -> PathBuf {
+        self.pin_dir
+            .join("links")
+            .join(format!("{ifname}-{program}"))
+    }
+
+    fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        Ok(self
+            .bpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("no program {name}"))?
+            .try_into()?)
+    }
+
+    /// Attaches `program` to tc ingress of `ifname`, replacing a previous attachment of ours in
+    /// place (no window without a program).
+    fn attach_ingress(&mut self, program: &str, ifname: &str) -> Result<()> {
+        let pin = self.link_pin(ifname, program);
+        let attach = self.attach;
+        let prog = self.program(program)?;
+        match attach {
+            Attach::Tcx => {
+                let replaced = match PinnedLink::from_pin(&pin) {
+                    Ok(old) => {
+                        let link = SchedClassifierLink::try_from(old.unpin()?)?;
+                        prog.attach_to_link(link).ok()
+                    }
+                    Err(_) => None,
+                };
+                let id = match replaced {
+                    Some(id) => id,
+                    None => prog.attach_with_options(
+                        ifname,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )?,
+                };
+                let link: FdLink = prog.take_link(id)?.try_into()?;
+                link.pin(&pin)
+                    .with_context(|| format!("pinning the tcx link at {}", pin.display()))?;
+            }
+            Attach::Netlink => {
+                if let Err(e) = tc::qdisc_add_clsact(ifname) {
+                    if !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
+                    {
+                        return Err(e)
+                            .with_context(|| format!("adding the clsact qdisc to {ifname}"));
+                    }
+                }
+                let ours = SchedClassifierLink::attached(
+                    ifname,
+                    TcAttachType::Ingress,
+                    NL_PRIORITY,
+                    NL_HANDLE,
+                    None,
+                )?;
+                let id = match prog.attach_to_link(ours) {
+                    Ok(id) => id,
+                    Err(_) => prog.attach_with_options(
+                        ifname,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::Netlink(NlOptions {
+                            priority: NL_PRIORITY,
+                            handle: NL_HANDLE,
+                            classid: None,
+                        }),
+                    )?,
+                };
+                // The filter belongs to the interface; dropping the link would delete it.
+                std::mem::forget(prog.take_link(id)?);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Datapath for EbpfDatapath {
+    fn install_gateway(&mut self, gateway: &Gateway) -> Result<()> {
+        let config = NodeConfig {
+            gateway_ifindex: gateway.ifindex,
+            gateway_mac: gateway.mac.0,
+            _pad: [0; 2],
+        };
+        self.maps
+            .node_config
+            .set(0, config, 0)
+            .context("writing NODE_CONFIG")?;
+        self.attach_ingress(program_names::FROM_GATEWAY, &gateway.peer_name)
+    }
+
+    fn attach_port(&mut self, host_ifname: &str) -> Result<()> {
+        self.attach_ingress(program_names::FROM_POD, host_ifname)
+    }
+
+    fn detach_port(&mut self, host_ifname: &str) -> Result<()> {
+        let pin = self.link_pin(host_ifname, program_names::FROM_POD);
+        if let Ok(link) = PinnedLink::from_pin(&pin) {
+            // Dropping the unpinned link releases the tcx attachment.
+            link.unpin()
+                .with_context(|| format!("unpinning {}", pin.display()))?;
+        }
+        if self.attach == Attach::Netlink {
+            if let Ok(link) = SchedClassifierLink::attached(
+                host_ifname,
+                TcAttachType::Ingress,
+                NL_PRIORITY,
+                NL_HANDLE,
+                None,
+            ) {
+                // The interface may already be gone, and its filters with it.
+                let _ = aya::programs::Link::detach(link);
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self, desired: &Pipeline) -> Result<SyncReport> {
+        self.maps.sync(desired)
+    }
+
+    fn current(&self) -> Result<Pipeline> {
+        self.maps.pipeline()
+    }
+}

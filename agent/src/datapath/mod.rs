@@ -1,0 +1,29 @@
+//! The `Datapath` trait: what a backend must realize of the desired pipeline. The backend never
+//! talks to Kubernetes or the CNI; it is handed plain data.
+
+pub mod ebpf;
+
+use anyhow::Result;
+
+use crate::{model::Pipeline, net::Gateway};
+
+pub trait Datapath: Send {
+    /// Node-level wiring: where packets for the node go, and the gateway's own program.
+    fn install_gateway(&mut self, gateway: &Gateway) -> Result<()>;
+    /// Starts processing the packets a pod sends on its port (the host end of its veth).
+    /// Attaching again to a port that already has the program replaces it in place.
+    fn attach_port(&mut self, host_ifname: &str) -> Result<()>;
+    /// Stops processing the port. Safe on a port that is already gone.
+    fn detach_port(&mut self, host_ifname: &str) -> Result<()>;
+    /// Makes the datapath's entries equal to `desired`, touching only entries that differ.
+    fn sync(&mut self, desired: &Pipeline) -> Result<SyncReport>;
+    /// The entries the datapath holds now.
+    fn current(&self) -> Result<Pipeline>;
+}
+
+/// What a sync changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub written: usize,
+    pub deleted: usize,
+}

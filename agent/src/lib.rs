@@ -1,0 +1,10 @@
+//! The Sluice node agent, its CNI plugin and its operator CLI share this library.
+
+pub mod cni;
+pub mod config;
+pub mod datapath;
+pub mod endpoints;
+pub mod ipam;
+pub mod masquerade;
+pub mod model;
+pub mod net;

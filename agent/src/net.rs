@@ -1,0 +1,267 @@
+//! Netlink: links, addresses and routes, in the agent's own namespace (the node) and in pod
+//! namespaces. `setns` is per thread, so pod-namespace work runs on a thread of its own with its
+//! own netlink socket.
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures::TryStreamExt;
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use nix::sched::CloneFlags;
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::model::Mac;
+
+const EEXIST: i32 = 17;
+
+#[derive(Clone, Debug)]
+pub struct LinkInfo {
+    pub index: u32,
+    pub mac: Option<Mac>,
+}
+
+/// A netlink handle bound to the namespace it was created in.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+fn is_errno(err: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(err, rtnetlink::Error::NetlinkError(msg) if msg.code.map(|c| -c.get()) == Some(errno))
+}
+
+fn link_info(msg: &LinkMessage) -> LinkInfo {
+    let mac = msg.attributes.iter().find_map(|attr| match attr {
+        LinkAttribute::Address(bytes) if bytes.len() == 6 => {
+            Some(Mac(bytes[..].try_into().ok()?))
+        }
+        _ => None,
+    });
+    LinkInfo {
+        index: msg.header.index,
+        mac,
+    }
+}
+
+impl Netlink {
+    /// Opens a netlink socket in the calling thread's namespace; needs a tokio runtime.
+    pub fn new() -> Result<Netlink> {
+        let (connection, handle, _) =
+            rtnetlink::new_connection().context("opening a netlink socket")?;
+        tokio::spawn(connection);
+        Ok(Netlink { handle })
+    }
+
+    pub async fn link(&self, name: &str) -> Result<Option<LinkInfo>> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(Some(link_info(&msg))),
+            Ok(None) => Ok(None),
+            // The kernel answers ENODEV for an unknown name.
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
+            Err(e) => Err(anyhow!(e)).with_context(|| format!("looking up link {name}")),
+        }
+    }
+
+    pub async fn create_veth(&self, name: &str, peer: &str) -> Result<()> {
+        self.handle
+            .link()
+            .add(LinkVeth::new(name, peer).build())
+            .execute()
+            .await
+            .with_context(|| format!("creating veth pair {name} <-> {peer}"))
+    }
+
+    pub async fn delete_link(&self, index: u32) -> Result<()> {
+        match self.handle.link().del(index).execute().await {
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(()),
+            other => other.with_context(|| format!("deleting link {index}")),
+        }
+    }
+
+    async fn set(&self, msg: LinkMessage, what: &str) -> Result<()> {
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .with_context(|| what.to_string())
+    }
+
+    pub async fn move_to_netns(&self, index: u32, netns: &File) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index)
+            .setns_by_fd(netns.as_raw_fd())
+            .build();
+        self.set(
+            msg,
+            "moving the pod end of the veth into the pod's network namespace",
+        )
+        .await
+    }
+
+    pub async fn set_up(&self, index: u32, mtu: u32) -> Result<()> {
+        self.set(
+            LinkUnspec::new_with_index(index).mtu(mtu).up().build(),
+            "bringing a link up",
+        )
+        .await
+    }
+
+    pub async fn add_address(&self, index: u32, ip: IpAddr, prefix: u8) -> Result<()> {
+        match self.handle.address().add(index, ip, prefix).execute().await {
+            Err(e) if is_errno(&e, EEXIST) => Ok(()),
+            other => other.with_context(|| format!("adding address {ip}/{prefix}")),
+        }
+    }
+
+    pub async fn add_default_route(&self, index: u32, gateway: Ipv4Addr) -> Result<()> {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(gateway)
+            .output_interface(index)
+            .build();
+        match self.handle.route().add(route).execute().await {
+            Err(e) if is_errno(&e, EEXIST) => Ok(()),
+            other => other.with_context(|| format!("adding the default route via {gateway}")),
+        }
+    }
+
+    /// The gateway: a veth pair whose node end (`name`) holds the gateway address and whose
+    /// datapath end (`name-dp`) runs `from_gateway`. The node end does no ARP: the datapath
+    /// rewrites MACs, so the node never needs to resolve a pod.
+    pub async fn ensure_gateway(
+        &self,
+        name: &str,
+        ip: IpAddr,
+        prefix: u8,
+        mtu: u32,
+    ) -> Result<Gateway> {
+        let dp_name = gateway_peer(name);
+        if self.link(name).await?.is_none() {
+            self.create_veth(name, &dp_name).await?;
+        }
+        let (Some(gw), Some(dp)) = (self.link(name).await?, self.link(&dp_name).await?) else {
+            bail!("gateway {name} exists without its datapath peer {dp_name}: delete {name} and restart");
+        };
+        self.set(
+            LinkUnspec::new_with_index(gw.index).arp(false).build(),
+            "disabling ARP on the gateway",
+        )
+        .await?;
+        self.set_up(dp.index, mtu).await?;
+        self.set_up(gw.index, mtu).await?;
+        self.add_address(gw.index, ip, prefix).await?;
+        let mac = gw
+            .mac
+            .ok_or_else(|| anyhow!("gateway {name} has no MAC address"))?;
+        Ok(Gateway {
+            ifindex: gw.index,
+            mac,
+            peer_name: dp_name,
+        })
+    }
+}
+
+pub fn gateway_peer(name: &str) -> String {
+    format!("{name}-dp")
+}
+
+#[derive(Clone, Debug)]
+pub struct Gateway {
+    pub ifindex: u32,
+    pub mac: Mac,
+    pub peer_name: String,
+}
+
+/// What the pod end of the veth gets inside the pod's namespace.
+#[derive(Clone, Debug)]
+pub struct PodInterface {
+    pub temp_name: String,
+    pub ifname: String,
+    pub mac: Mac,
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+    pub mtu: u32,
+}
+
+/// Runs `f` on a thread that has entered the network namespace at `netns`.
+pub fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let file = File::open(netns)
+        .with_context(|| format!("opening network namespace {}", netns.display()))?;
+    let label = netns.display().to_string();
+    std::thread::spawn(move || {
+        nix::sched::setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering network namespace {label}"))?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow!("the namespace worker thread panicked"))?
+}
+
+/// Inside the pod's namespace: rename the veth end, set MAC, MTU, address, default route, and
+/// bring `lo` up. IPv6 is disabled on the interface while the pod has no IPv6 address, so the
+/// kernel's link-local chatter does not hit SpoofGuard.
+pub fn configure_pod(netns: &Path, pod: PodInterface) -> Result<()> {
+    in_netns(netns, move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let nl = Netlink::new()?;
+            let link = nl.link(&pod.temp_name).await?.ok_or_else(|| {
+                anyhow!(
+                    "veth end {} did not arrive in the pod namespace",
+                    pod.temp_name
+                )
+            })?;
+            let rename = LinkUnspec::new_with_index(link.index)
+                .name(pod.ifname.clone())
+                .address(pod.mac.0.to_vec())
+                .build();
+            nl.set(
+                rename,
+                &format!("renaming the pod interface to {}", pod.ifname),
+            )
+            .await?;
+            let _ = std::fs::write(
+                format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", pod.ifname),
+                "1",
+            );
+            nl.set_up(link.index, pod.mtu).await?;
+            nl.add_address(link.index, IpAddr::V4(pod.ip), pod.prefix)
+                .await?;
+            nl.add_default_route(link.index, pod.gateway).await?;
+            if let Some(lo) = nl.link("lo").await? {
+                nl.set_up(lo.index, 65536).await?;
+            }
+            Ok(())
+        })
+    })
+}
+
+/// The pod-side state CHECK verifies: the interface exists with the MAC and address we gave it.
+pub fn inspect_pod(netns: &Path, ifname: String) -> Result<Option<LinkInfo>> {
+    in_netns(netns, move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move { Netlink::new()?.link(&ifname).await })
+    })
+}
+
+pub fn write_sysctl(path: &str, value: &str) -> Result<()> {
+    std::fs::write(path, value).with_context(|| format!("setting sysctl {path} = {value}"))
+}

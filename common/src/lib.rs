@@ -1,0 +1,208 @@
+//! Types shared by the kernel programs and user space: map names, map keys and values, pipeline
+//! stage ids and drop reasons. Every struct is `#[repr(C)]` with explicit padding, and its size is
+//! asserted at compile time so both sides agree on the layout.
+#![no_std]
+
+/// Names of the BPF maps. The kernel side declares statics with exactly these names; user space
+/// opens and pins them through these constants only.
+pub mod map_names {
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const SPOOF_GUARD: &str = "SPOOF_GUARD";
+    pub const NODE_CONFIG: &str = "NODE_CONFIG";
+    pub const STAGE_PACKETS: &str = "STAGE_PACKETS";
+    pub const DROPS: &str = "DROPS";
+
+    pub const ALL: [&str; 5] = [ENDPOINTS, SPOOF_GUARD, NODE_CONFIG, STAGE_PACKETS, DROPS];
+}
+
+/// Names of the TC programs (the entry points of the eBPF object).
+pub mod program_names {
+    /// tc ingress on the host side of a pod's veth: packets sent by the pod.
+    pub const FROM_POD: &str = "from_pod";
+    /// tc ingress on the datapath side of the gateway veth: packets the node sends to pods.
+    pub const FROM_GATEWAY: &str = "from_gateway";
+}
+
+/// Capacity of the per-endpoint maps (ENDPOINTS, SPOOF_GUARD).
+pub const MAX_ENDPOINTS: u32 = 65_536;
+
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+/// An IPv4 or IPv6 address as a map key.
+///
+/// Layout (20 bytes): family (4 or 6), 3 bytes padding, 16 address bytes. An IPv4 address uses
+/// the first 4 address bytes; the other 12 are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpKey {
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+impl IpKey {
+    #[inline(always)]
+    pub const fn v4(octets: [u8; 4]) -> Self {
+        let mut addr = [0u8; 16];
+        addr[0] = octets[0];
+        addr[1] = octets[1];
+        addr[2] = octets[2];
+        addr[3] = octets[3];
+        Self {
+            family: FAMILY_IPV4,
+            _pad: [0; 3],
+            addr,
+        }
+    }
+
+    #[inline(always)]
+    pub const fn v6(addr: [u8; 16]) -> Self {
+        Self {
+            family: FAMILY_IPV6,
+            _pad: [0; 3],
+            addr,
+        }
+    }
+}
+
+/// L3Forwarding: where a local pod's address is delivered.
+///
+/// Layout (16 bytes): host-side veth ifindex, pod MAC, 2 bytes padding, flags (reserved, 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    pub flags: u32,
+}
+
+/// SpoofGuard key: a pod port (host-side veth ifindex) and one address the pod owns.
+///
+/// Layout (24 bytes): ifindex, then the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpoofGuardKey {
+    pub ifindex: u32,
+    pub addr: IpKey,
+}
+
+/// SpoofGuard value: the MAC the pod must send from with that address.
+///
+/// Layout (8 bytes): MAC, 2 bytes padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpoofGuardEntry {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// The node's datapath parameters, slot 0 of NODE_CONFIG.
+///
+/// Layout (12 bytes): gateway ifindex (`sluice-gw0`, where packets for the node are delivered),
+/// gateway MAC (the MAC pods talk to), 2 bytes padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeConfig {
+    pub gateway_ifindex: u32,
+    pub gateway_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<IpKey>() == 20);
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
+const _: () = assert!(core::mem::size_of::<SpoofGuardKey>() == 24);
+const _: () = assert!(core::mem::size_of::<SpoofGuardEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 12);
+
+/// Declares a `#[repr(u32)]` enum with a stable name for every variant, the number of variants
+/// and a lookup from the raw index, so user space prints names, never numbers.
+macro_rules! named_enum {
+    ($(#[$m:meta])* pub enum $name:ident { $($(#[$vm:meta])* $variant:ident = $value:literal => $text:literal,)+ }) => {
+        $(#[$m])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name { $($(#[$vm])* $variant = $value,)+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+            pub const COUNT: u32 = Self::ALL.len() as u32;
+
+            pub const fn name(self) -> &'static str {
+                match self { $($name::$variant => $text,)+ }
+            }
+
+            pub const fn from_index(index: u32) -> Option<$name> {
+                match index { $($value => Some($name::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
+named_enum! {
+    /// Pipeline stages of the eBPF datapath, in pipeline order (Antrea's names).
+    pub enum Stage {
+        /// Parses the frame once into the packet metadata every later stage reads.
+        Classifier = 0 => "Classifier",
+        /// Source IP and MAC (and ARP sender) must be the pod's own.
+        SpoofGuard = 1 => "SpoofGuard",
+        /// Answers the pod's ARP requests with the gateway MAC: every pod talks L3 to the gateway.
+        ArpResponder = 2 => "ARPResponder",
+        /// Finds the local pod that owns the destination address.
+        L3Forwarding = 3 => "L3Forwarding",
+        /// Delivers: into a local pod, or up to the node through the gateway.
+        Output = 4 => "Output",
+    }
+}
+
+named_enum! {
+    /// Why a packet was dropped. Each reason belongs to one stage (`DropReason::stage`).
+    pub enum DropReason {
+        /// The frame ends before a header it announces.
+        Truncated = 0 => "Truncated",
+        /// A header is inconsistent (IP version, IHL, ARP sizes).
+        Malformed = 1 => "Malformed",
+        /// An EtherType the datapath does not forward (VLAN tags included).
+        UnsupportedEtherType = 2 => "UnsupportedEtherType",
+        /// The source IP is not one of the pod port's addresses.
+        SpoofedSourceIp = 3 => "SpoofedSourceIP",
+        /// The source MAC (or ARP sender MAC) is not the pod's.
+        SpoofedSourceMac = 4 => "SpoofedSourceMAC",
+        /// ARP whose sender IP is not the pod's.
+        SpoofedArp = 5 => "SpoofedARP",
+        /// ARP that is not a request (pods only ever need answers from the gateway).
+        UnsupportedArp = 6 => "UnsupportedARP",
+        /// No local pod owns the destination of a packet coming from the gateway.
+        UnknownDestination = 7 => "UnknownDestination",
+        /// The datapath has no node configuration yet (agent never started).
+        NotConfigured = 8 => "NotConfigured",
+    }
+}
+
+impl DropReason {
+    pub const fn stage(self) -> Stage {
+        match self {
+            DropReason::Truncated
+            | DropReason::Malformed
+            | DropReason::UnsupportedEtherType
+            | DropReason::NotConfigured => Stage::Classifier,
+            DropReason::SpoofedSourceIp | DropReason::SpoofedSourceMac | DropReason::SpoofedArp => {
+                Stage::SpoofGuard
+            }
+            DropReason::UnsupportedArp => Stage::ArpResponder,
+            DropReason::UnknownDestination => Stage::L3Forwarding,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all types are repr(C), Copy, with explicit padding and no pointers.
+    unsafe impl aya::Pod for IpKey {}
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for SpoofGuardKey {}
+    unsafe impl aya::Pod for SpoofGuardEntry {}
+    unsafe impl aya::Pod for NodeConfig {}
+}

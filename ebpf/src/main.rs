@@ -1,0 +1,61 @@
+//! Sluice's TC programs. This file holds only the maps and the entry points; the stages live in
+//! `pipeline/`, one file per stage, and `pipeline/mod.rs` is the one place that orders them.
+#![no_std]
+#![no_main]
+
+mod pipeline;
+
+use aya_ebpf::{
+    macros::{classifier, map},
+    maps::{Array, HashMap, PerCpuArray},
+    programs::TcContext,
+};
+use sluice_common::{
+    DropReason, Endpoint, IpKey, NodeConfig, SpoofGuardEntry, SpoofGuardKey, Stage, MAX_ENDPOINTS,
+};
+
+// Map statics carry the names of `sluice_common::map_names`; user space pins and opens them by
+// those names.
+
+/// L3Forwarding: local pod address → pod port.
+#[map]
+static ENDPOINTS: HashMap<IpKey, Endpoint> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// SpoofGuard: (pod port, address) → the pod's MAC.
+#[map]
+static SPOOF_GUARD: HashMap<SpoofGuardKey, SpoofGuardEntry> =
+    HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// Slot 0: the node's gateway.
+#[map]
+static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
+
+/// Packets that passed each stage, per CPU, indexed by `Stage`.
+#[map]
+static STAGE_PACKETS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stage::COUNT, 0);
+
+/// Packets dropped, per CPU, indexed by `DropReason`.
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
+
+/// tc ingress on the host side of a pod's veth: everything the pod sends.
+#[classifier]
+pub fn from_pod(ctx: TcContext) -> i32 {
+    pipeline::verdict(pipeline::from_pod(&ctx))
+}
+
+/// tc ingress on `sluice-gw0`'s datapath peer: everything the node sends towards pods.
+#[classifier]
+pub fn from_gateway(ctx: TcContext) -> i32 {
+    pipeline::verdict(pipeline::from_gateway(&ctx))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual BSD/GPL\0";

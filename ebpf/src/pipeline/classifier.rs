@@ -1,0 +1,184 @@
+//! Classifier: parses the frame once. Later stages read `IpMeta` / `ArpMeta`, not the packet.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::TcContext;
+use sluice_common::{DropReason, IpKey, Stage};
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_HLEN: usize = size_of::<EthHdr>();
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    /// Big-endian EtherType.
+    pub proto: u16,
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub protocol: u8,
+    pub check: u16,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub version_tc_flow: [u8; 4],
+    pub payload_len: u16,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// ARP for IPv4 over Ethernet, the only kind pods send.
+#[repr(C)]
+pub struct ArpHdr {
+    pub htype: u16,
+    pub ptype: u16,
+    pub hlen: u8,
+    pub plen: u8,
+    pub oper: u16,
+    pub sha: [u8; 6],
+    pub spa: [u8; 4],
+    pub tha: [u8; 6],
+    pub tpa: [u8; 4],
+}
+
+pub const ARP_REQUEST: u16 = 1;
+pub const ARP_REPLY: u16 = 2;
+
+pub struct IpMeta {
+    pub src_mac: [u8; 6],
+    pub src: IpKey,
+    pub dst: IpKey,
+}
+
+pub struct ArpMeta {
+    pub src_mac: [u8; 6],
+    pub oper: u16,
+    pub sender_mac: [u8; 6],
+    pub sender_ip: [u8; 4],
+    pub target_ip: [u8; 4],
+}
+
+pub enum Packet {
+    Ip(IpMeta),
+    Arp(ArpMeta),
+}
+
+/// A bounds-checked pointer into the linear packet data.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*mut T, DropReason> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(DropReason::Truncated);
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// The longest header chain any stage reads: Ethernet + IPv6.
+const HEADERS_LEN: u32 = (ETH_HLEN + size_of::<Ipv6Hdr>()) as u32;
+
+pub fn classify(ctx: &TcContext) -> Result<Packet, DropReason> {
+    make_headers_linear(ctx);
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: `ptr_at` checked the header lies inside the packet.
+    let (proto, src_mac) = unsafe { (u16::from_be((*eth).proto), (*eth).src) };
+    let packet = match proto {
+        ETH_P_IP => Packet::Ip(ipv4(ctx, src_mac)?),
+        ETH_P_IPV6 => Packet::Ip(ipv6(ctx, src_mac)?),
+        ETH_P_ARP => Packet::Arp(arp(ctx, src_mac)?),
+        _ => return Err(DropReason::UnsupportedEtherType),
+    };
+    super::passed(Stage::Classifier);
+    Ok(packet)
+}
+
+/// Direct packet access sees only the linear part of the skb; a sender may hand over headers in
+/// fragments. Pull only when needed: pulling a cloned skb copies it.
+#[inline(always)]
+fn make_headers_linear(ctx: &TcContext) {
+    let linear = (ctx.data_end() - ctx.data()) as u32;
+    let want = if ctx.len() < HEADERS_LEN {
+        ctx.len()
+    } else {
+        HEADERS_LEN
+    };
+    if linear < want {
+        // On failure the bounds checks below report the packet as truncated.
+        let _ = ctx.pull_data(want);
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &TcContext, src_mac: [u8; 6]) -> Result<IpMeta, DropReason> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let (version_ihl, tot_len, src, dst) = unsafe {
+        (
+            (*ip).version_ihl,
+            u16::from_be((*ip).tot_len),
+            (*ip).src,
+            (*ip).dst,
+        )
+    };
+    let header_len = ((version_ihl & 0x0f) as usize) * 4;
+    if version_ihl >> 4 != 4 || header_len < size_of::<Ipv4Hdr>() || (tot_len as usize) < header_len
+    {
+        return Err(DropReason::Malformed);
+    }
+    if (ctx.len() as usize) < ETH_HLEN + header_len {
+        return Err(DropReason::Truncated);
+    }
+    Ok(IpMeta {
+        src_mac,
+        src: IpKey::v4(src),
+        dst: IpKey::v4(dst),
+    })
+}
+
+#[inline(always)]
+fn ipv6(ctx: &TcContext, src_mac: [u8; 6]) -> Result<IpMeta, DropReason> {
+    let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let (version, src, dst) = unsafe { ((*ip).version_tc_flow[0] >> 4, (*ip).src, (*ip).dst) };
+    if version != 6 {
+        return Err(DropReason::Malformed);
+    }
+    Ok(IpMeta {
+        src_mac,
+        src: IpKey::v6(src),
+        dst: IpKey::v6(dst),
+    })
+}
+
+#[inline(always)]
+fn arp(ctx: &TcContext, src_mac: [u8; 6]) -> Result<ArpMeta, DropReason> {
+    let arp = ptr_at::<ArpHdr>(ctx, ETH_HLEN)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let a = unsafe { &*arp };
+    if u16::from_be(a.htype) != 1 || u16::from_be(a.ptype) != ETH_P_IP || a.hlen != 6 || a.plen != 4
+    {
+        return Err(DropReason::Malformed);
+    }
+    Ok(ArpMeta {
+        src_mac,
+        oper: u16::from_be(a.oper),
+        sender_mac: a.sha,
+        sender_ip: a.spa,
+        target_ip: a.tpa,
+    })
+}

@@ -1,0 +1,79 @@
+//! The order of the stages, for each attach point. Every stage is a function from the packet
+//! metadata to the next step or a `DropReason`; this file is the only place that chains them.
+
+mod arp_responder;
+mod classifier;
+mod l3_forwarding;
+mod metrics;
+mod output;
+mod spoof_guard;
+
+use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use sluice_common::{DropReason, NodeConfig, Stage};
+
+use crate::NODE_CONFIG;
+use classifier::Packet;
+
+/// A TC action (`TC_ACT_*`) or the reason the packet is dropped.
+pub type StageResult = Result<i32, DropReason>;
+
+pub fn verdict(result: StageResult) -> i32 {
+    match result {
+        Ok(action) => action,
+        Err(reason) => {
+            metrics::count_drop(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// Classifier → SpoofGuard → (ARPResponder | L3Forwarding → Output).
+pub fn from_pod(ctx: &TcContext) -> StageResult {
+    let node = node_config()?;
+    let port = ingress_ifindex(ctx);
+    match classifier::classify(ctx)? {
+        Packet::Arp(arp) => {
+            spoof_guard::check_arp(port, &arp)?;
+            arp_responder::reply(ctx, port, &arp, node)
+        }
+        Packet::Ip(meta) => {
+            spoof_guard::check_ip(port, &meta)?;
+            match l3_forwarding::lookup(&meta) {
+                Some(endpoint) => output::to_pod(ctx, endpoint, node),
+                None => output::to_gateway(ctx, node),
+            }
+        }
+    }
+}
+
+/// Classifier → L3Forwarding → Output. The node only sends to pods it has routes for; anything
+/// else (its own IPv6 router solicitations, ARP) has nowhere to go.
+pub fn from_gateway(ctx: &TcContext) -> StageResult {
+    let node = node_config()?;
+    match classifier::classify(ctx)? {
+        Packet::Arp(_) => Err(DropReason::UnsupportedArp),
+        Packet::Ip(meta) => match l3_forwarding::lookup(&meta) {
+            Some(endpoint) => output::to_pod(ctx, endpoint, node),
+            None => Err(DropReason::UnknownDestination),
+        },
+    }
+}
+
+#[inline(always)]
+fn node_config() -> Result<&'static NodeConfig, DropReason> {
+    match NODE_CONFIG.get(0) {
+        Some(node) if node.gateway_ifindex != 0 => Ok(node),
+        _ => Err(DropReason::NotConfigured),
+    }
+}
+
+#[inline(always)]
+fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is the context pointer the kernel handed to the program.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+#[inline(always)]
+fn passed(stage: Stage) {
+    metrics::count_stage(stage);
+}

@@ -1,0 +1,62 @@
+//! Building the eBPF object (pinned nightly, build-std, bpf-linker) and the release binaries.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::Result;
+
+use crate::{cargo, run, setup};
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn ebpf_object() -> PathBuf {
+    root().join("target/ebpf/bpfel-unknown-none/release/sluice-ebpf")
+}
+
+pub fn ebpf() -> Result<()> {
+    let tools = setup::tools_dir();
+    let path = format!(
+        "{}:{}",
+        tools.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = Command::new("cargo");
+    // The outer cargo's toolchain variables would override ebpf/rust-toolchain.toml.
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.current_dir(root().join("ebpf"))
+        .env("PATH", path)
+        .env("LD_LIBRARY_PATH", setup::nightly_sysroot()?.join("lib"))
+        .args(["+nightly", "build", "--release", "--target-dir"])
+        .arg(root().join("target/ebpf"));
+    run(&mut cmd)
+}
+
+pub fn release() -> Result<()> {
+    setup::check()?;
+    ebpf()?;
+    run(cargo().args(["build", "--release", "-p", "sluice-agent", "--bins"]))?;
+    println!(
+        "built: {}",
+        root()
+            .join("target/release/{sluice-agent,sluice-cni,sluicectl}")
+            .display()
+    );
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! `cargo xtask setup | build | test | demo | bench`: the only entry points a newcomer needs.
+
+mod bench;
+mod build;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Sluice developer tasks")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what this machine lacks: Debian packages, rust-src, bpf-linker. Idempotent.
+    Setup,
+    /// Build the eBPF object and the release binaries (sluice-agent, sluice-cni, sluicectl).
+    Build,
+    /// fmt check, clippy -D warnings, unit tests, then the root network-namespace tests.
+    Test,
+    /// Build, then run the single-node demo: three pods through the real CNI, probed, counters shown.
+    Demo,
+    /// Benchmarks; each prints ratios against baselines measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> Result<()> {
+    match Args::parse().command {
+        Cmd::Setup => setup::run_setup(),
+        Cmd::Build => build::release(),
+        Cmd::Test => test(),
+        Cmd::Demo => demo(),
+        Cmd::Bench { which } => bench::run(which),
+    }
+}
+
+/// Runs a command and fails with its command line when it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(build::root());
+    cmd.env("SLUICE_EBPF_OBJECT", build::ebpf_object());
+    cmd
+}
+
+pub fn require_root(what: &str) -> Result<()> {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        bail!("{what} needs root (network namespaces, BPF); run as root, as CI does");
+    }
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    setup::check()?;
+    build::ebpf()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(Command::new("cargo")
+        .current_dir(build::root().join("ebpf"))
+        .args(["+nightly", "fmt", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    run(cargo().args(["test", "--workspace", "--lib", "--bins"]))?;
+    require_root("the integration tests")?;
+    run(cargo().args([
+        "test",
+        "-p",
+        "sluice-tests",
+        "--tests",
+        "--",
+        "--test-threads=1",
+    ]))
+}
+
+fn demo() -> Result<()> {
+    setup::check()?;
+    build::ebpf()?;
+    require_root("the demo")?;
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    run(cargo().args(["run", "-q", "-p", "sluice-tests", "--bin", "sluice-demo"]))
+}
