@@ -1,1 +1,325 @@
-//! placeholder
+//! The single-node lab: network namespaces for the node and its pods, the real agent process,
+//! the real `sluice-cni` binary called the way a container runtime calls it, servers in pods and
+//! TCP/UDP probes. Everything it creates is deleted when its guard drops, also on panic.
+
+pub mod probe;
+
+use std::{
+    fs::File,
+    io::Write,
+    os::{fd::AsFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use nix::sched::CloneFlags;
+use sluice_agent::datapath::ebpf::Maps;
+
+/// Fails loudly (never skips) when the tests cannot do what they exist for.
+pub fn require_root() {
+    // SAFETY: getuid has no preconditions.
+    assert!(
+        unsafe { libc::getuid() } == 0,
+        "these tests need root (network namespaces, BPF): run them as root, as CI does"
+    );
+}
+
+/// Where cargo put the workspace binaries (`target/debug` next to the test executable).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// A name unique to this process and call, short enough for interface and namespace names.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}-{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A network namespace created by the test and deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Result<Netns> {
+        let name = unique(prefix);
+        sh(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Netns { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Runs a command inside the namespace and returns its stdout.
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        sh(Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args))
+    }
+
+    /// Runs `f` on a thread inside the namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        in_netns(&self.path(), f)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+pub fn in_netns<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let file = File::open(path).expect("open netns");
+    std::thread::spawn(move || {
+        nix::sched::setns(file.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+pub fn sh(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A node: its namespace, its agent process, its state and bpffs directories.
+pub struct Node {
+    pub ns: Netns,
+    pub dir: PathBuf,
+    pub bpffs: PathBuf,
+    pub pod_cidr: String,
+    pub attach_mode: String,
+    agent: Option<Child>,
+}
+
+impl Node {
+    /// `attach_mode`: `auto`, `tcx` or `netlink` (the forced pre-6.6 clsact path).
+    pub fn start(pod_cidr: &str, attach_mode: &str) -> Result<Node> {
+        let ns = Netns::new("sln")?;
+        let dir = std::env::temp_dir().join(&ns.name);
+        let bpffs = PathBuf::from("/sys/fs/bpf/sluice").join(&ns.name);
+        std::fs::create_dir_all(&dir)?;
+        let mut node = Node {
+            ns,
+            dir,
+            bpffs,
+            pod_cidr: pod_cidr.into(),
+            attach_mode: attach_mode.into(),
+            agent: None,
+        };
+        std::fs::write(node.config_path(), node.config())?;
+        node.start_agent()?;
+        Ok(node)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("agent.yaml")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("run/cni.sock")
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "datapath: ebpf\npodCIDR: {}\ntcAttachMode: {}\nbpffsDir: {}\nstateDir: {}\ncniSocket: {}\n",
+            self.pod_cidr,
+            self.attach_mode,
+            self.bpffs.display(),
+            self.dir.join("state").display(),
+            self.socket().display()
+        )
+    }
+
+    /// Starts the agent in the node's network namespace (and the host's mount namespace, so its
+    /// pins live on the real bpffs), and waits for its CNI socket.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let netns = File::open(self.ns.path())?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))?;
+        let _ = std::fs::remove_file(self.socket());
+        let mut cmd = Command::new(bin("sluice-agent"));
+        cmd.arg("--config")
+            .arg(self.config_path())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env("RUST_LOG", "info");
+        // SAFETY: only async-signal-safe work (setns) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sched::setns(netns.as_fd(), CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = cmd.spawn().context("starting sluice-agent")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.socket().exists() {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "sluice-agent exited ({status}) before serving:\n{}",
+                    self.agent_log()
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!(
+                    "sluice-agent did not open its CNI socket within 10 s:\n{}",
+                    self.agent_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.agent = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: the agent gets no chance to clean up, as in a crash or OOM kill.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn maps(&self) -> Maps {
+        Maps::from_pins(&self.bpffs).expect("open the node's pinned maps")
+    }
+
+    /// Calls the real plugin binary as a runtime would: CNI_* environment, config on stdin.
+    pub fn cni(&self, command: &str, container_id: &str, netns: &str, ifname: &str) -> CniOutput {
+        let conf = format!(
+            r#"{{"cniVersion":"1.0.0","name":"sluice","type":"sluice-cni","socket":"{}"}}"#,
+            self.socket().display()
+        );
+        cni_call(
+            &[
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", container_id),
+                ("CNI_NETNS", netns),
+                ("CNI_IFNAME", ifname),
+                ("CNI_PATH", "/opt/cni/bin"),
+            ],
+            conf.as_bytes(),
+        )
+    }
+
+    /// A pod: its namespace plus a CNI ADD. Panics with the plugin's output on failure.
+    pub fn add_pod(&self, name: &str) -> Pod {
+        let ns = Netns::new("slp").expect("pod netns");
+        let container_id = format!("{}-{name}", ns.name);
+        let out = self.cni("ADD", &container_id, ns.path().to_str().unwrap(), "eth0");
+        assert_eq!(out.code, 0, "CNI ADD for {name} failed: {}", out.stdout);
+        let result: serde_json::Value =
+            serde_json::from_str(&out.stdout).expect("ADD result is JSON");
+        let address = result["ips"][0]["address"]
+            .as_str()
+            .expect("ADD result has an address");
+        let ip = address.split('/').next().unwrap().parse().unwrap();
+        Pod {
+            name: name.into(),
+            ns,
+            container_id,
+            ip,
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            // SIGTERM: the agent's orderly exit.
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct Pod {
+    pub name: String,
+    pub ns: Netns,
+    pub container_id: String,
+    pub ip: std::net::Ipv4Addr,
+}
+
+#[derive(Debug)]
+pub struct CniOutput {
+    pub code: i32,
+    pub stdout: String,
+}
+
+impl CniOutput {
+    /// The spec's error JSON: (code, msg).
+    pub fn error(&self) -> (u64, String) {
+        let v: serde_json::Value = serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout));
+        (
+            v["code"].as_u64().expect("error code"),
+            v["msg"].as_str().expect("error msg").to_string(),
+        )
+    }
+}
+
+pub fn cni_call(env: &[(&str, &str)], stdin: &[u8]) -> CniOutput {
+    let mut child = Command::new(bin("sluice-cni"))
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run sluice-cni");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin)
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait sluice-cni");
+    CniOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    }
+}

@@ -21,6 +21,11 @@ pub fn ebpf_object() -> PathBuf {
 }
 
 pub fn ebpf() -> Result<()> {
+    run(&mut ebpf_cargo("build")?)
+}
+
+/// `cargo +nightly <subcommand>` for the eBPF crate, with bpf-linker and its LLVM on the paths.
+pub fn ebpf_cargo(subcommand: &str) -> Result<Command> {
     let tools = setup::tools_dir();
     let path = format!(
         "{}:{}",
@@ -43,9 +48,9 @@ pub fn ebpf() -> Result<()> {
     cmd.current_dir(root().join("ebpf"))
         .env("PATH", path)
         .env("LD_LIBRARY_PATH", setup::nightly_sysroot()?.join("lib"))
-        .args(["+nightly", "build", "--release", "--target-dir"])
+        .args(["+nightly", subcommand, "--release", "--target-dir"])
         .arg(root().join("target/ebpf"));
-    run(&mut cmd)
+    Ok(cmd)
 }
 
 pub fn release() -> Result<()> {

@@ -10,6 +10,6 @@ pub fn lookup(meta: &IpMeta) -> Option<Endpoint> {
     super::passed(Stage::L3Forwarding);
     // SAFETY: the value is copied out right away.
     ENDPOINTS
-        .get_ptr(&meta.dst)
+        .get_ptr(meta.dst)
         .map(|endpoint| unsafe { *endpoint })
 }

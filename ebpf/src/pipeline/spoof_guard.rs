@@ -34,7 +34,7 @@ fn check(port: u32, addr: IpKey, mac: [u8; 6], unknown: DropReason) -> Result<()
         ifindex: port,
         addr,
     };
-    match SPOOF_GUARD.get_ptr(&key) {
+    match SPOOF_GUARD.get_ptr(key) {
         // SAFETY: the pointer comes from a successful lookup and is read once.
         Some(entry) if unsafe { (*entry).mac } == mac => Ok(()),
         Some(_) => Err(DropReason::SpoofedSourceMac),

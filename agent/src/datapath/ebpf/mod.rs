@@ -76,7 +76,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
     let on_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
     };
     if !on_bpffs(existing) {
         let root = Path::new("/sys/fs/bpf");

@@ -1,0 +1,244 @@
+//! Servers that answer with their pod's name and the client address they saw, TCP and UDP
+//! connect probes with a 1 s deadline, and a long-lived TCP flow that measures its own stalls.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::in_netns;
+
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+const POLL: Duration = Duration::from_millis(20);
+
+/// What a server answered: who it is and the client address it saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub server: String,
+    pub client: IpAddr,
+}
+
+fn parse_reply(text: &str) -> Option<Reply> {
+    let mut parts = text.split_whitespace();
+    Some(Reply {
+        server: parts.next()?.to_string(),
+        client: parts.next()?.parse().ok()?,
+    })
+}
+
+/// TCP and UDP servers on `ports` inside a namespace; stopped and joined on drop.
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Servers {
+    pub fn start(netns: &Path, name: &str, ports: &[u16]) -> Servers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for &port in ports {
+            let (tcp, udp) = in_netns(netns, move || {
+                let tcp = TcpListener::bind(("0.0.0.0", port)).expect("bind TCP server");
+                tcp.set_nonblocking(true).unwrap();
+                let udp = UdpSocket::bind(("0.0.0.0", port)).expect("bind UDP server");
+                udp.set_read_timeout(Some(POLL)).unwrap();
+                (tcp, udp)
+            });
+            let (stop_tcp, stop_udp) = (stop.clone(), stop.clone());
+            let (name_tcp, name_udp) = (name.to_string(), name.to_string());
+            // Sockets keep their namespace; the threads serving them need not be inside it.
+            threads.push(std::thread::spawn(move || {
+                while !stop_tcp.load(Ordering::Relaxed) {
+                    match tcp.accept() {
+                        Ok((mut conn, peer)) => {
+                            let _ =
+                                conn.write_all(format!("{name_tcp} {}\n", peer.ip()).as_bytes());
+                        }
+                        Err(_) => std::thread::sleep(POLL),
+                    }
+                }
+            }));
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while !stop_udp.load(Ordering::Relaxed) {
+                    if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(format!("{name_udp} {}\n", peer.ip()).as_bytes(), peer);
+                    }
+                }
+            }));
+        }
+        Servers { stop, threads }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// TCP connect probe from inside `netns`, optionally from a given source address.
+pub fn tcp(netns: &Path, source: Option<Ipv4Addr>, dst: Ipv4Addr, port: u16) -> Option<Reply> {
+    in_netns(netns, move || {
+        let dst = SocketAddr::from((dst, port));
+        let mut stream = match source {
+            None => TcpStream::connect_timeout(&dst, PROBE_TIMEOUT).ok()?,
+            Some(src) => connect_from(src, dst)?,
+        };
+        stream.set_read_timeout(Some(PROBE_TIMEOUT)).ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        parse_reply(&text)
+    })
+}
+
+/// Connects from a fixed source address (std has no bind-before-connect for TCP).
+fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> Option<TcpStream> {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .ok()?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(src, 0)),
+    )
+    .ok()?;
+    let SocketAddr::V4(dst) = dst else {
+        return None;
+    };
+    match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(dst)) {
+        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
+        Err(_) => return None,
+    }
+    let stream = TcpStream::from(fd);
+    let deadline = Instant::now() + PROBE_TIMEOUT;
+    loop {
+        match stream.peer_addr() {
+            Ok(_) => break,
+            Err(e) if e.kind() == ErrorKind::NotConnected && Instant::now() < deadline => {
+                std::thread::sleep(POLL)
+            }
+            Err(_) => return None,
+        }
+    }
+    stream.set_nonblocking(false).ok()?;
+    Some(stream)
+}
+
+/// UDP probe: one datagram, one answer within the deadline.
+pub fn udp(netns: &Path, dst: Ipv4Addr, port: u16) -> Option<Reply> {
+    in_netns(netns, move || {
+        let socket = UdpSocket::bind(("0.0.0.0", 0)).ok()?;
+        socket.set_read_timeout(Some(PROBE_TIMEOUT)).ok()?;
+        socket.send_to(b"probe", (dst, port)).ok()?;
+        let mut buf = [0u8; 128];
+        let (n, _) = socket.recv_from(&mut buf).ok()?;
+        parse_reply(std::str::from_utf8(&buf[..n]).ok()?)
+    })
+}
+
+/// A TCP flow that keeps sending small writes; the receiver records the longest silence.
+pub struct Flow {
+    stop: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
+    max_gap: Arc<Mutex<Duration>>,
+    client: Option<JoinHandle<Result<(), String>>>,
+    server: Option<JoinHandle<Result<(), String>>>,
+}
+
+#[derive(Debug)]
+pub struct FlowReport {
+    pub bytes: u64,
+    pub max_gap: Duration,
+    pub client_error: Option<String>,
+    pub server_error: Option<String>,
+}
+
+impl Flow {
+    pub fn start(client_ns: PathBuf, server_ns: &Path, server_ip: Ipv4Addr, port: u16) -> Flow {
+        let listener = in_netns(server_ns, move || {
+            TcpListener::bind(("0.0.0.0", port)).expect("bind flow server")
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU64::new(0));
+        let max_gap = Arc::new(Mutex::new(Duration::ZERO));
+        let (stop_s, received_s, gap_s) = (stop.clone(), received.clone(), max_gap.clone());
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
+            conn.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let mut buf = [0u8; 4096];
+            let mut last = Instant::now();
+            loop {
+                match conn.read(&mut buf) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => {
+                        received_s.fetch_add(n as u64, Ordering::Relaxed);
+                        let gap = last.elapsed();
+                        let mut max = gap_s.lock().unwrap();
+                        *max = (*max).max(gap);
+                        last = Instant::now();
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        if stop_s.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        });
+        let stop_c = stop.clone();
+        let client = std::thread::spawn(move || {
+            let mut conn = in_netns(&client_ns, move || {
+                TcpStream::connect_timeout(&SocketAddr::from((server_ip, port)), PROBE_TIMEOUT)
+            })
+            .map_err(|e| e.to_string())?;
+            let chunk = [0x5au8; 1024];
+            // Bounded: stops when told, and in any case after 60 s.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop_c.load(Ordering::Relaxed) && Instant::now() < deadline {
+                conn.write_all(&chunk).map_err(|e| e.to_string())?;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(())
+        });
+        Flow {
+            stop,
+            received,
+            max_gap,
+            client: Some(client),
+            server: Some(server),
+        }
+    }
+
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    pub fn stop(mut self) -> FlowReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let client_error = self.client.take().unwrap().join().unwrap().err();
+        let server_error = self.server.take().unwrap().join().unwrap().err();
+        FlowReport {
+            bytes: self.received(),
+            max_gap: *self.max_gap.lock().unwrap(),
+            client_error,
+            server_error,
+        }
+    }
+}
