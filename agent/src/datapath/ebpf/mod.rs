@@ -75,9 +75,8 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
         .ancestors()
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
-    let on_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
-    };
+    let on_bpffs =
+        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     if !on_bpffs(existing) {
         let root = Path::new("/sys/fs/bpf");
         if dir.starts_with(root) && root.is_dir() && !on_bpffs(root) {
