@@ -79,20 +79,15 @@ fn main() -> Result<()> {
         }
     );
 
-    println!("\nsluicectl stats:");
-    let out = std::process::Command::new(sluice_tests::bin("sluicectl"))
-        .arg("--bpffs-dir")
-        .arg(&node.bpffs)
-        .arg("stats")
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    println!("\nsluicectl pipeline:");
-    let out = std::process::Command::new(sluice_tests::bin("sluicectl"))
-        .arg("--bpffs-dir")
-        .arg(&node.bpffs)
-        .arg("pipeline")
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    for command in ["stats", "pipeline"] {
+        println!("\nsluicectl {command}:");
+        let out = std::process::Command::new(sluice_tests::bin("sluicectl"))
+            .arg("--bpffs-dir")
+            .arg(&node.bpffs)
+            .arg(command)
+            .output()?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
     println!("\ntearing down (namespaces, agent, pins)");
     Ok(())
 }

@@ -38,27 +38,22 @@ impl Counters {
     }
 }
 
-fn typed<T: TryFrom<Map, Error = MapError>>(map: Map, name: &str) -> Result<T> {
+fn typed<T: TryFrom<Map, Error = MapError>>((map, name): (Map, &str)) -> Result<T> {
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
 impl Maps {
+    /// The maps of a freshly loaded object (the agent, tests).
     pub fn take(bpf: &mut aya::Ebpf) -> Result<Maps> {
-        let mut take = |name: &str| {
+        Maps::from_source(|name| {
             bpf.take_map(name)
                 .with_context(|| format!("the eBPF object has no map {name}"))
-        };
-        Ok(Maps {
-            endpoints: typed(take(map_names::ENDPOINTS)?, map_names::ENDPOINTS)?,
-            spoof_guard: typed(take(map_names::SPOOF_GUARD)?, map_names::SPOOF_GUARD)?,
-            node_config: typed(take(map_names::NODE_CONFIG)?, map_names::NODE_CONFIG)?,
-            stage_packets: typed(take(map_names::STAGE_PACKETS)?, map_names::STAGE_PACKETS)?,
-            drops: typed(take(map_names::DROPS)?, map_names::DROPS)?,
         })
     }
 
+    /// The maps a running (or stopped) agent pinned (`sluicectl`, tests).
     pub fn from_pins(dir: &Path) -> Result<Maps> {
-        let open = |name: &str| -> Result<Map> {
+        Maps::from_source(|name| {
             let path = dir.join(name);
             let data = MapData::from_pin(&path).with_context(|| {
                 format!(
@@ -67,13 +62,17 @@ impl Maps {
                 )
             })?;
             Ok(Map::from_map_data(data)?)
-        };
+        })
+    }
+
+    fn from_source(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Maps> {
+        let mut map = |name: &'static str| get(name).map(|m| (m, name));
         Ok(Maps {
-            endpoints: typed(open(map_names::ENDPOINTS)?, map_names::ENDPOINTS)?,
-            spoof_guard: typed(open(map_names::SPOOF_GUARD)?, map_names::SPOOF_GUARD)?,
-            node_config: typed(open(map_names::NODE_CONFIG)?, map_names::NODE_CONFIG)?,
-            stage_packets: typed(open(map_names::STAGE_PACKETS)?, map_names::STAGE_PACKETS)?,
-            drops: typed(open(map_names::DROPS)?, map_names::DROPS)?,
+            endpoints: typed(map(map_names::ENDPOINTS)?)?,
+            spoof_guard: typed(map(map_names::SPOOF_GUARD)?)?,
+            node_config: typed(map(map_names::NODE_CONFIG)?)?,
+            stage_packets: typed(map(map_names::STAGE_PACKETS)?)?,
+            drops: typed(map(map_names::DROPS)?)?,
         })
     }
 
