@@ -31,13 +31,64 @@ pub enum TcAttachMode {
     Netlink,
 }
 
+/// How pods on different nodes reach each other (Antrea's `trafficEncapMode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EncapMode {
+    /// Through a tunnel between the nodes.
+    #[default]
+    #[serde(rename = "encap")]
+    Encap,
+    /// Routed over the node network: each node routes other nodes' pod CIDRs via their address.
+    #[serde(rename = "noEncap")]
+    NoEncap,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelType {
+    #[default]
+    Vxlan,
+    Geneve,
+}
+
+impl TunnelType {
+    /// Bytes the outer headers take from the node MTU (IPv4 underlay).
+    pub fn overhead(self) -> u32 {
+        match self {
+            TunnelType::Vxlan => 50,
+            TunnelType::Geneve => 50,
+        }
+    }
+
+    pub fn default_port(self) -> u16 {
+        match self {
+            TunnelType::Vxlan => 4789,
+            TunnelType::Geneve => 6081,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
     pub datapath: DatapathKind,
-    /// This node's pod CIDR (until NodeIPAM hands it out from the Node object).
-    #[serde(rename = "podCIDR")]
-    pub pod_cidr: String,
+    /// This node's pod CIDR. Optional with Kubernetes: the Node's `spec.podCIDR` is used (NodeIPAM).
+    #[serde(rename = "podCIDR", default)]
+    pub pod_cidr: Option<String>,
+    /// The node this agent runs on; `NODE_NAME` in the environment wins. Without a node name the
+    /// agent runs standalone (single node, no Kubernetes).
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// kubeconfig for the API server; absent: the in-cluster service account.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    #[serde(default)]
+    pub traffic_encap_mode: EncapMode,
+    #[serde(default)]
+    pub tunnel_type: TunnelType,
+    /// Where `/healthz` and `/readyz` are served; absent: not served.
+    #[serde(default)]
+    pub health_address: Option<String>,
     #[serde(default = "default_gateway")]
     pub gateway_name: String,
     #[serde(default = "default_mtu")]
@@ -94,16 +145,108 @@ pub enum ConfigError {
     DatapathNotAvailable(&'static str),
 }
 
-/// The configuration after validation: typed, and only what the agent can run.
+/// The configuration after validation: typed, and only what the agent can run. The pod CIDR may
+/// still be unknown (it then comes from the Node object).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub pod_cidr: Option<IpNetwork>,
+    pub kubernetes: Option<KubeSettings>,
+    pub gateway_name: String,
+    pub mtu: u32,
+    pub encap: EncapMode,
+    pub tunnel_type: TunnelType,
+    pub tc_attach_mode: TcAttachMode,
+    pub masquerade: bool,
+    pub health_address: Option<std::net::SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeSettings {
+    pub node_name: String,
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// The node's pod network, once its pod CIDR is known.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeNetwork {
     pub pod_cidr: IpNetwork,
     /// First host address of the pod CIDR, held by the gateway.
     pub gateway_ip: IpAddr,
     pub gateway_name: String,
+    /// The pod interfaces' MTU: the node MTU less the tunnel overhead in encap mode.
     pub mtu: u32,
+    pub encap: EncapMode,
+    pub tunnel_type: TunnelType,
     pub tc_attach_mode: TcAttachMode,
     pub masquerade: bool,
+}
+
+fn invalid(field: &'static str, value: &dyn ToString, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// A pod CIDR as the config or a Node object gives it: IPv4, network address, room for pods.
+pub fn parse_pod_cidr(field: &'static str, text: &str) -> Result<(IpNetwork, IpAddr), ConfigError> {
+    let pod_cidr: IpNetwork = text
+        .parse()
+        .map_err(|e: ipnetwork::IpNetworkError| invalid(field, &text, &e.to_string()))?;
+    if pod_cidr.network() != pod_cidr.ip() {
+        return Err(invalid(
+            field,
+            &text,
+            "host bits are set; give the network address",
+        ));
+    }
+    let gateway_ip = match pod_cidr {
+        IpNetwork::V4(net) if net.prefix() <= 29 => {
+            IpAddr::V4((u32::from(net.network()) + 1).into())
+        }
+        IpNetwork::V4(_) => {
+            return Err(invalid(
+                field,
+                &text,
+                "prefix longer than /29 leaves no room for pods",
+            ))
+        }
+        IpNetwork::V6(_) => {
+            return Err(invalid(
+                field,
+                &text,
+                "IPv6 pod CIDRs are not supported yet",
+            ))
+        }
+    };
+    Ok((pod_cidr, gateway_ip))
+}
+
+impl Settings {
+    pub fn node_network(&self, pod_cidr: IpNetwork) -> Result<NodeNetwork, ConfigError> {
+        let (pod_cidr, gateway_ip) = parse_pod_cidr("podCIDR", &pod_cidr.to_string())?;
+        // Without Kubernetes the node is alone: nothing to tunnel to.
+        let encap = if self.kubernetes.is_some() {
+            self.encap
+        } else {
+            EncapMode::NoEncap
+        };
+        let mtu = match encap {
+            EncapMode::Encap => self.mtu - self.tunnel_type.overhead(),
+            EncapMode::NoEncap => self.mtu,
+        };
+        Ok(NodeNetwork {
+            pod_cidr,
+            gateway_ip,
+            gateway_name: self.gateway_name.clone(),
+            mtu,
+            encap,
+            tunnel_type: self.tunnel_type,
+            tc_attach_mode: self.tc_attach_mode,
+            masquerade: self.masquerade,
+        })
+    }
 }
 
 impl Config {
@@ -111,48 +254,36 @@ impl Config {
         serde_yaml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
     }
 
-    pub fn validate(&self) -> Result<NodeNetwork, ConfigError> {
+    /// `node_name_env`: `NODE_NAME` from the environment, which overrides `nodeName`.
+    pub fn validate(&self, node_name_env: Option<String>) -> Result<Settings, ConfigError> {
         match self.datapath {
             DatapathKind::Ebpf => {}
             DatapathKind::Ovs => return Err(ConfigError::DatapathNotAvailable("ovs")),
             DatapathKind::Auto => return Err(ConfigError::DatapathNotAvailable("auto")),
         }
-        let invalid = |field, value: &dyn ToString, reason: &str| ConfigError::Invalid {
-            field,
-            value: value.to_string(),
-            reason: reason.to_string(),
+        let pod_cidr = match &self.pod_cidr {
+            Some(text) => Some(parse_pod_cidr("podCIDR", text)?.0),
+            None => None,
         };
-        let pod_cidr: IpNetwork =
-            self.pod_cidr
-                .parse()
-                .map_err(|e: ipnetwork::IpNetworkError| {
-                    invalid("podCIDR", &self.pod_cidr, &e.to_string())
-                })?;
-        if pod_cidr.network() != pod_cidr.ip() {
-            return Err(invalid(
-                "podCIDR",
-                &self.pod_cidr,
-                "host bits are set; give the network address",
-            ));
-        }
-        let gateway_ip = match pod_cidr {
-            IpNetwork::V4(net) if net.prefix() <= 29 => {
-                IpAddr::V4((u32::from(net.network()) + 1).into())
+        let node_name = node_name_env
+            .filter(|n| !n.is_empty())
+            .or_else(|| self.node_name.clone());
+        let kubernetes = match node_name {
+            Some(name) if name.is_empty() => {
+                return Err(invalid("nodeName", &name, "must not be empty"))
             }
-            IpNetwork::V4(_) => {
-                return Err(invalid(
-                    "podCIDR",
-                    &self.pod_cidr,
-                    "prefix longer than /29 leaves no room for pods",
-                ))
-            }
-            IpNetwork::V6(_) => {
-                return Err(invalid(
-                    "podCIDR",
-                    &self.pod_cidr,
-                    "IPv6 pod CIDRs are not supported yet",
-                ))
-            }
+            Some(node_name) => Some(KubeSettings {
+                node_name,
+                kubeconfig: self.kubeconfig.clone(),
+            }),
+            None if pod_cidr.is_none() => return Err(ConfigError::Invalid {
+                field: "podCIDR",
+                value: String::new(),
+                reason:
+                    "is required when the agent runs without Kubernetes (no nodeName, no NODE_NAME)"
+                        .into(),
+            }),
+            None => None,
         };
         if self.gateway_name.is_empty()
             || self.gateway_name.len() > 12
@@ -170,13 +301,23 @@ impl Config {
         if !(1280..=9000).contains(&self.mtu) {
             return Err(invalid("mtu", &self.mtu, "must be between 1280 and 9000"));
         }
-        Ok(NodeNetwork {
+        let health_address = match &self.health_address {
+            Some(text) => Some(
+                text.parse()
+                    .map_err(|_| invalid("healthAddress", text, "must be ip:port"))?,
+            ),
+            None => None,
+        };
+        Ok(Settings {
             pod_cidr,
-            gateway_ip,
+            kubernetes,
             gateway_name: self.gateway_name.clone(),
             mtu: self.mtu,
+            encap: self.traffic_encap_mode,
+            tunnel_type: self.tunnel_type,
             tc_attach_mode: self.tc_attach_mode,
             masquerade: self.masquerade,
+            health_address,
         })
     }
 }
@@ -186,15 +327,30 @@ mod tests {
     use super::*;
 
     fn config(extra: &str) -> Result<NodeNetwork, ConfigError> {
-        Config::parse(&format!("datapath: ebpf\npodCIDR: 10.244.1.0/24\n{extra}"))?.validate()
+        let settings = Config::parse(&format!("datapath: ebpf\npodCIDR: 10.244.1.0/24\n{extra}"))?
+            .validate(Some("node-1".into()))?;
+        settings.node_network(settings.pod_cidr.unwrap())
     }
 
     #[test]
     fn minimal_config_takes_defaults() {
         let node = config("").unwrap();
+        assert_eq!(node.encap, EncapMode::Encap);
+        let standalone = Config::parse("datapath: ebpf\npodCIDR: 10.0.0.0/24")
+            .unwrap()
+            .validate(None)
+            .unwrap();
+        let alone = standalone
+            .node_network(standalone.pod_cidr.unwrap())
+            .unwrap();
+        assert_eq!(
+            (alone.encap, alone.mtu),
+            (EncapMode::NoEncap, 1500),
+            "standalone: no tunnel"
+        );
+        assert_eq!(node.mtu, 1450, "VXLAN overhead comes off the pod MTU");
         assert_eq!(node.gateway_ip, "10.244.1.1".parse::<IpAddr>().unwrap());
         assert_eq!(node.gateway_name, "sluice-gw0");
-        assert_eq!(node.mtu, 1500);
         assert_eq!(node.tc_attach_mode, TcAttachMode::Auto);
     }
 
@@ -203,7 +359,7 @@ mod tests {
         for kind in ["ovs", "auto"] {
             let err = Config::parse(&format!("datapath: {kind}\npodCIDR: 10.0.0.0/24"))
                 .unwrap()
-                .validate()
+                .validate(None)
                 .unwrap_err();
             assert!(err.to_string().contains("not available yet"), "{err}");
         }
@@ -221,7 +377,7 @@ mod tests {
     fn invalid_values_name_field_value_and_reason() {
         let err = Config::parse("datapath: ebpf\npodCIDR: 10.0.0.5/24")
             .unwrap()
-            .validate()
+            .validate(None)
             .unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -229,7 +385,7 @@ mod tests {
         );
         let err = Config::parse("datapath: ebpf\npodCIDR: 10.0.0.0/33")
             .unwrap()
-            .validate()
+            .validate(None)
             .unwrap_err();
         assert!(
             err.to_string()
@@ -245,6 +401,50 @@ mod tests {
             err.to_string().contains("unknown variant `clsact`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn kubernetes_mode_needs_a_node_name_standalone_needs_a_pod_cidr() {
+        let err = Config::parse("datapath: ebpf")
+            .unwrap()
+            .validate(None)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("field `podCIDR`")
+                && err.to_string().contains("without Kubernetes"),
+            "{err}"
+        );
+        let settings = Config::parse("datapath: ebpf")
+            .unwrap()
+            .validate(Some("node-1".into()))
+            .unwrap();
+        assert_eq!(settings.kubernetes.unwrap().node_name, "node-1");
+        let settings = Config::parse("datapath: ebpf\nnodeName: a")
+            .unwrap()
+            .validate(Some("b".into()))
+            .unwrap();
+        assert_eq!(
+            settings.kubernetes.unwrap().node_name,
+            "b",
+            "NODE_NAME wins"
+        );
+    }
+
+    #[test]
+    fn encap_modes_and_tunnel_types() {
+        let node = config("trafficEncapMode: noEncap").unwrap();
+        assert_eq!((node.encap, node.mtu), (EncapMode::NoEncap, 1500));
+        assert_eq!(
+            config("tunnelType: geneve").unwrap().tunnel_type,
+            TunnelType::Geneve
+        );
+        let err = config("trafficEncapMode: hybrid").unwrap_err();
+        assert!(
+            err.to_string().contains("unknown variant `hybrid`"),
+            "{err}"
+        );
+        let err = config("healthAddress: nope").unwrap_err();
+        assert!(err.to_string().contains("field `healthAddress`"), "{err}");
     }
 
     #[test]

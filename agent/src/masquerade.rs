@@ -11,7 +11,13 @@ use ipnetwork::IpNetwork;
 
 pub const TABLE: &str = "sluice";
 
-pub fn ruleset(pod_cidr: IpNetwork, gateway: &str) -> String {
+/// `cluster`: every pod CIDR of the cluster; traffic between pods keeps its source address.
+pub fn ruleset(pod_cidr: IpNetwork, cluster: &[IpNetwork], gateway: &str) -> String {
+    let mut pods: Vec<String> = cluster.iter().map(|c| c.to_string()).collect();
+    if !cluster.contains(&pod_cidr) {
+        pods.push(pod_cidr.to_string());
+    }
+    let pods = pods.join(", ");
     // `add` then `delete` makes the replace work whether or not the table exists.
     format!(
         "add table ip {TABLE}\n\
@@ -19,14 +25,14 @@ pub fn ruleset(pod_cidr: IpNetwork, gateway: &str) -> String {
          table ip {TABLE} {{\n\
          \x20 chain postrouting {{\n\
          \x20   type nat hook postrouting priority srcnat; policy accept;\n\
-         \x20   ip saddr {pod_cidr} ip daddr != {pod_cidr} oifname != \"{gateway}\" masquerade\n\
+         \x20   ip saddr {pod_cidr} ip daddr != {{ {pods} }} oifname != \"{gateway}\" masquerade\n\
          \x20 }}\n\
          }}\n"
     )
 }
 
 /// Installs the table in the agent's network namespace with `nft -f -`.
-pub fn install(pod_cidr: IpNetwork, gateway: &str) -> Result<()> {
+pub fn install(pod_cidr: IpNetwork, cluster: &[IpNetwork], gateway: &str) -> Result<()> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -37,7 +43,7 @@ pub fn install(pod_cidr: IpNetwork, gateway: &str) -> Result<()> {
         .stdin
         .take()
         .expect("piped")
-        .write_all(ruleset(pod_cidr, gateway).as_bytes())?;
+        .write_all(ruleset(pod_cidr, cluster, gateway).as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
@@ -52,9 +58,13 @@ pub fn install(pod_cidr: IpNetwork, gateway: &str) -> Result<()> {
 mod tests {
     #[test]
     fn ruleset_masquerades_only_traffic_leaving_the_pod_cidr() {
-        let text = super::ruleset("10.244.0.0/24".parse().unwrap(), "sluice-gw0");
-        assert!(text.contains(
-            "ip saddr 10.244.0.0/24 ip daddr != 10.244.0.0/24 oifname != \"sluice-gw0\" masquerade"
-        ));
+        let own = "10.244.0.0/24".parse().unwrap();
+        let text = super::ruleset(own, &["10.244.1.0/24".parse().unwrap()], "sluice-gw0");
+        assert!(
+            text.contains(
+                "ip saddr 10.244.0.0/24 ip daddr != { 10.244.1.0/24, 10.244.0.0/24 } oifname != \"sluice-gw0\" masquerade"
+            ),
+            "{text}"
+        );
     }
 }

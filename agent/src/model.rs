@@ -5,7 +5,9 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
-use sluice_common::{Endpoint, IpKey, SpoofGuardEntry, SpoofGuardKey};
+use sluice_common::{
+    Endpoint, IpKey, RemoteNode, SpoofGuardEntry, SpoofGuardKey, IP_KEY_PREFIX_BITS,
+};
 
 /// A pod interface on this node, as the CNI set it up. Persisted by `endpoints::Store`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,16 +84,59 @@ pub fn key_ip(key: &IpKey) -> Option<IpAddr> {
     }
 }
 
+/// Another node's pod CIDR and the node's address, from the Node objects.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemoteRoute {
+    pub node_name: String,
+    pub pod_cidr: IpNetwork,
+    pub node_ip: IpAddr,
+}
+
+/// A REMOTE_NODES (LPM) key: prefix length in bits of the whole `IpKey`, and the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CidrKey {
+    pub prefix_len: u32,
+    pub addr: IpKey,
+}
+
+impl CidrKey {
+    pub fn new(cidr: IpNetwork) -> CidrKey {
+        CidrKey {
+            prefix_len: IP_KEY_PREFIX_BITS + cidr.prefix() as u32,
+            addr: ip_key(cidr.network()),
+        }
+    }
+
+    pub fn cidr(&self) -> Option<IpNetwork> {
+        let prefix = self.prefix_len.checked_sub(IP_KEY_PREFIX_BITS)? as u8;
+        IpNetwork::new(key_ip(&self.addr)?, prefix).ok()
+    }
+}
+
 /// The node's eBPF pipeline entries, stage by stage.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pipeline {
     pub spoof_guard: BTreeMap<SpoofGuardKey, SpoofGuardEntry>,
     pub l3_forwarding: BTreeMap<IpKey, Endpoint>,
+    /// Other nodes' pod CIDRs, reached through the tunnel (encap mode only: in noEncap mode the
+    /// node's routes carry that traffic).
+    pub remote_nodes: BTreeMap<CidrKey, RemoteNode>,
 }
 
 impl Pipeline {
-    pub fn compile<'a>(endpoints: impl IntoIterator<Item = &'a LocalEndpoint>) -> Pipeline {
+    pub fn compile<'a>(
+        endpoints: impl IntoIterator<Item = &'a LocalEndpoint>,
+        tunneled: impl IntoIterator<Item = &'a RemoteRoute>,
+    ) -> Pipeline {
         let mut pipeline = Pipeline::default();
+        for route in tunneled {
+            pipeline.remote_nodes.insert(
+                CidrKey::new(route.pod_cidr),
+                RemoteNode {
+                    node_ip: ip_key(route.node_ip),
+                },
+            );
+        }
         for ep in endpoints {
             for net in &ep.ips {
                 let addr = ip_key(net.ip());
@@ -144,6 +189,11 @@ impl fmt::Display for Pipeline {
                 ep.ifindex,
                 Mac(ep.mac)
             )?;
+        }
+        for (key, remote) in &self.remote_nodes {
+            let cidr = key.cidr().map_or("?".into(), |c| c.to_string());
+            let node = key_ip(&remote.node_ip).map_or("?".into(), |ip| ip.to_string());
+            writeln!(f, "  dst_cidr={cidr} -> tunnel to node {node}")?;
         }
         writeln!(f, "  * -> gateway")
     }
@@ -198,7 +248,12 @@ mod tests {
             endpoint("a", 7, "10.244.0.2/24"),
             endpoint("b", 9, "10.244.0.3/24"),
         ];
-        let text = Pipeline::compile(&eps).to_string();
+        let remote = RemoteRoute {
+            node_name: "n2".into(),
+            pod_cidr: "10.244.1.0/24".parse().unwrap(),
+            node_ip: "192.168.77.2".parse().unwrap(),
+        };
+        let text = Pipeline::compile(&eps, [&remote]).to_string();
         assert_eq!(
             text,
             "SpoofGuard\n\
@@ -208,20 +263,27 @@ mod tests {
              L3Forwarding\n\
              \x20 dst_ip=10.244.0.2 -> port=7 dst_mac=0a:58:0a:f4:00:02\n\
              \x20 dst_ip=10.244.0.3 -> port=9 dst_mac=0a:58:0a:f4:00:03\n\
+             \x20 dst_cidr=10.244.1.0/24 -> tunnel to node 192.168.77.2\n\
              \x20 * -> gateway\n"
         );
     }
 
     #[test]
     fn diff_touches_only_changed_entries() {
-        let before = Pipeline::compile(&[
-            endpoint("a", 7, "10.244.0.2/24"),
-            endpoint("b", 9, "10.244.0.3/24"),
-        ]);
-        let after = Pipeline::compile(&[
-            endpoint("a", 7, "10.244.0.2/24"),
-            endpoint("c", 11, "10.244.0.4/24"),
-        ]);
+        let before = Pipeline::compile(
+            &[
+                endpoint("a", 7, "10.244.0.2/24"),
+                endpoint("b", 9, "10.244.0.3/24"),
+            ],
+            [],
+        );
+        let after = Pipeline::compile(
+            &[
+                endpoint("a", 7, "10.244.0.2/24"),
+                endpoint("c", 11, "10.244.0.4/24"),
+            ],
+            [],
+        );
         let d = diff(&before.l3_forwarding, &after.l3_forwarding);
         assert_eq!(d.upserts.len(), 1);
         assert_eq!(key_ip(&d.upserts[0].0), Some("10.244.0.4".parse().unwrap()));

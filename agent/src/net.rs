@@ -11,11 +11,18 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::TryStreamExt;
-use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use ipnetwork::IpNetwork;
+use netlink_packet_route::{
+    link::{InfoGeneve, LinkAttribute, LinkMessage},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
+};
 use nix::sched::CloneFlags;
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkGeneve, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
-use crate::model::Mac;
+use crate::{config::TunnelType, model::Mac};
+
+/// Routes the agent owns carry this protocol number, so it finds and replaces exactly its own.
+const ROUTE_PROTOCOL: u8 = 200;
 
 const EEXIST: i32 = 17;
 
@@ -168,6 +175,131 @@ impl Netlink {
             mac,
             peer_name: dp_name,
         })
+    }
+}
+
+impl Netlink {
+    /// The tunnel device in external (collect_md) mode: the datapath sets each packet's
+    /// destination with `bpf_skb_set_tunnel_key`.
+    pub async fn ensure_tunnel(&self, name: &str, kind: TunnelType, mtu: u32) -> Result<LinkInfo> {
+        if self.link(name).await?.is_none() {
+            let msg = match kind {
+                TunnelType::Vxlan => LinkVxlan::new(name, 0)
+                    .port(kind.default_port())
+                    .collect_metadata(true)
+                    .learning(false)
+                    .build(),
+                TunnelType::Geneve => LinkGeneve::new(name, 0)
+                    .append_info_data(InfoGeneve::CollectMetadata)
+                    .build(),
+            };
+            if let Err(e) = self.handle.link().add(msg).execute().await {
+                if kind == TunnelType::Geneve && is_errno(&e, libc::EOPNOTSUPP) {
+                    bail!(
+                        "field `tunnelType`: geneve is not supported by this kernel (no Geneve \
+                         device support); use `tunnelType: vxlan` or `trafficEncapMode: noEncap`"
+                    );
+                }
+                return Err(anyhow!(e)).with_context(|| format!("creating tunnel device {name}"));
+            }
+        }
+        let link = self
+            .link(name)
+            .await?
+            .ok_or_else(|| anyhow!("tunnel device {name} vanished"))?;
+        self.set_up(link.index, mtu + kind.overhead()).await?;
+        Ok(link)
+    }
+
+    /// Makes the agent's routes (protocol `ROUTE_PROTOCOL`, main table) exactly `desired`.
+    pub async fn sync_routes(&self, desired: &[ManagedRoute]) -> Result<()> {
+        let mut current = Vec::new();
+        let mut dump = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        while let Some(msg) = dump.try_next().await.context("listing routes")? {
+            if msg.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL) {
+                current.push(msg);
+            }
+        }
+        for msg in &current {
+            if !desired.iter().any(|d| d.matches(msg)) {
+                let what = format!("{:?}", ManagedRoute::from_message(msg));
+                match self.handle.route().del(msg.clone()).execute().await {
+                    Err(e) if is_errno(&e, libc::ESRCH) => {}
+                    other => other.with_context(|| format!("deleting route {what}"))?,
+                }
+            }
+        }
+        for route in desired {
+            if current.iter().any(|msg| route.matches(msg)) {
+                continue;
+            }
+            let IpNetwork::V4(dst) = route.dst else {
+                continue;
+            };
+            let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst.network(), dst.prefix())
+                .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
+            if let Some(via) = route.via {
+                builder = builder.gateway(via);
+            }
+            if let Some(oif) = route.oif {
+                builder = builder.output_interface(oif);
+            }
+            match self.handle.route().add(builder.build()).execute().await {
+                Err(e) if is_errno(&e, EEXIST) => {
+                    bail!(
+                        "route to {} exists and is not Sluice's: remove it",
+                        route.dst
+                    )
+                }
+                other => other.with_context(|| format!("adding route {route:?}"))?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A route the agent owns: other nodes' pod CIDRs, via their address (noEncap) or through the
+/// gateway into the datapath (encap).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagedRoute {
+    pub dst: IpNetwork,
+    pub via: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+}
+
+impl ManagedRoute {
+    fn from_message(msg: &RouteMessage) -> ManagedRoute {
+        let mut route = ManagedRoute {
+            dst: IpNetwork::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0).expect("0.0.0.0/0"),
+            via: None,
+            oif: None,
+        };
+        for attr in &msg.attributes {
+            match attr {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+                    route.dst =
+                        IpNetwork::new(IpAddr::V4(*ip), msg.header.destination_prefix_length)
+                            .unwrap_or(route.dst)
+                }
+                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.via = Some(*ip),
+                RouteAttribute::Oif(index) => route.oif = Some(*index),
+                _ => {}
+            }
+        }
+        route
+    }
+
+    fn matches(&self, msg: &RouteMessage) -> bool {
+        let other = ManagedRoute::from_message(msg);
+        // The kernel fills in the output interface of a route given only a gateway.
+        other.dst == self.dst
+            && other.via == self.via
+            && (self.oif.is_none() || other.oif == self.oif)
     }
 }
 

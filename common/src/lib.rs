@@ -8,11 +8,19 @@
 pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const SPOOF_GUARD: &str = "SPOOF_GUARD";
+    pub const REMOTE_NODES: &str = "REMOTE_NODES";
     pub const NODE_CONFIG: &str = "NODE_CONFIG";
     pub const STAGE_PACKETS: &str = "STAGE_PACKETS";
     pub const DROPS: &str = "DROPS";
 
-    pub const ALL: [&str; 5] = [ENDPOINTS, SPOOF_GUARD, NODE_CONFIG, STAGE_PACKETS, DROPS];
+    pub const ALL: [&str; 6] = [
+        ENDPOINTS,
+        SPOOF_GUARD,
+        REMOTE_NODES,
+        NODE_CONFIG,
+        STAGE_PACKETS,
+        DROPS,
+    ];
 }
 
 /// Names of the TC programs (the entry points of the eBPF object).
@@ -21,10 +29,19 @@ pub mod program_names {
     pub const FROM_POD: &str = "from_pod";
     /// tc ingress on the datapath side of the gateway veth: packets the node sends to pods.
     pub const FROM_GATEWAY: &str = "from_gateway";
+    /// tc ingress on the tunnel device: decapsulated packets from other nodes.
+    pub const FROM_TUNNEL: &str = "from_tunnel";
 }
 
 /// Capacity of the per-endpoint maps (ENDPOINTS, SPOOF_GUARD).
 pub const MAX_ENDPOINTS: u32 = 65_536;
+/// Capacity of REMOTE_NODES (pod CIDRs of other nodes, several per node when dual-stack).
+pub const MAX_REMOTE_CIDRS: u32 = 16_384;
+/// The VXLAN/Geneve network identifier Sluice puts on its tunnel packets.
+pub const TUNNEL_VNI: u32 = 1;
+/// Bits of an `IpKey` before the address (family byte and padding): an LPM prefix for a CIDR of
+/// length N is `IP_KEY_PREFIX_BITS + N`.
+pub const IP_KEY_PREFIX_BITS: u32 = 32;
 
 pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;
@@ -100,21 +117,33 @@ pub struct SpoofGuardEntry {
 
 /// The node's datapath parameters, slot 0 of NODE_CONFIG.
 ///
-/// Layout (12 bytes): gateway ifindex (`sluice-gw0`, where packets for the node are delivered),
+/// Layout (16 bytes): gateway ifindex (`sluice-gw0`, where packets for the node are delivered),
+/// tunnel ifindex (0 in noEncap mode: other nodes' pods are reached through the node's routes),
 /// gateway MAC (the MAC pods talk to), 2 bytes padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NodeConfig {
     pub gateway_ifindex: u32,
+    pub tunnel_ifindex: u32,
     pub gateway_mac: [u8; 6],
     pub _pad: [u8; 2],
+}
+
+/// REMOTE_NODES value: the node that owns a pod CIDR, as the tunnel destination.
+///
+/// Layout (20 bytes): the node's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RemoteNode {
+    pub node_ip: IpKey,
 }
 
 const _: () = assert!(core::mem::size_of::<IpKey>() == 20);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
 const _: () = assert!(core::mem::size_of::<SpoofGuardKey>() == 24);
 const _: () = assert!(core::mem::size_of::<SpoofGuardEntry>() == 8);
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 12);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<RemoteNode>() == 20);
 
 /// Declares a `#[repr(u32)]` enum with a stable name for every variant, the number of variants
 /// and a lookup from the raw index, so user space prints names, never numbers.
@@ -149,9 +178,11 @@ named_enum! {
         SpoofGuard = 1 => "SpoofGuard",
         /// Answers the pod's ARP requests with the gateway MAC: every pod talks L3 to the gateway.
         ArpResponder = 2 => "ARPResponder",
-        /// Finds the local pod that owns the destination address.
+        /// Finds where the destination lives: a local pod (exact address), another node's pod
+        /// CIDR (longest prefix), or else the node itself.
         L3Forwarding = 3 => "L3Forwarding",
-        /// Delivers: into a local pod, or up to the node through the gateway.
+        /// Delivers: into a local pod, into the tunnel to another node, or up to the node
+        /// through the gateway.
         Output = 4 => "Output",
     }
 }
@@ -177,6 +208,8 @@ named_enum! {
         UnknownDestination = 7 => "UnknownDestination",
         /// The datapath has no node configuration yet (agent never started).
         NotConfigured = 8 => "NotConfigured",
+        /// The kernel refused the tunnel metadata for an encapsulated packet.
+        TunnelKeyFailed = 9 => "TunnelKeyFailed",
     }
 }
 
@@ -192,6 +225,7 @@ impl DropReason {
             }
             DropReason::UnsupportedArp => Stage::ArpResponder,
             DropReason::UnknownDestination => Stage::L3Forwarding,
+            DropReason::TunnelKeyFailed => Stage::Output,
         }
     }
 }
@@ -205,4 +239,5 @@ mod pod {
     unsafe impl aya::Pod for SpoofGuardKey {}
     unsafe impl aya::Pod for SpoofGuardEntry {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for RemoteNode {}
 }

@@ -7,11 +7,12 @@ mod pipeline;
 
 use aya_ebpf::{
     macros::{classifier, map},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
     programs::TcContext,
 };
 use sluice_common::{
-    DropReason, Endpoint, IpKey, NodeConfig, SpoofGuardEntry, SpoofGuardKey, Stage, MAX_ENDPOINTS,
+    DropReason, Endpoint, IpKey, NodeConfig, RemoteNode, SpoofGuardEntry, SpoofGuardKey, Stage,
+    MAX_ENDPOINTS, MAX_REMOTE_CIDRS,
 };
 
 // Map statics carry the names of `sluice_common::map_names`; user space pins and opens them by
@@ -26,7 +27,11 @@ static ENDPOINTS: HashMap<IpKey, Endpoint> = HashMap::with_max_entries(MAX_ENDPO
 static SPOOF_GUARD: HashMap<SpoofGuardKey, SpoofGuardEntry> =
     HashMap::with_max_entries(MAX_ENDPOINTS, 0);
 
-/// Slot 0: the node's gateway.
+/// L3Forwarding: other nodes' pod CIDRs (longest prefix match) → the node to tunnel to.
+#[map]
+static REMOTE_NODES: LpmTrie<IpKey, RemoteNode> = LpmTrie::with_max_entries(MAX_REMOTE_CIDRS, 0);
+
+/// Slot 0: the node's gateway and tunnel.
 #[map]
 static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
@@ -48,6 +53,12 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_gateway(ctx: TcContext) -> i32 {
     pipeline::verdict(pipeline::from_gateway(&ctx))
+}
+
+/// tc ingress on the tunnel device: packets other nodes encapsulated for this node's pods.
+#[classifier]
+pub fn from_tunnel(ctx: TcContext) -> i32 {
+    pipeline::verdict(pipeline::from_tunnel(&ctx))
 }
 
 #[cfg(not(test))]

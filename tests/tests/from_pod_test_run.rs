@@ -2,12 +2,16 @@
 //! packet, set up the maps, check the verdict, the output packet and the drop counter.
 //! The test-run skb arrives on `lo` (ifindex 1), which plays the pod's port here.
 
+use aya::maps::lpm_trie::Key;
 use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
     Ebpf,
 };
 use sluice_agent::datapath::ebpf::{Maps, EBPF_OBJECT};
-use sluice_common::{DropReason, Endpoint, IpKey, NodeConfig, SpoofGuardEntry, SpoofGuardKey};
+use sluice_common::{
+    DropReason, Endpoint, IpKey, NodeConfig, RemoteNode, SpoofGuardEntry, SpoofGuardKey,
+    IP_KEY_PREFIX_BITS,
+};
 use sluice_tests::require_root;
 
 const TC_ACT_SHOT: u32 = 2;
@@ -15,6 +19,8 @@ const TC_ACT_REDIRECT: u32 = 7;
 
 const PORT: u32 = 1; // lo
 const GW_IFINDEX: u32 = 42;
+const TUNNEL_IFINDEX: u32 = 43;
+const REMOTE_POD_V4: [u8; 4] = [10, 244, 1, 5];
 const PEER_IFINDEX: u32 = 7;
 const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const POD_MAC: [u8; 6] = [0x0a, 0x58, 10, 244, 0, 2];
@@ -31,20 +37,33 @@ struct Harness {
     maps: Maps,
 }
 
-fn harness(configured: bool) -> Harness {
+#[derive(PartialEq)]
+enum Setup {
+    Unconfigured,
+    Encap,
+    NoEncap,
+}
+
+fn harness(setup: Setup) -> Harness {
     require_root();
     let mut bpf = Ebpf::load(EBPF_OBJECT).expect("load the eBPF object");
-    for name in ["from_pod", "from_gateway"] {
+    for name in ["from_pod", "from_gateway", "from_tunnel"] {
         let prog: &mut SchedClassifier = bpf.program_mut(name).unwrap().try_into().unwrap();
         prog.load().expect("verifier accepts the program");
     }
     let mut maps = Maps::take(&mut bpf).unwrap();
-    if configured {
+    if setup != Setup::Unconfigured {
+        let tunnel_ifindex = if setup == Setup::Encap {
+            TUNNEL_IFINDEX
+        } else {
+            0
+        };
         maps.node_config
             .set(
                 0,
                 NodeConfig {
                     gateway_ifindex: GW_IFINDEX,
+                    tunnel_ifindex,
                     gateway_mac: GW_MAC,
                     _pad: [0; 2],
                 },
@@ -80,6 +99,12 @@ fn harness(configured: bool) -> Harness {
                 )
                 .unwrap();
         }
+        // Another node's pod CIDR 10.244.1.0/24 lives on 192.168.77.2.
+        let cidr = Key::new(IP_KEY_PREFIX_BITS + 24, IpKey::v4([10, 244, 1, 0]));
+        let node = RemoteNode {
+            node_ip: IpKey::v4([192, 168, 77, 2]),
+        };
+        maps.remote_nodes.insert(&cidr, node, 0).unwrap();
     }
     Harness { bpf, maps }
 }
@@ -156,7 +181,7 @@ fn arp(oper: u16, sender_mac: [u8; 6], sender_ip: [u8; 4], target_ip: [u8; 4]) -
 
 #[test]
 fn ipv4_to_a_local_pod_is_redirected_with_its_macs() {
-    let mut h = harness(true);
+    let mut h = harness(Setup::Encap);
     let (verdict, out) = h.run("from_pod", &ipv4_tcp(POD_MAC, POD_V4, PEER_V4));
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(&out[0..6], &PEER_MAC, "destination MAC is the peer pod's");
@@ -170,7 +195,7 @@ fn ipv4_to_a_local_pod_is_redirected_with_its_macs() {
 
 #[test]
 fn ipv4_elsewhere_goes_to_the_gateway() {
-    let mut h = harness(true);
+    let mut h = harness(Setup::Encap);
     let (verdict, out) = h.run("from_pod", &ipv4_tcp(POD_MAC, POD_V4, OUTSIDE_V4));
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(&out[0..6], &GW_MAC);
@@ -179,7 +204,7 @@ fn ipv4_elsewhere_goes_to_the_gateway() {
 
 #[test]
 fn ipv6_forwards_and_is_spoof_checked() {
-    let mut h = harness(true);
+    let mut h = harness(Setup::Encap);
     let (verdict, out) = h.run("from_pod", &ipv6_udp(POD_MAC, POD_V6, PEER_V6));
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(&out[0..6], &PEER_MAC);
@@ -194,7 +219,7 @@ fn ipv6_forwards_and_is_spoof_checked() {
 
 #[test]
 fn spoofed_ipv4_source_and_mac_are_dropped() {
-    let mut h = harness(true);
+    let mut h = harness(Setup::Encap);
     h.expect_drop(
         "from_pod",
         &ipv4_tcp(POD_MAC, [10, 244, 0, 99], PEER_V4),
@@ -209,7 +234,7 @@ fn spoofed_ipv4_source_and_mac_are_dropped() {
 
 #[test]
 fn arp_request_is_answered_with_the_gateway_mac() {
-    let mut h = harness(true);
+    let mut h = harness(Setup::Encap);
     let (verdict, out) = h.run("from_pod", &arp(1, POD_MAC, POD_V4, GW_V4));
     assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the pod's port");
     assert_eq!(&out[0..6], &POD_MAC, "to the asking pod");
@@ -223,7 +248,7 @@ fn arp_request_is_answered_with_the_gateway_mac() {
 
 #[test]
 fn bad_arp_is_dropped() {
-    let mut h = harness(true);
+    let mut h = harness(Setup::Encap);
     h.expect_drop(
         "from_pod",
         &arp(1, POD_MAC, [10, 244, 0, 77], GW_V4),
@@ -249,7 +274,7 @@ fn bad_arp_is_dropped() {
 
 #[test]
 fn vlan_tagged_frames_are_dropped() {
-    let mut h = harness(true);
+    let mut h = harness(Setup::Encap);
     let inner = ipv4_tcp(POD_MAC, POD_V4, PEER_V4);
     let mut tagged = eth(GW_MAC, POD_MAC, 0x8100);
     tagged.extend([0, 100, 0x08, 0x00]);
@@ -259,7 +284,7 @@ fn vlan_tagged_frames_are_dropped() {
 
 #[test]
 fn truncated_and_malformed_headers_are_dropped() {
-    let mut h = harness(true);
+    let mut h = harness(Setup::Encap);
     // BPF_PROG_TEST_RUN itself refuses IPv4/IPv6 frames shorter than the fixed IP header, so
     // truncation is crafted where the kernel lets it through: a bare Ethernet header, a cut ARP,
     // and an IPv4 header whose IHL announces options the frame does not carry.
@@ -284,7 +309,7 @@ fn truncated_and_malformed_headers_are_dropped() {
 
 #[test]
 fn unconfigured_node_drops_instead_of_guessing() {
-    let mut h = harness(false);
+    let mut h = harness(Setup::Unconfigured);
     h.expect_drop(
         "from_pod",
         &ipv4_tcp(POD_MAC, POD_V4, PEER_V4),
@@ -294,7 +319,7 @@ fn unconfigured_node_drops_instead_of_guessing() {
 
 #[test]
 fn from_gateway_delivers_only_to_local_pods() {
-    let mut h = harness(true);
+    let mut h = harness(Setup::Encap);
     let (verdict, out) = h.run("from_gateway", &ipv4_tcp(GW_MAC, GW_V4, PEER_V4));
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(&out[0..6], &PEER_MAC);
@@ -302,5 +327,60 @@ fn from_gateway_delivers_only_to_local_pods() {
         "from_gateway",
         &ipv4_tcp(GW_MAC, GW_V4, [10, 244, 0, 200]),
         DropReason::UnknownDestination,
+    );
+}
+
+#[test]
+fn encap_sends_remote_pods_into_the_tunnel() {
+    let mut h = harness(Setup::Encap);
+    let (verdict, out) = h.run("from_pod", &ipv4_tcp(POD_MAC, POD_V4, REMOTE_POD_V4));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        &out[0..6],
+        &GW_MAC,
+        "the inner frame carries the gateway MAC both ways"
+    );
+    assert_eq!(&out[6..12], &GW_MAC);
+    // The node reaching a remote pod goes through the tunnel too.
+    let (verdict, _) = h.run("from_gateway", &ipv4_tcp(GW_MAC, GW_V4, REMOTE_POD_V4));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    // Outside the cluster: to the node, not the tunnel.
+    let (_, out) = h.run("from_pod", &ipv4_tcp(POD_MAC, POD_V4, OUTSIDE_V4));
+    assert_eq!(
+        &out[6..12],
+        &POD_MAC,
+        "handed to the gateway, not encapsulated"
+    );
+}
+
+#[test]
+fn no_encap_leaves_remote_pods_to_the_node_routes() {
+    let mut h = harness(Setup::NoEncap);
+    let (verdict, out) = h.run("from_pod", &ipv4_tcp(POD_MAC, POD_V4, REMOTE_POD_V4));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[0..6], &GW_MAC);
+    assert_eq!(
+        &out[6..12],
+        &POD_MAC,
+        "to the gateway with the pod's own MAC"
+    );
+}
+
+#[test]
+fn from_tunnel_delivers_to_local_pods_or_the_node() {
+    let mut h = harness(Setup::Encap);
+    let remote_mac = [0x02, 0, 0, 0, 0, 0x99];
+    let (verdict, out) = h.run("from_tunnel", &ipv4_tcp(remote_mac, REMOTE_POD_V4, PEER_V4));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[0..6], &PEER_MAC);
+    assert_eq!(&out[6..12], &GW_MAC);
+    // A reply to this node's gateway address goes up to the node.
+    let (verdict, out) = h.run("from_tunnel", &ipv4_tcp(remote_mac, REMOTE_POD_V4, GW_V4));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[0..6], &GW_MAC);
+    h.expect_drop(
+        "from_tunnel",
+        &arp(1, remote_mac, REMOTE_POD_V4, GW_V4),
+        DropReason::UnsupportedArp,
     );
 }

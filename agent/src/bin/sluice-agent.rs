@@ -1,20 +1,28 @@
 //! sluice-agent: the node daemon. Sets up the node's pod network, adopts what a previous agent
-//! left, and serves the CNI plugin.
+//! left, follows the other nodes through the Kubernetes API, and serves the CNI plugin.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use sluice_agent::{
     cni::server::{serve, PodNetwork},
-    config::Config,
+    config::{Config, Settings},
     datapath::ebpf::EbpfDatapath,
+    health,
+    k8s::{self, ClusterStore},
 };
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::Mutex,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(version, about = "Sluice node agent: eBPF pod networking")]
@@ -34,14 +42,71 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading the config file {}", args.config.display()))?;
-    let config = Config::parse(&text).with_context(|| format!("in {}", args.config.display()))?;
-    let node = config
-        .validate()
-        .with_context(|| format!("in {}", args.config.display()))?;
+    let in_file = || format!("in {}", args.config.display());
+    let config = Config::parse(&text).with_context(in_file)?;
+    let settings = config
+        .validate(std::env::var("NODE_NAME").ok())
+        .with_context(in_file)?;
+
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(address) = settings.health_address {
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            if let Err(e) = health::serve(address, ready).await {
+                warn!("health endpoint stopped: {e:#}");
+            }
+        });
+    }
+
+    let cluster = match &settings.kubernetes {
+        Some(kube) => {
+            let client = k8s::client(kube.kubeconfig.as_deref()).await?;
+            let cluster = ClusterStore::start(client, &kube.node_name);
+            cluster
+                .wait_until_ready()
+                .await
+                .context("waiting for the first list of every watched kind")?;
+            Some((cluster, kube.node_name.clone()))
+        }
+        None => None,
+    };
+    let pod_cidr = match (settings.pod_cidr, &cluster) {
+        (Some(cidr), _) => cidr,
+        (None, Some((cluster, name))) => cluster.own_pod_cidr(name).await,
+        (None, None) => unreachable!("validated: standalone mode has a podCIDR"),
+    };
+    let node = settings
+        .node_network(pod_cidr)
+        .with_context(|| format!("the Node's podCIDR {pod_cidr}"))?;
     let datapath = EbpfDatapath::load(&config.bpffs_dir, node.tc_attach_mode)?;
-    info!(attach = ?datapath.attach_mode(), pins = %config.bpffs_dir.display(), "eBPF datapath loaded");
-    let pods = PodNetwork::start(node, Box::new(datapath), &config.state_dir).await?;
-    let pods = Arc::new(Mutex::new(pods));
+    info!(attach = ?datapath.attach_mode(), pins = %config.bpffs_dir.display(), pod_cidr = %node.pod_cidr, encap = ?node.encap, "eBPF datapath loaded");
+    let pods = Arc::new(Mutex::new(
+        PodNetwork::start(node, Box::new(datapath), &config.state_dir).await?,
+    ));
+    if let Some((cluster, name)) = cluster {
+        pods.lock()
+            .await
+            .set_remote_routes(k8s::remote_routes(&cluster.nodes.state(), &name))
+            .await?;
+        tokio::spawn(follow_nodes(cluster, name, pods.clone()));
+    }
+    ready.store(true, Ordering::Release);
+    info!("ready");
+    run(&settings, &config, pods).await
+}
+
+/// Reprograms other nodes' routes after every change of the cluster store.
+async fn follow_nodes(cluster: ClusterStore, own: String, pods: Arc<Mutex<PodNetwork>>) {
+    loop {
+        cluster.changed.notified().await;
+        let routes = k8s::remote_routes(&cluster.nodes.state(), &own);
+        if let Err(e) = pods.lock().await.set_remote_routes(routes).await {
+            warn!("programming routes to other nodes failed (retried on the next change): {e:#}");
+        }
+    }
+}
+
+async fn run(_settings: &Settings, config: &Config, pods: Arc<Mutex<PodNetwork>>) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {

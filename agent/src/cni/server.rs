@@ -23,14 +23,17 @@ use super::{
     code, AgentReply, AgentRequest, CniError, CniResult, Command, Interface, IpConfig, Route,
 };
 use crate::{
-    config::NodeNetwork,
-    datapath::Datapath,
+    config::{EncapMode, NodeNetwork},
+    datapath::{Datapath, NodeWiring},
     endpoints::Store,
     ipam::{Ipam, IpamError},
     masquerade,
-    model::{LocalEndpoint, Mac, Pipeline},
-    net::{self, Gateway, Netlink, PodInterface},
+    model::{LocalEndpoint, Mac, Pipeline, RemoteRoute},
+    net::{self, Gateway, ManagedRoute, Netlink, PodInterface},
 };
+
+/// The tunnel device in encap mode (Antrea's is antrea-tun0).
+pub const TUNNEL_DEVICE: &str = "sluice-tun0";
 
 pub struct PodNetwork {
     node: NodeNetwork,
@@ -39,6 +42,8 @@ pub struct PodNetwork {
     ipam: Ipam,
     store: Store,
     nl: Netlink,
+    /// Other nodes' pod CIDRs, from the Node objects (empty without Kubernetes).
+    remotes: Vec<RemoteRoute>,
 }
 
 /// What a reconcile found.
@@ -87,8 +92,17 @@ impl PodNetwork {
             .context("setting up the gateway")?;
         net::write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
         if node.masquerade {
-            masquerade::install(node.pod_cidr, &node.gateway_name)?;
+            masquerade::install(node.pod_cidr, &[], &node.gateway_name)?;
         }
+        let tunnel = match node.encap {
+            EncapMode::Encap => {
+                let link = nl
+                    .ensure_tunnel(TUNNEL_DEVICE, node.tunnel_type, node.mtu)
+                    .await?;
+                Some((TUNNEL_DEVICE.to_string(), link.index))
+            }
+            EncapMode::NoEncap => None,
+        };
         let ipam = Ipam::open(&state_dir.join("ipam"), node.pod_cidr, node.gateway_ip)?;
         let store = Store::open(&state_dir.join("endpoints"))?;
         let mut pods = PodNetwork {
@@ -98,10 +112,15 @@ impl PodNetwork {
             ipam,
             store,
             nl,
+            remotes: Vec::new(),
+        };
+        let wiring = NodeWiring {
+            gateway: pods.gateway.clone(),
+            tunnel,
         };
         pods.datapath
-            .install_gateway(&pods.gateway)
-            .context("attaching the gateway program")?;
+            .install_node(&wiring)
+            .context("attaching the gateway and tunnel programs")?;
         let report = pods.reconcile().await?;
         info!(live = report.live, stale = ?report.stale, orphan_addresses = ?report.orphan_addresses, "reconciled with the previous state");
         Ok(pods)
@@ -138,7 +157,7 @@ impl PodNetwork {
                 report.orphan_addresses.push(ip);
             }
         }
-        self.datapath.sync(&Pipeline::compile(&live))?;
+        self.datapath.sync(&self.desired(&live))?;
         for ep in &live {
             self.datapath.attach_port(&ep.host_ifname)?;
         }
@@ -146,9 +165,56 @@ impl PodNetwork {
         Ok(report)
     }
 
+    fn desired(&self, endpoints: &[LocalEndpoint]) -> Pipeline {
+        let tunneled: &[RemoteRoute] = match self.node.encap {
+            EncapMode::Encap => &self.remotes,
+            EncapMode::NoEncap => &[],
+        };
+        Pipeline::compile(endpoints, tunneled)
+    }
+
     fn sync(&mut self) -> Result<()> {
         let endpoints = self.store.list()?;
-        self.datapath.sync(&Pipeline::compile(&endpoints))?;
+        self.datapath.sync(&self.desired(&endpoints))?;
+        Ok(())
+    }
+
+    /// Programs the other nodes' pod CIDRs: datapath entries (encap), node routes, and the
+    /// masquerade exceptions. Only what changed is rewritten.
+    pub async fn set_remote_routes(&mut self, mut remotes: Vec<RemoteRoute>) -> Result<()> {
+        remotes.sort();
+        if remotes == self.remotes {
+            return Ok(());
+        }
+        self.remotes = remotes;
+        self.sync()?;
+        let routes: Vec<ManagedRoute> = self
+            .remotes
+            .iter()
+            .filter_map(|r| match (self.node.encap, r.node_ip) {
+                // Into the datapath through the gateway, which tunnels it.
+                (EncapMode::Encap, _) => Some(ManagedRoute {
+                    dst: r.pod_cidr,
+                    via: None,
+                    oif: Some(self.gateway.ifindex),
+                }),
+                (EncapMode::NoEncap, IpAddr::V4(via)) => Some(ManagedRoute {
+                    dst: r.pod_cidr,
+                    via: Some(via),
+                    oif: None,
+                }),
+                (EncapMode::NoEncap, IpAddr::V6(_)) => None,
+            })
+            .collect();
+        self.nl.sync_routes(&routes).await?;
+        if self.node.masquerade {
+            let cluster: Vec<IpNetwork> = self.remotes.iter().map(|r| r.pod_cidr).collect();
+            masquerade::install(self.node.pod_cidr, &cluster, &self.node.gateway_name)?;
+        }
+        info!(
+            remote_nodes = self.remotes.len(),
+            "programmed routes to other nodes"
+        );
         Ok(())
     }
 
@@ -423,7 +489,7 @@ impl PodNetwork {
                 )))
             }
         }
-        let expected = Pipeline::compile([&ep]);
+        let expected = Pipeline::compile([&ep], []);
         let actual = self
             .current_pipeline()
             .map_err(datapath_err("reading the datapath"))?;

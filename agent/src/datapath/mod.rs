@@ -7,9 +7,17 @@ use anyhow::Result;
 
 use crate::{model::Pipeline, net::Gateway};
 
+/// The node-level devices the datapath hangs off.
+#[derive(Clone, Debug)]
+pub struct NodeWiring {
+    pub gateway: Gateway,
+    /// The tunnel device (encap mode): name and ifindex.
+    pub tunnel: Option<(String, u32)>,
+}
+
 pub trait Datapath: Send {
-    /// Node-level wiring: where packets for the node go, and the gateway's own program.
-    fn install_gateway(&mut self, gateway: &Gateway) -> Result<()>;
+    /// Node-level wiring: where packets for the node go, the tunnel, and their own programs.
+    fn install_node(&mut self, wiring: &NodeWiring) -> Result<()>;
     /// Starts processing the packets a pod sends on its port (the host end of its veth).
     /// Attaching again to a port that already has the program replaces it in place.
     fn attach_port(&mut self, host_ifname: &str) -> Result<()>;

@@ -13,6 +13,7 @@ use sluice_common::{DropReason, NodeConfig, Stage};
 
 use crate::NODE_CONFIG;
 use classifier::Packet;
+use l3_forwarding::Next;
 
 /// A TC action (`TC_ACT_*`) or the reason the packet is dropped.
 pub type StageResult = Result<i32, DropReason>;
@@ -38,23 +39,38 @@ pub fn from_pod(ctx: &TcContext) -> StageResult {
         }
         Packet::Ip(meta) => {
             spoof_guard::check_ip(port, &meta)?;
-            match l3_forwarding::lookup(&meta) {
-                Some(endpoint) => output::to_pod(ctx, endpoint, node),
-                None => output::to_gateway(ctx, node),
+            match l3_forwarding::lookup(&meta, node) {
+                Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
+                Next::RemoteNode(remote) => output::to_tunnel(ctx, &remote, node),
+                Next::Node => output::to_gateway(ctx, node),
             }
         }
     }
 }
 
-/// Classifier → L3Forwarding → Output. The node only sends to pods it has routes for; anything
+/// Classifier → L3Forwarding → Output: the node reaching pods, local or (encap) remote. Anything
 /// else (its own IPv6 router solicitations, ARP) has nowhere to go.
 pub fn from_gateway(ctx: &TcContext) -> StageResult {
     let node = node_config()?;
     match classifier::classify(ctx)? {
         Packet::Arp(_) => Err(DropReason::UnsupportedArp),
-        Packet::Ip(meta) => match l3_forwarding::lookup(&meta) {
-            Some(endpoint) => output::to_pod(ctx, endpoint, node),
-            None => Err(DropReason::UnknownDestination),
+        Packet::Ip(meta) => match l3_forwarding::lookup(&meta, node) {
+            Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
+            Next::RemoteNode(remote) => output::to_tunnel(ctx, &remote, node),
+            Next::Node => Err(DropReason::UnknownDestination),
+        },
+    }
+}
+
+/// Classifier → L3Forwarding → Output: another node's pods (or the node itself, replying to
+/// this node's gateway address) reaching this node. Never back into the tunnel: no transit.
+pub fn from_tunnel(ctx: &TcContext) -> StageResult {
+    let node = node_config()?;
+    match classifier::classify(ctx)? {
+        Packet::Arp(_) => Err(DropReason::UnsupportedArp),
+        Packet::Ip(meta) => match l3_forwarding::lookup(&meta, node) {
+            Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
+            Next::RemoteNode(_) | Next::Node => output::to_gateway(ctx, node),
         },
     }
 }

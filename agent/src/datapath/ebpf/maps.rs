@@ -4,19 +4,24 @@
 use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context, Result};
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{
+    lpm_trie::{Key, LpmTrie},
+    Array, HashMap, Map, MapData, MapError, PerCpuArray,
+};
 use sluice_common::{
-    map_names, DropReason, Endpoint, IpKey, NodeConfig, SpoofGuardEntry, SpoofGuardKey, Stage,
+    map_names, DropReason, Endpoint, IpKey, NodeConfig, RemoteNode, SpoofGuardEntry, SpoofGuardKey,
+    Stage,
 };
 
 use crate::{
     datapath::SyncReport,
-    model::{diff, Pipeline},
+    model::{diff, CidrKey, Pipeline},
 };
 
 pub struct Maps {
     pub endpoints: HashMap<MapData, IpKey, Endpoint>,
     pub spoof_guard: HashMap<MapData, SpoofGuardKey, SpoofGuardEntry>,
+    pub remote_nodes: LpmTrie<MapData, IpKey, RemoteNode>,
     pub node_config: Array<MapData, NodeConfig>,
     pub stage_packets: PerCpuArray<MapData, u64>,
     pub drops: PerCpuArray<MapData, u64>,
@@ -70,6 +75,7 @@ impl Maps {
         Ok(Maps {
             endpoints: typed(map(map_names::ENDPOINTS)?)?,
             spoof_guard: typed(map(map_names::SPOOF_GUARD)?)?,
+            remote_nodes: typed(map(map_names::REMOTE_NODES)?)?,
             node_config: typed(map(map_names::NODE_CONFIG)?)?,
             stage_packets: typed(map(map_names::STAGE_PACKETS)?)?,
             drops: typed(map(map_names::DROPS)?)?,
@@ -87,6 +93,19 @@ impl Maps {
                 .endpoints
                 .iter()
                 .collect::<Result<BTreeMap<_, _>, _>>()?,
+            remote_nodes: self
+                .remote_nodes
+                .iter()
+                .map(|entry| {
+                    entry.map(|(key, node)| {
+                        let cidr = CidrKey {
+                            prefix_len: key.prefix_len(),
+                            addr: key.data(),
+                        };
+                        (cidr, node)
+                    })
+                })
+                .collect::<Result<BTreeMap<_, _>, _>>()?,
         })
     }
 
@@ -95,6 +114,21 @@ impl Maps {
         let mut report = SyncReport::default();
         let spoof = diff(&current.spoof_guard, &desired.spoof_guard);
         let fwd = diff(&current.l3_forwarding, &desired.l3_forwarding);
+        let remote = diff(&current.remote_nodes, &desired.remote_nodes);
+        for key in &remote.deletes {
+            match self
+                .remote_nodes
+                .remove(&Key::new(key.prefix_len, key.addr))
+            {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("deleting an entry of map REMOTE_NODES"),
+            }
+        }
+        for (key, value) in &remote.upserts {
+            self.remote_nodes
+                .insert(&Key::new(key.prefix_len, key.addr), value, 0)
+                .map_err(|e| full(e, map_names::REMOTE_NODES))?;
+        }
         // Deletes first: they free room for the writes in a full map.
         for key in &fwd.deletes {
             remove(&mut self.endpoints, key, map_names::ENDPOINTS)?;
@@ -113,8 +147,8 @@ impl Maps {
                 .insert(key, value, 0)
                 .map_err(|e| full(e, map_names::ENDPOINTS))?;
         }
-        report.written = spoof.upserts.len() + fwd.upserts.len();
-        report.deleted = spoof.deletes.len() + fwd.deletes.len();
+        report.written = spoof.upserts.len() + fwd.upserts.len() + remote.upserts.len();
+        report.deleted = spoof.deletes.len() + fwd.deletes.len() + remote.deletes.len();
         Ok(report)
     }
 
@@ -150,10 +184,7 @@ fn remove<K: aya::Pod, V: aya::Pod>(
 fn full(err: MapError, name: &str) -> anyhow::Error {
     if let MapError::SyscallError(sys) = &err {
         if sys.io_error.raw_os_error() == Some(libc::E2BIG) {
-            return anyhow::anyhow!(
-                "map {name} is full ({} entries): no room for another endpoint",
-                sluice_common::MAX_ENDPOINTS
-            );
+            return anyhow::anyhow!("map {name} is full: no room for another entry");
         }
     }
     anyhow::Error::new(err).context(format!("writing map {name}"))

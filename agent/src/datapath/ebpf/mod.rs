@@ -24,9 +24,8 @@ use sluice_common::{map_names, program_names, NodeConfig};
 
 use crate::{
     config::TcAttachMode,
-    datapath::{Datapath, SyncReport},
+    datapath::{Datapath, NodeWiring, SyncReport},
     model::Pipeline,
-    net::Gateway,
 };
 
 /// The compiled TC programs, built by `cargo xtask build` and embedded at compile time.
@@ -110,7 +109,11 @@ impl EbpfDatapath {
         let mut bpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
-        for name in [program_names::FROM_POD, program_names::FROM_GATEWAY] {
+        for name in [
+            program_names::FROM_POD,
+            program_names::FROM_GATEWAY,
+            program_names::FROM_TUNNEL,
+        ] {
             let program: &mut SchedClassifier = bpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
@@ -213,17 +216,22 @@ impl EbpfDatapath {
 }
 
 impl Datapath for EbpfDatapath {
-    fn install_gateway(&mut self, gateway: &Gateway) -> Result<()> {
+    fn install_node(&mut self, wiring: &NodeWiring) -> Result<()> {
         let config = NodeConfig {
-            gateway_ifindex: gateway.ifindex,
-            gateway_mac: gateway.mac.0,
+            gateway_ifindex: wiring.gateway.ifindex,
+            tunnel_ifindex: wiring.tunnel.as_ref().map_or(0, |(_, index)| *index),
+            gateway_mac: wiring.gateway.mac.0,
             _pad: [0; 2],
         };
         self.maps
             .node_config
             .set(0, config, 0)
             .context("writing NODE_CONFIG")?;
-        self.attach_ingress(program_names::FROM_GATEWAY, &gateway.peer_name)
+        self.attach_ingress(program_names::FROM_GATEWAY, &wiring.gateway.peer_name)?;
+        if let Some((name, _)) = &wiring.tunnel {
+            self.attach_ingress(program_names::FROM_TUNNEL, name)?;
+        }
+        Ok(())
     }
 
     fn attach_port(&mut self, host_ifname: &str) -> Result<()> {

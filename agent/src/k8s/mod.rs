@@ -1,0 +1,225 @@
+//! Kubernetes: kube-rs watchers (with backoff; a 410 Gone makes the watcher relist) feed
+//! reflector stores — the cluster store. Nothing here touches the kernel: `remote_routes` turns the
+//! store into plain data for the pipeline.
+
+use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use ipnetwork::IpNetwork;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
+use kube::{
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        reflector::{self, Store},
+        watcher, WatchStreamExt,
+    },
+    Api, Client, Resource,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tracing::warn;
+
+use crate::model::RemoteRoute;
+
+/// The cluster as this node's agent sees it.
+#[derive(Clone)]
+pub struct ClusterStore {
+    pub nodes: Store<Node>,
+    pub namespaces: Store<Namespace>,
+    /// Only the pods scheduled to this node.
+    pub pods: Store<Pod>,
+    pub services: Store<Service>,
+    pub endpoint_slices: Store<EndpointSlice>,
+    pub network_policies: Store<NetworkPolicy>,
+    /// Signalled after every watch event of any kind.
+    pub changed: Arc<Notify>,
+}
+
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig given and no in-cluster config")?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+fn watch<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let kind = K::kind(&Default::default()).into_owned();
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                // The backoff retries; a 410 Gone makes the watcher relist.
+                Err(e) => warn!(%kind, "watch failed, retrying: {e}"),
+            }
+        }
+    });
+    reader
+}
+
+impl ClusterStore {
+    pub fn start(client: Client, node_name: &str) -> ClusterStore {
+        let changed = Arc::new(Notify::new());
+        let all = watcher::Config::default;
+        ClusterStore {
+            nodes: watch(Api::<Node>::all(client.clone()), all(), changed.clone()),
+            namespaces: watch(
+                Api::<Namespace>::all(client.clone()),
+                all(),
+                changed.clone(),
+            ),
+            pods: watch(
+                Api::<Pod>::all(client.clone()),
+                watcher::Config::default().fields(&format!("spec.nodeName={node_name}")),
+                changed.clone(),
+            ),
+            services: watch(Api::<Service>::all(client.clone()), all(), changed.clone()),
+            endpoint_slices: watch(
+                Api::<EndpointSlice>::all(client.clone()),
+                all(),
+                changed.clone(),
+            ),
+            network_policies: watch(Api::<NetworkPolicy>::all(client), all(), changed.clone()),
+            changed,
+        }
+    }
+
+    /// Waits for the first full list of every kind.
+    pub async fn wait_until_ready(&self) -> Result<()> {
+        self.nodes.wait_until_ready().await?;
+        self.namespaces.wait_until_ready().await?;
+        self.pods.wait_until_ready().await?;
+        self.services.wait_until_ready().await?;
+        self.endpoint_slices.wait_until_ready().await?;
+        self.network_policies.wait_until_ready().await?;
+        Ok(())
+    }
+
+    /// This node's pod CIDR from its Node object (NodeIPAM), waiting for it to be assigned.
+    pub async fn own_pod_cidr(&self, node_name: &str) -> IpNetwork {
+        loop {
+            let node = self
+                .nodes
+                .state()
+                .into_iter()
+                .find(|n| n.metadata.name.as_deref() == Some(node_name));
+            match node.as_deref().map(pod_cidrs) {
+                Some(cidrs) if !cidrs.is_empty() => return cidrs[0],
+                Some(_) => warn!(node = node_name, "waiting for the Node's spec.podCIDR"),
+                None => warn!(node = node_name, "waiting for the Node object"),
+            }
+            tokio::select! {
+                _ = self.changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    }
+}
+
+/// IPv4 pod CIDRs of a node (`spec.podCIDRs`, or the older `spec.podCIDR`). Unparsable entries
+/// are skipped with a warning: one bad Node must not stop the others.
+pub fn pod_cidrs(node: &Node) -> Vec<IpNetwork> {
+    let spec = node.spec.as_ref();
+    let texts: Vec<&String> = match spec.and_then(|s| s.pod_cidrs.as_ref()) {
+        Some(list) if !list.is_empty() => list.iter().collect(),
+        _ => spec.and_then(|s| s.pod_cidr.as_ref()).into_iter().collect(),
+    };
+    texts
+        .into_iter()
+        .filter_map(|text| match text.parse::<IpNetwork>() {
+            Ok(net @ IpNetwork::V4(_)) => Some(net),
+            Ok(IpNetwork::V6(_)) => None,
+            Err(e) => {
+                warn!(node = ?node.metadata.name, podCIDR = %text, "ignoring invalid podCIDR: {e}");
+                None
+            }
+        })
+        .collect()
+}
+
+fn internal_ip(node: &Node) -> Option<IpAddr> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse::<IpAddr>().ok().filter(IpAddr::is_ipv4))
+}
+
+/// Every other node's pod CIDRs with its InternalIP. A node without either is skipped (it cannot
+/// be reached yet); it is picked up when its object changes.
+pub fn remote_routes(nodes: &[Arc<Node>], own: &str) -> Vec<RemoteRoute> {
+    let mut routes: Vec<RemoteRoute> = nodes
+        .iter()
+        .filter(|n| n.metadata.name.as_deref() != Some(own))
+        .flat_map(|node| {
+            let name = node.metadata.name.clone().unwrap_or_default();
+            let ip = internal_ip(node);
+            pod_cidrs(node).into_iter().filter_map(move |pod_cidr| {
+                Some(RemoteRoute {
+                    node_name: name.clone(),
+                    pod_cidr,
+                    node_ip: ip?,
+                })
+            })
+        })
+        .collect();
+    routes.sort();
+    routes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, cidr: Option<&str>, ip: Option<&str>) -> Arc<Node> {
+        let value = serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"podCIDR": cidr},
+            "status": {"addresses": ip.map(|ip| vec![
+                serde_json::json!({"type": "Hostname", "address": name}),
+                serde_json::json!({"type": "InternalIP", "address": ip}),
+            ])},
+        });
+        Arc::new(serde_json::from_value(value).unwrap())
+    }
+
+    #[test]
+    fn remote_routes_skip_self_and_incomplete_nodes() {
+        let nodes = [
+            node("a", Some("10.244.0.0/24"), Some("192.168.77.1")),
+            node("b", Some("10.244.1.0/24"), Some("192.168.77.2")),
+            node("c", None, Some("192.168.77.3")),
+            node("d", Some("10.244.3.0/24"), None),
+            node("e", Some("not-a-cidr"), Some("192.168.77.5")),
+        ];
+        let routes = remote_routes(&nodes, "a");
+        assert_eq!(
+            routes,
+            vec![RemoteRoute {
+                node_name: "b".into(),
+                pod_cidr: "10.244.1.0/24".parse().unwrap(),
+                node_ip: "192.168.77.2".parse().unwrap(),
+            }]
+        );
+    }
+}
