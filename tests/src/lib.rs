@@ -2,6 +2,8 @@
 //! the real `sluice-cni` binary called the way a container runtime calls it, servers in pods and
 //! TCP/UDP probes. Everything it creates is deleted when its guard drops, also on panic.
 
+pub mod apiserver;
+pub mod lab;
 pub mod probe;
 
 use std::{
@@ -43,6 +45,53 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// What the lab created and has not removed yet, so a signal handler can remove it all when the
+/// normal drop path will not run (Ctrl-C).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Created {
+    Netns(String),
+    Agent(u32),
+    Dir(PathBuf),
+}
+
+static CREATED: std::sync::Mutex<Vec<Created>> = std::sync::Mutex::new(Vec::new());
+
+fn register(item: Created) {
+    CREATED.lock().unwrap_or_else(|e| e.into_inner()).push(item);
+}
+
+fn unregister(item: &Created) {
+    CREATED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|i| i != item);
+}
+
+/// Removes everything still registered: agents first (by PID, ours only), then namespaces and
+/// directories. For signal handlers; the normal path is dropping the guards.
+pub fn emergency_cleanup() {
+    let items = std::mem::take(&mut *CREATED.lock().unwrap_or_else(|e| e.into_inner()));
+    for item in &items {
+        if let Created::Agent(pid) = item {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    for item in items.iter().rev() {
+        match item {
+            Created::Netns(name) => {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+            Created::Dir(path) => {
+                let _ = std::fs::remove_dir_all(path);
+            }
+            Created::Agent(_) => {}
+        }
+    }
+}
+
 /// A name unique to this process and call, short enough for interface and namespace names.
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -62,6 +111,7 @@ impl Netns {
     pub fn new(prefix: &str) -> Result<Netns> {
         let name = unique(prefix);
         sh(Command::new("ip").args(["netns", "add", &name]))?;
+        register(Created::Netns(name.clone()));
         let ns = Netns { name };
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
         Ok(ns)
@@ -118,27 +168,36 @@ pub struct Node {
     pub ns: Netns,
     pub dir: PathBuf,
     pub bpffs: PathBuf,
-    pub pod_cidr: String,
-    pub attach_mode: String,
+    /// Config lines beyond the paths (YAML).
+    config: String,
+    env: Vec<(String, String)>,
     agent: Option<Child>,
 }
 
 impl Node {
-    /// `attach_mode`: `auto`, `tcx` or `netlink` (the forced pre-6.6 clsact path).
+    /// A standalone node (no Kubernetes). `attach_mode`: `auto`, `tcx` or `netlink` (the forced
+    /// pre-6.6 clsact path).
     pub fn start(pod_cidr: &str, attach_mode: &str) -> Result<Node> {
-        let ns = Netns::new("sln")?;
+        let config = format!("podCIDR: {pod_cidr}\ntcAttachMode: {attach_mode}\n");
+        Node::start_in(Netns::new("sln")?, config, Vec::new())
+    }
+
+    /// A node in an existing namespace, with extra config lines and agent environment.
+    pub fn start_in(ns: Netns, config: String, env: Vec<(String, String)>) -> Result<Node> {
         let dir = std::env::temp_dir().join(&ns.name);
         let bpffs = PathBuf::from("/sys/fs/bpf/sluice").join(&ns.name);
         std::fs::create_dir_all(&dir)?;
+        register(Created::Dir(dir.clone()));
+        register(Created::Dir(bpffs.clone()));
         let mut node = Node {
             ns,
             dir,
             bpffs,
-            pod_cidr: pod_cidr.into(),
-            attach_mode: attach_mode.into(),
+            config,
+            env,
             agent: None,
         };
-        std::fs::write(node.config_path(), node.config())?;
+        std::fs::write(node.config_path(), node.config_file())?;
         node.start_agent()?;
         Ok(node)
     }
@@ -151,11 +210,10 @@ impl Node {
         self.dir.join("run/cni.sock")
     }
 
-    fn config(&self) -> String {
+    fn config_file(&self) -> String {
         format!(
-            "datapath: ebpf\npodCIDR: {}\ntcAttachMode: {}\nbpffsDir: {}\nstateDir: {}\ncniSocket: {}\n",
-            self.pod_cidr,
-            self.attach_mode,
+            "datapath: ebpf\n{}bpffsDir: {}\nstateDir: {}\ncniSocket: {}\n",
+            self.config,
             self.bpffs.display(),
             self.dir.join("state").display(),
             self.socket().display()
@@ -174,6 +232,7 @@ impl Node {
         let mut cmd = Command::new(bin("sluice-agent"));
         cmd.arg("--config")
             .arg(self.config_path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone()?)
             .stderr(log)
             .env("RUST_LOG", "info");
@@ -185,7 +244,8 @@ impl Node {
             });
         }
         let mut child = cmd.spawn().context("starting sluice-agent")?;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // With Kubernetes the agent first lists every watched kind and waits for its podCIDR.
+        let deadline = Instant::now() + Duration::from_secs(30);
         while !self.socket().exists() {
             if let Some(status) = child.try_wait()? {
                 bail!(
@@ -196,12 +256,13 @@ impl Node {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 bail!(
-                    "sluice-agent did not open its CNI socket within 10 s:\n{}",
+                    "sluice-agent did not open its CNI socket within 30 s:\n{}",
                     self.agent_log()
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        register(Created::Agent(child.id()));
         self.agent = Some(child);
         Ok(())
     }
@@ -211,6 +272,7 @@ impl Node {
         if let Some(mut child) = self.agent.take() {
             let _ = child.kill();
             let _ = child.wait();
+            unregister(&Created::Agent(child.id()));
         }
     }
 
@@ -272,9 +334,12 @@ impl Drop for Node {
             }
             let _ = child.kill();
             let _ = child.wait();
+            unregister(&Created::Agent(child.id()));
         }
         let _ = std::fs::remove_dir_all(&self.bpffs);
         let _ = std::fs::remove_dir_all(&self.dir);
+        unregister(&Created::Dir(self.bpffs.clone()));
+        unregister(&Created::Dir(self.dir.clone()));
     }
 }
 

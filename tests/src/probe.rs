@@ -242,3 +242,21 @@ impl Flow {
         }
     }
 }
+
+/// A minimal HTTP/1.0 GET (health endpoints): (status code, body).
+pub fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
+    let addr: SocketAddr = address.parse().ok()?;
+    let mut stream = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).ok()?;
+    stream.set_read_timeout(Some(PROBE_TIMEOUT)).ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}

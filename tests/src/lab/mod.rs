@@ -1,0 +1,308 @@
+//! The lab: a multi-node cluster on one machine. A lab namespace holds the lab switch (a bridge)
+//! and the embedded API server; each node is a network namespace with its own agent process and
+//! bpffs directory, wired to the switch. A kubelet simulator wires pods through the real
+//! `sluice-cni`; an EndpointSlice controller derives slices from Services. Everything is deleted
+//! when the `Lab` drops.
+
+pub mod controllers;
+pub mod kubelet;
+pub mod manifests;
+pub mod report;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, TcpListener},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ipnetwork::IpNetwork;
+use serde_json::{json, Value};
+use sluice_agent::model::{ip_key, CidrKey};
+
+use crate::{
+    apiserver::{kubeconfig, ApiServer},
+    in_netns, Netns, Node,
+};
+pub use kubelet::Kubelet;
+
+pub const SWITCH_IP: &str = "192.168.77.254";
+pub const API_PORT: u16 = 6443;
+/// The cluster CIDR; node i gets 10.244.i.0/24 (the lab plays NodeIPAM).
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encap {
+    Vxlan,
+    NoEncap,
+}
+
+impl Encap {
+    pub fn parse(text: &str) -> Result<Encap> {
+        match text {
+            "vxlan" => Ok(Encap::Vxlan),
+            "noencap" => Ok(Encap::NoEncap),
+            other => bail!("--encap {other:?}: expected vxlan or noencap"),
+        }
+    }
+
+    fn config(self) -> &'static str {
+        match self {
+            Encap::Vxlan => "trafficEncapMode: encap\ntunnelType: vxlan\n",
+            Encap::NoEncap => "trafficEncapMode: noEncap\n",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    pub nodes: usize,
+    pub encap: Encap,
+    pub attach_mode: String,
+    /// Ports every pod serves (TCP and UDP) besides its containerPorts.
+    pub ports: Vec<u16>,
+}
+
+pub struct LabNode {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub pod_cidr: IpNetwork,
+    pub node: Node,
+}
+
+/// Fields drop in order: pods, then agents and node namespaces, then the API server, then the
+/// switch they were linked to.
+pub struct Lab {
+    pub kubelet: Kubelet,
+    pub nodes: Vec<LabNode>,
+    pub api: ApiServer,
+    pub options: LabOptions,
+    pub dir: PathBuf,
+    pub switch: Netns,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Lab {
+    pub fn up(options: LabOptions) -> Result<Lab> {
+        crate::require_root();
+        let switch = Netns::new("slab")?;
+        switch.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
+        switch.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{SWITCH_IP}/24"),
+            "dev",
+            "br0",
+        ])?;
+        switch.exec(&["ip", "link", "set", "br0", "up"])?;
+        let api = ApiServer::start(bind_api(&switch)?);
+        let dir = std::env::temp_dir().join(&switch.name);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("kubeconfig"), kubeconfig(&api.url()))?;
+        let mut lab = Lab {
+            kubelet: Kubelet::default(),
+            nodes: Vec::new(),
+            api,
+            options: options.clone(),
+            dir,
+            switch,
+        };
+        lab.create(
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}),
+        )?;
+        for index in 0..options.nodes {
+            lab.add_node(index)?;
+        }
+        Ok(lab)
+    }
+
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    /// Registers node `index` (as its kubelet would) and starts its agent.
+    pub fn add_node(&mut self, index: usize) -> Result<()> {
+        let name = format!("node-{}", index + 1);
+        let ip = Ipv4Addr::new(192, 168, 77, index as u8 + 1);
+        let pod_cidr: IpNetwork = format!("10.244.{index}.0/24").parse()?;
+        let ns = Netns::new("sln")?;
+        let port = format!("p{index}");
+        self.switch.exec(&[
+            "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ])?;
+        self.switch
+            .exec(&["ip", "link", "set", &port, "master", "br0", "up"])?;
+        ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns.exec(&["ip", "link", "set", "eth0", "up"])?;
+        ns.exec(&["ip", "route", "add", "default", "via", SWITCH_IP])?;
+        self.create(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+            "spec": {"podCIDR": pod_cidr.to_string(), "podCIDRs": [pod_cidr.to_string()]},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": ip.to_string()}, {"type": "Hostname", "address": name}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }))?;
+        let config = format!(
+            "nodeName: {name}\nkubeconfig: {}\n{}tcAttachMode: {}\nhealthAddress: 127.0.0.1:9421\n",
+            self.kubeconfig_path().display(),
+            self.options.encap.config(),
+            self.options.attach_mode
+        );
+        let node = Node::start_in(ns, config, vec![("NODE_NAME".into(), name.clone())])
+            .with_context(|| format!("starting the agent of {name}"))?;
+        self.nodes.push(LabNode {
+            name,
+            ip,
+            pod_cidr,
+            node,
+        });
+        Ok(())
+    }
+
+    /// Creates an object through the API server's write path.
+    pub fn create(&self, obj: Value) -> Result<Value> {
+        self.api.create(obj).map_err(|e| anyhow!("{e:?}"))
+    }
+
+    /// Applies manifests: Namespaces first; a Pod without `spec.nodeName` is scheduled round robin.
+    pub fn apply(&mut self, objects: Vec<Value>) -> Result<()> {
+        let (namespaces, others): (Vec<Value>, Vec<Value>) =
+            objects.into_iter().partition(|o| o["kind"] == "Namespace");
+        for mut obj in namespaces.into_iter().chain(others) {
+            manifests::complete(&mut obj, &self.node_names(), self.pod_count())?;
+            manifests::create_or_replace(&self.api, obj)?;
+        }
+        self.sync()
+    }
+
+    pub fn node_names(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    fn pod_count(&self) -> usize {
+        self.api.list("pods", None).len()
+    }
+
+    /// One round of the simulated control plane: kubelets wire and unwire pods, then the
+    /// EndpointSlice controller follows Services and ready pods.
+    pub fn sync(&mut self) -> Result<()> {
+        self.kubelet
+            .sync(&self.api, &self.nodes, &self.options.ports)?;
+        controllers::sync_endpoint_slices(&self.api)
+    }
+
+    /// Waits until every agent holds exactly the expected state: its own running pods in
+    /// L3Forwarding, and every other node's pod CIDR (encap: REMOTE_NODES; noEncap: routes).
+    pub fn wait_programmed(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pending: Vec<String> = self
+                .nodes
+                .iter()
+                .filter_map(|n| self.unprogrammed(n).err())
+                .collect();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agents did not program the cluster state within {timeout:?}: {}",
+                    pending.join("; ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn unprogrammed(&self, node: &LabNode) -> Result<(), String> {
+        let pipeline = sluice_agent::datapath::ebpf::Maps::from_pins(&node.node.bpffs)
+            .and_then(|m| m.pipeline())
+            .map_err(|e| format!("{}: {e:#}", node.name))?;
+        let local: BTreeSet<_> = self
+            .kubelet
+            .pods_on(&node.name)
+            .into_iter()
+            .map(|ip| ip_key(ip.into()))
+            .collect();
+        let programmed: BTreeSet<_> = pipeline.l3_forwarding.keys().copied().collect();
+        if local != programmed {
+            return Err(format!(
+                "{}: L3Forwarding has {} pods, expected {}",
+                node.name,
+                programmed.len(),
+                local.len()
+            ));
+        }
+        let others: BTreeSet<IpNetwork> = self
+            .nodes
+            .iter()
+            .filter(|n| n.name != node.name)
+            .map(|n| n.pod_cidr)
+            .collect();
+        match self.options.encap {
+            Encap::Vxlan => {
+                let remote: BTreeSet<IpNetwork> = pipeline
+                    .remote_nodes
+                    .keys()
+                    .filter_map(CidrKey::cidr)
+                    .collect();
+                if remote != others {
+                    return Err(format!(
+                        "{}: REMOTE_NODES has {remote:?}, expected {others:?}",
+                        node.name
+                    ));
+                }
+            }
+            Encap::NoEncap => {
+                let routes = node
+                    .node
+                    .ns
+                    .exec(&["ip", "-o", "route", "show", "proto", "200"])
+                    .map_err(|e| e.to_string())?;
+                let routed: BTreeSet<IpNetwork> = routes
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+                    .collect();
+                if routed != others {
+                    return Err(format!(
+                        "{}: routes to {routed:?}, expected {others:?}",
+                        node.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every node's agent answers /readyz.
+    pub fn agents_ready(&self) -> bool {
+        self.nodes.iter().all(|n| {
+            in_netns(&n.node.ns.path(), || {
+                crate::probe::http_get("127.0.0.1:9421", "/readyz")
+            })
+            .is_some_and(|(status, _)| status == 200)
+        })
+    }
+
+    pub fn node(&self, name: &str) -> Option<&LabNode> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn pod_ips(&self) -> BTreeMap<String, Ipv4Addr> {
+        self.kubelet.pod_ips()
+    }
+}
+
+fn bind_api(switch: &Netns) -> Result<TcpListener> {
+    in_netns(&switch.path(), || TcpListener::bind((SWITCH_IP, API_PORT)))
+        .context("binding the API server in the lab namespace")
+}

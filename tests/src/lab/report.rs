@@ -1,0 +1,133 @@
+//! The probe matrix: every ordered pair of pods (self included) on each port and protocol, probed
+//! from inside the source pod; written as JSON and printed as a truth table.
+
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
+
+use super::Lab;
+use crate::probe;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl Protocol {
+    pub fn parse(text: &str) -> anyhow::Result<Protocol> {
+        match text {
+            "TCP" | "tcp" => Ok(Protocol::Tcp),
+            "UDP" | "udp" => Ok(Protocol::Udp),
+            other => anyhow::bail!("protocol {other:?}: expected TCP or UDP"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Probe {
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub connected: bool,
+    pub answered_by: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Step {
+    pub manifests: String,
+    pub probes: Vec<Probe>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub steps: Vec<Step>,
+}
+
+/// Probes run in parallel per source pod; each waits at most 1 s for an answer.
+pub fn probe_all(lab: &Lab, ports: &[u16], protocols: &[Protocol]) -> Vec<Probe> {
+    let targets: Vec<(String, Ipv4Addr)> = lab.pod_ips().into_iter().collect();
+    let sources: Vec<(String, std::path::PathBuf)> = lab
+        .kubelet
+        .pods()
+        .map(|(k, p)| (k.clone(), p.netns.path()))
+        .collect();
+    let handles: Vec<_> = sources
+        .into_iter()
+        .map(|(from, netns)| {
+            let targets = targets.clone();
+            let ports = ports.to_vec();
+            let protocols = protocols.to_vec();
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                for (to, ip) in &targets {
+                    for &port in &ports {
+                        for &protocol in &protocols {
+                            let reply = match protocol {
+                                Protocol::Tcp => probe::tcp(&netns, None, *ip, port),
+                                Protocol::Udp => probe::udp(&netns, *ip, port),
+                            };
+                            out.push(Probe {
+                                from: from.clone(),
+                                to: to.clone(),
+                                port,
+                                protocol,
+                                connected: reply.is_some(),
+                                answered_by: reply.map(|r| r.server),
+                            });
+                        }
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+    let mut probes: Vec<Probe> = handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("probe thread"))
+        .collect();
+    probes.sort_by(|a, b| {
+        (&a.from, &a.to, a.port, a.protocol as u8).cmp(&(&b.from, &b.to, b.port, b.protocol as u8))
+    });
+    probes
+}
+
+/// One table per port and protocol: rows are sources, columns destinations; `.` connected (and
+/// answered by the destination), `X` not connected, `?` answered by another pod.
+pub fn truth_table(probes: &[Probe]) -> String {
+    let mut pods: Vec<&str> = probes.iter().map(|p| p.from.as_str()).collect();
+    pods.sort();
+    pods.dedup();
+    let mut combos: Vec<(u16, Protocol)> = probes.iter().map(|p| (p.port, p.protocol)).collect();
+    combos.sort_by_key(|(port, proto)| (*port, *proto as u8));
+    combos.dedup();
+    let mut out = String::new();
+    for (port, proto) in combos {
+        out.push_str(&format!("{proto:?} {port}\n{:<24}", ""));
+        for (i, _) in pods.iter().enumerate() {
+            out.push_str(&format!("{i:>3}"));
+        }
+        out.push('\n');
+        for (i, from) in pods.iter().enumerate() {
+            out.push_str(&format!("{:<20}{i:>4}", from));
+            for to in &pods {
+                let cell = probes
+                    .iter()
+                    .find(|p| {
+                        p.from == *from && p.to == *to && p.port == port && p.protocol == proto
+                    })
+                    .map_or(" ", |p| match (&p.answered_by, p.connected) {
+                        (Some(by), true) if by == to => ".",
+                        (_, true) => "?",
+                        _ => "X",
+                    });
+                out.push_str(&format!("{cell:>3}"));
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
