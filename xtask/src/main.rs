@@ -26,6 +26,8 @@ enum Cmd {
     Test,
     /// Build, then run the single-node demo: three pods through the real CNI, probed, counters shown.
     Demo,
+    /// Build, then run the lab demo: two nodes, the pods of examples/demo, the probe matrix.
+    Lab,
     /// Benchmarks; each prints ratios against baselines measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -39,6 +41,7 @@ fn main() -> Result<()> {
         Cmd::Build => build::release(),
         Cmd::Test => test(),
         Cmd::Demo => demo(),
+        Cmd::Lab => lab(),
         Cmd::Bench { which } => bench::run(which),
     }
 }
@@ -101,4 +104,33 @@ fn demo() -> Result<()> {
     require_root("the demo")?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     run(cargo().args(["run", "-q", "-p", "sluice-tests", "--bin", "sluice-demo"]))
+}
+
+fn lab() -> Result<()> {
+    setup::check()?;
+    build::ebpf()?;
+    require_root("the lab")?;
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    let report = build::root().join("target/lab-demo.json");
+    run(cargo()
+        .args([
+            "run",
+            "-q",
+            "-p",
+            "sluice-tests",
+            "--bin",
+            "sluice-lab",
+            "--",
+            "matrix",
+            "--nodes",
+            "2",
+        ])
+        .args([
+            "--manifests",
+            "examples/demo",
+            "--ports",
+            "80,8080",
+            "--json",
+        ])
+        .arg(report))
 }

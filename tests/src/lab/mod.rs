@@ -293,6 +293,18 @@ impl Lab {
         })
     }
 
+    /// Stops the API server (watches break, connections are refused), keeps its state for
+    /// `downtime`, then serves the same state again at the same address: an API server restart.
+    pub fn restart_api(&mut self, downtime: Duration) -> Result<()> {
+        let stand_in = in_netns(&self.switch.path(), || TcpListener::bind((SWITCH_IP, 0)))?;
+        let old = std::mem::replace(&mut self.api, ApiServer::start(stand_in));
+        let state = old.stop();
+        std::thread::sleep(downtime);
+        let restarted = ApiServer::start_with_state(bind_api(&self.switch)?, state);
+        drop(std::mem::replace(&mut self.api, restarted));
+        Ok(())
+    }
+
     pub fn node(&self, name: &str) -> Option<&LabNode> {
         self.nodes.iter().find(|n| n.name == name)
     }
