@@ -1,31 +1,38 @@
-//! Benchmarks. Filled in below.
+//! `cargo xtask bench [forward|cross-node|control-plane]`: release builds, then `sluice-bench`.
+
 use anyhow::Result;
 use clap::Subcommand;
 
-#[derive(Subcommand, Clone, Copy)]
+#[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
 pub enum Which {
+    /// All of the below.
+    All,
     /// Pod-to-pod TCP throughput and request/response latency on one node.
     Forward,
+    /// Pod to pod across two lab nodes, encap and noEncap, against plain VXLAN and routing.
+    CrossNode,
+    /// Time from an API change to its map entry (p50/p99 over 100 changes).
+    ControlPlane,
 }
 
 pub fn run(which: Which) -> Result<()> {
-    match which {
-        Which::Forward => {
-            crate::setup::check()?;
-            crate::build::ebpf()?;
-            crate::require_root("the benchmark")?;
-            crate::run(crate::cargo().args(["build", "--release", "--workspace", "--bins"]))?;
-            crate::run(crate::cargo().args([
-                "run",
-                "--release",
-                "-q",
-                "-p",
-                "sluice-tests",
-                "--bin",
-                "sluice-bench",
-                "--",
-                "forward",
-            ]))
-        }
+    crate::setup::check()?;
+    crate::build::ebpf()?;
+    crate::require_root("the benchmarks")?;
+    crate::run(crate::cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+    let names: &[&str] = match which {
+        Which::All => &["forward", "cross-node", "control-plane"],
+        Which::Forward => &["forward"],
+        Which::CrossNode => &["cross-node"],
+        Which::ControlPlane => &["control-plane"],
+    };
+    for name in names {
+        println!("== sluice-bench {name}");
+        crate::run(
+            crate::cargo()
+                .args(["run", "--release", "-q", "-p", "sluice-tests"])
+                .args(["--bin", "sluice-bench", "--", name]),
+        )?;
     }
+    Ok(())
 }

@@ -31,7 +31,7 @@ enum Cmd {
     /// Benchmarks; each prints ratios against baselines measured in the same run.
     Bench {
         #[command(subcommand)]
-        which: bench::Which,
+        which: Option<bench::Which>,
     },
 }
 
@@ -42,7 +42,7 @@ fn main() -> Result<()> {
         Cmd::Test => test(),
         Cmd::Demo => demo(),
         Cmd::Lab => lab(),
-        Cmd::Bench { which } => bench::run(which),
+        Cmd::Bench { which } => bench::run(which.unwrap_or(bench::Which::All)),
     }
 }
 

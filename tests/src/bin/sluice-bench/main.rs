@@ -1,6 +1,12 @@
-//! `sluice-bench forward`: pod-to-pod TCP throughput (iperf3) and request/response latency on one
-//! node through Sluice, against a direct veth pair and a Linux bridge built and measured in the
-//! same run, rounds interleaved so drift hits every contender alike. Prints ratios.
+//! Sluice benchmarks; every figure is printed next to a baseline measured in the same run.
+//!
+//! - `forward`: pod-to-pod TCP throughput (iperf3) and request/response latency on one node,
+//!   against a direct veth pair and a Linux bridge.
+//! - `cross-node`: pod to pod across two lab nodes, encap and noEncap, against plain VXLAN and
+//!   plain routing between the same node namespaces.
+//! - `control-plane`: time from an API change (node added, pod created) to its map entry.
+//!
+//! Rounds interleave the contenders so drift hits all of them alike.
 
 use std::{
     io::{Read, Write},
@@ -13,6 +19,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use sluice_tests::{in_netns, require_root, Netns, Node};
 
+mod cross_node;
+
 const ROUNDS: usize = 3;
 const IPERF_SECONDS: &str = "5";
 const RR_ROUNDS: usize = 20_000;
@@ -21,12 +29,12 @@ const IPERF_PORT: u16 = 5201;
 const RR_PORT: u16 = 7000;
 
 /// Two endpoints that can talk: client namespace, server namespace, server address.
-struct Pair {
-    name: &'static str,
-    client: PathBuf,
-    server: PathBuf,
-    server_ns: String,
-    server_ip: Ipv4Addr,
+pub struct Pair {
+    pub name: &'static str,
+    pub client: PathBuf,
+    pub server: PathBuf,
+    pub server_ns: String,
+    pub server_ip: Ipv4Addr,
 }
 
 struct Sample {
@@ -39,7 +47,9 @@ fn main() -> Result<()> {
     require_root();
     match std::env::args().nth(1).as_deref() {
         Some("forward") => forward(),
-        _ => bail!("usage: sluice-bench forward"),
+        Some("cross-node") => cross_node::throughput_and_latency(),
+        Some("control-plane") => cross_node::control_plane(),
+        _ => bail!("usage: sluice-bench forward | cross-node | control-plane"),
     }
 }
 
@@ -90,6 +100,12 @@ fn forward() -> Result<()> {
             server_ip: pb.ip,
         },
     ];
+    measure(&pairs)
+}
+
+/// Interleaved rounds over `pairs`, then the median table with ratios against the first two
+/// pairs (the baselines).
+fn measure(pairs: &[Pair]) -> Result<()> {
     let mut samples: Vec<Vec<Sample>> = pairs.iter().map(|_| Vec::new()).collect();
     for round in 1..=ROUNDS {
         for (pair, out) in pairs.iter().zip(samples.iter_mut()) {
@@ -121,9 +137,10 @@ fn forward() -> Result<()> {
         })
         .collect();
     let (veth, bridge) = (summary[0], summary[1]);
+    let (a, b) = (pairs[0].name, pairs[1].name);
     println!();
     println!("median of {ROUNDS} rounds; iperf3 1 TCP stream {IPERF_SECONDS} s; RR = 1-byte TCP ping-pong, {RR_ROUNDS} round trips");
-    println!("| path | throughput Gbit/s | vs veth | vs bridge | RR p50 µs | p50 vs veth | p50 vs bridge | RR p99 µs |");
+    println!("| path | throughput Gbit/s | vs {a} | vs {b} | RR p50 µs | p50 vs {a} | p50 vs {b} | RR p99 µs |");
     println!("|---|---|---|---|---|---|---|---|");
     for (pair, (gbits, p50, p99)) in pairs.iter().zip(&summary) {
         println!(
