@@ -35,6 +35,8 @@ pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Encap {
     Vxlan,
+    /// Kernels without Geneve (like the lab machine's) make the agent refuse to start.
+    Geneve,
     NoEncap,
 }
 
@@ -42,14 +44,16 @@ impl Encap {
     pub fn parse(text: &str) -> Result<Encap> {
         match text {
             "vxlan" => Ok(Encap::Vxlan),
+            "geneve" => Ok(Encap::Geneve),
             "noencap" => Ok(Encap::NoEncap),
-            other => bail!("--encap {other:?}: expected vxlan or noencap"),
+            other => bail!("--encap {other:?}: expected vxlan, geneve or noencap"),
         }
     }
 
     fn config(self) -> &'static str {
         match self {
             Encap::Vxlan => "trafficEncapMode: encap\ntunnelType: vxlan\n",
+            Encap::Geneve => "trafficEncapMode: encap\ntunnelType: geneve\n",
             Encap::NoEncap => "trafficEncapMode: noEncap\n",
         }
     }
@@ -249,7 +253,7 @@ impl Lab {
             .map(|n| n.pod_cidr)
             .collect();
         match self.options.encap {
-            Encap::Vxlan => {
+            Encap::Vxlan | Encap::Geneve => {
                 let remote: BTreeSet<IpNetwork> = pipeline
                     .remote_nodes
                     .keys()
