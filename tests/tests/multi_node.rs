@@ -292,8 +292,18 @@ fn watches_survive_drops_expiry_and_api_restarts() {
 #[test]
 fn geneve_is_refused_on_a_kernel_without_it() {
     require_root();
-    let options = LabOptions { nodes: 1, encap: Encap::Geneve, attach_mode: "auto".into(), ports: vec![] };
-    let err = Lab::up(options).err().expect("the agent must refuse geneve on this kernel");
+    let options = LabOptions {
+        nodes: 1,
+        encap: Encap::Geneve,
+        attach_mode: "auto".into(),
+        ports: vec![],
+    };
+    let err = Lab::up(options)
+        .err()
+        .expect("the agent must refuse geneve on this kernel");
     let text = format!("{err:#}");
-    assert!(text.contains("field `tunnelType`: geneve is not supported by this kernel"), "{text}");
+    assert!(
+        text.contains("field `tunnelType`: geneve is not supported by this kernel"),
+        "{text}"
+    );
 }
