@@ -9,14 +9,26 @@ pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const SPOOF_GUARD: &str = "SPOOF_GUARD";
     pub const REMOTE_NODES: &str = "REMOTE_NODES";
+    pub const IPCACHE: &str = "IPCACHE";
+    pub const ENDPOINT_POLICY: &str = "ENDPOINT_POLICY";
+    pub const POLICY: &str = "POLICY";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const RULE_STATS: &str = "RULE_STATS";
+    pub const POLICY_EVENTS: &str = "POLICY_EVENTS";
     pub const NODE_CONFIG: &str = "NODE_CONFIG";
     pub const STAGE_PACKETS: &str = "STAGE_PACKETS";
     pub const DROPS: &str = "DROPS";
 
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 12] = [
         ENDPOINTS,
         SPOOF_GUARD,
         REMOTE_NODES,
+        IPCACHE,
+        ENDPOINT_POLICY,
+        POLICY,
+        CONNTRACK,
+        RULE_STATS,
+        POLICY_EVENTS,
         NODE_CONFIG,
         STAGE_PACKETS,
         DROPS,
@@ -138,7 +150,155 @@ pub struct RemoteNode {
     pub node_ip: IpKey,
 }
 
+/// Capacity of IPCACHE (pods of the cluster and the CIDRs policies name).
+pub const MAX_IPCACHE: u32 = 262_144;
+/// Capacity of POLICY (allow entries of this node's pods).
+pub const MAX_POLICY_ENTRIES: u32 = 262_144;
+/// Capacity of CONNTRACK (an LRU: the least recently used entries make room).
+pub const MAX_CONNTRACK: u32 = 262_144;
+/// Capacity of RULE_STATS (rule ids are below this).
+pub const MAX_RULES: u32 = 65_536;
+
+/// Peer identities. IPCACHE maps an address (longest prefix) to one; POLICY keys name one.
+pub mod identity {
+    /// Wildcard in a POLICY key: any peer.
+    pub const ANY: u32 = 0;
+    /// This node itself (its gateway and node addresses): always allowed in (kubelet probes).
+    pub const HOST: u32 = 1;
+    /// An address IPCACHE does not know.
+    pub const WORLD: u32 = 2;
+    /// Pods and policy CIDRs get identities from here up.
+    pub const FIRST_ALLOCATED: u32 = 256;
+}
+
+/// Wildcard protocol in a POLICY key (a rule without ports: every protocol, every port).
+pub const PROTO_ANY: u8 = 0;
+
+/// ENDPOINT_POLICY value for a local pod (key: its `IpKey`). A policy id of 0 means the pod is
+/// not isolated in that direction. A pod without an entry is isolated in neither and its
+/// traffic skips conntrack and policy entirely.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EndpointPolicy {
+    pub ingress_policy: u32,
+    pub egress_policy: u32,
+}
+
+/// POLICY (LPM) key. Layout (12 bytes): policy id, peer identity (or `identity::ANY`), IP
+/// protocol (or `PROTO_ANY`), 1 byte padding, destination port in network byte order. The
+/// first `POLICY_KEY_EXACT_BITS` are always matched exactly; the port adds 0 bits (any port)
+/// to 16 (one port), a prefix in between covering a port range.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub policy: u32,
+    pub peer: u32,
+    pub proto: u8,
+    pub _pad: u8,
+    pub port: [u8; 2],
+}
+
+pub const POLICY_KEY_EXACT_BITS: u32 = 80;
+
+/// POLICY value: the rule that allows (for RULE_STATS and events).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyRule {
+    pub rule: u32,
+}
+
+/// IPCACHE value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity {
+    pub id: u32,
+}
+
+/// RULE_STATS value (per CPU): traffic of the connections a rule allowed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RuleStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// CONNTRACK key: a connection, with the endpoints in canonical order (the lower address, then
+/// port, first) so both directions find the same entry. Layout (48 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub lo: IpKey,
+    pub hi: IpKey,
+    pub lo_port: u16,
+    pub hi_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// CONNTRACK value. Layout (24 bytes): last packet (ns, `bpf_ktime_get_ns`), state flags
+/// (`ct_flags`), the rules that allowed it out and in (0: not judged in that direction).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtEntry {
+    pub last_seen: u64,
+    pub flags: u32,
+    pub egress_rule: u32,
+    pub ingress_rule: u32,
+    pub _pad: u32,
+}
+
+/// A policy verdict on a new connection, sent to user space through the POLICY_EVENTS ring
+/// buffer (never per packet: only new connections and drops). Layout (64 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyEvent {
+    pub src: IpKey,
+    pub dst: IpKey,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    /// `DIRECTION_*`.
+    pub direction: u8,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    pub _pad: u8,
+    /// The allowing rule, 0 for a drop.
+    pub rule: u32,
+    pub _pad2: [u8; 12],
+}
+
+pub const DIRECTION_INGRESS: u8 = 0;
+pub const DIRECTION_EGRESS: u8 = 1;
+pub const VERDICT_ALLOW: u8 = 0;
+pub const VERDICT_DROP: u8 = 1;
+/// Size of POLICY_EVENTS in bytes (a power of two, page aligned).
+pub const POLICY_EVENTS_BYTES: u32 = 1 << 20;
+
+pub mod ct_flags {
+    /// The connection was opened from the `lo` side.
+    pub const FROM_LO: u32 = 1 << 0;
+    /// The opening side's SYN was seen, and the answer's SYN-ACK.
+    pub const SYN_ACK: u32 = 1 << 1;
+    /// A FIN or RST was seen: the connection is closing.
+    pub const CLOSING: u32 = 1 << 2;
+}
+
+/// Conntrack timeouts by protocol and TCP state, in nanoseconds.
+pub mod ct_timeout {
+    const S: u64 = 1_000_000_000;
+    pub const TCP_OPENING: u64 = 60 * S;
+    pub const TCP_ESTABLISHED: u64 = 3600 * S;
+    pub const TCP_CLOSING: u64 = 10 * S;
+    pub const UDP: u64 = 60 * S;
+    pub const OTHER: u64 = 60 * S;
+}
+
 const _: () = assert!(core::mem::size_of::<IpKey>() == 20);
+const _: () = assert!(core::mem::size_of::<EndpointPolicy>() == 8);
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 48);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
+const _: () = assert!(core::mem::size_of::<PolicyEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
 const _: () = assert!(core::mem::size_of::<SpoofGuardKey>() == 24);
 const _: () = assert!(core::mem::size_of::<SpoofGuardEntry>() == 8);
@@ -178,12 +338,22 @@ named_enum! {
         SpoofGuard = 1 => "SpoofGuard",
         /// Answers the pod's ARP requests with the gateway MAC: every pod talks L3 to the gateway.
         ArpResponder = 2 => "ARPResponder",
+        /// Finds the connection in conntrack: an established one skips the policy stages.
+        ConntrackState = 3 => "ConntrackState",
+        /// A new connection out of an egress-isolated pod: allowed by a rule...
+        EgressRule = 4 => "EgressRule",
+        /// ...or dropped.
+        EgressDefaultRule = 5 => "EgressDefaultRule",
         /// Finds where the destination lives: a local pod (exact address), another node's pod
         /// CIDR (longest prefix), or else the node itself.
-        L3Forwarding = 3 => "L3Forwarding",
+        L3Forwarding = 6 => "L3Forwarding",
+        /// A new connection into an ingress-isolated local pod: allowed by a rule...
+        IngressRule = 7 => "IngressRule",
+        /// ...or dropped.
+        IngressDefaultRule = 8 => "IngressDefaultRule",
         /// Delivers: into a local pod, into the tunnel to another node, or up to the node
         /// through the gateway.
-        Output = 4 => "Output",
+        Output = 9 => "Output",
     }
 }
 
@@ -210,6 +380,10 @@ named_enum! {
         NotConfigured = 8 => "NotConfigured",
         /// The kernel refused the tunnel metadata for an encapsulated packet.
         TunnelKeyFailed = 9 => "TunnelKeyFailed",
+        /// No egress rule of the pod's policies allows the new connection.
+        EgressDenied = 10 => "EgressDenied",
+        /// No ingress rule of the destination pod's policies allows the new connection.
+        IngressDenied = 11 => "IngressDenied",
     }
 }
 
@@ -226,6 +400,8 @@ impl DropReason {
             DropReason::UnsupportedArp => Stage::ArpResponder,
             DropReason::UnknownDestination => Stage::L3Forwarding,
             DropReason::TunnelKeyFailed => Stage::Output,
+            DropReason::EgressDenied => Stage::EgressDefaultRule,
+            DropReason::IngressDenied => Stage::IngressDefaultRule,
         }
     }
 }
@@ -240,4 +416,12 @@ mod pod {
     unsafe impl aya::Pod for SpoofGuardEntry {}
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for RemoteNode {}
+    unsafe impl aya::Pod for EndpointPolicy {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyRule {}
+    unsafe impl aya::Pod for Identity {}
+    unsafe impl aya::Pod for RuleStats {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for PolicyEvent {}
 }

@@ -7,12 +7,14 @@ mod pipeline;
 
 use aya_ebpf::{
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use sluice_common::{
-    DropReason, Endpoint, IpKey, NodeConfig, RemoteNode, SpoofGuardEntry, SpoofGuardKey, Stage,
-    MAX_ENDPOINTS, MAX_REMOTE_CIDRS,
+    CtEntry, CtKey, DropReason, Endpoint, EndpointPolicy, Identity, IpKey, NodeConfig, PolicyKey,
+    PolicyRule, RemoteNode, RuleStats, SpoofGuardEntry, SpoofGuardKey, Stage, MAX_CONNTRACK,
+    MAX_ENDPOINTS, MAX_IPCACHE, MAX_POLICY_ENTRIES, MAX_REMOTE_CIDRS, MAX_RULES,
+    POLICY_EVENTS_BYTES,
 };
 
 // Map statics carry the names of `sluice_common::map_names`; user space pins and opens them by
@@ -30,6 +32,31 @@ static SPOOF_GUARD: HashMap<SpoofGuardKey, SpoofGuardEntry> =
 /// L3Forwarding: other nodes' pod CIDRs (longest prefix match) → the node to tunnel to.
 #[map]
 static REMOTE_NODES: LpmTrie<IpKey, RemoteNode> = LpmTrie::with_max_entries(MAX_REMOTE_CIDRS, 0);
+
+/// Peer identities: every pod address of the cluster and the CIDRs policies name (LPM).
+#[map]
+static IPCACHE: LpmTrie<IpKey, Identity> = LpmTrie::with_max_entries(MAX_IPCACHE, 0);
+
+/// This node's pods that a NetworkPolicy isolates: their ingress and egress policy ids.
+#[map]
+static ENDPOINT_POLICY: HashMap<IpKey, EndpointPolicy> =
+    HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// EgressRule / IngressRule: (policy id, peer identity, protocol, port prefix) → allowing rule.
+#[map]
+static POLICY: LpmTrie<PolicyKey, PolicyRule> = LpmTrie::with_max_entries(MAX_POLICY_ENTRIES, 0);
+
+/// ConntrackState: connections of isolated pods, both directions under one canonical key.
+#[map]
+static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+
+/// EgressMetric / IngressMetric: packets and bytes of the connections each rule allowed.
+#[map]
+static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+
+/// Policy verdicts on new connections and drops, for `sluicectl events`.
+#[map]
+static POLICY_EVENTS: RingBuf = RingBuf::with_byte_size(POLICY_EVENTS_BYTES, 0);
 
 /// Slot 0: the node's gateway and tunnel.
 #[map]

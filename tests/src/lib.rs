@@ -5,6 +5,7 @@
 pub mod apiserver;
 pub mod lab;
 pub mod probe;
+pub mod test_run;
 
 use std::{
     fs::File,

@@ -59,10 +59,25 @@ pub struct ArpHdr {
 pub const ARP_REQUEST: u16 = 1;
 pub const ARP_REPLY: u16 = 2;
 
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
 pub struct IpMeta {
     pub src_mac: [u8; 6],
     pub src: IpKey,
     pub dst: IpKey,
+    /// IP protocol; ports are 0 for protocols without them and for non-first fragments.
+    pub proto: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub tcp_flags: u8,
+    /// Total length of the frame, for the byte counters.
+    pub len: u32,
 }
 
 pub struct ArpMeta {
@@ -143,26 +158,53 @@ fn ipv4(ctx: &TcContext, src_mac: [u8; 6]) -> Result<IpMeta, DropReason> {
     if (ctx.len() as usize) < ETH_HLEN + header_len {
         return Err(DropReason::Truncated);
     }
-    Ok(IpMeta {
+    // SAFETY: bounds checked by `ptr_at` above.
+    let (proto, frag_off) = unsafe { ((*ip).protocol, u16::from_be((*ip).frag_off)) };
+    let mut meta = IpMeta {
         src_mac,
         src: IpKey::v4(src),
         dst: IpKey::v4(dst),
-    })
+        proto,
+        src_port: 0,
+        dst_port: 0,
+        tcp_flags: 0,
+        len: ctx.len(),
+    };
+    // A non-first fragment carries no L4 header.
+    if frag_off & 0x1fff == 0 {
+        l4(ctx, &mut meta, ETH_HLEN + (header_len & 0x3c))?;
+    }
+    Ok(meta)
 }
 
 #[inline(always)]
 fn ipv6(ctx: &TcContext, src_mac: [u8; 6]) -> Result<IpMeta, DropReason> {
     let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN)?;
     // SAFETY: bounds checked by `ptr_at`.
-    let (version, src, dst) = unsafe { ((*ip).version_tc_flow[0] >> 4, (*ip).src, (*ip).dst) };
+    let (version, next, src, dst) = unsafe {
+        (
+            (*ip).version_tc_flow[0] >> 4,
+            (*ip).next_header,
+            (*ip).src,
+            (*ip).dst,
+        )
+    };
     if version != 6 {
         return Err(DropReason::Malformed);
     }
-    Ok(IpMeta {
+    let mut meta = IpMeta {
         src_mac,
         src: IpKey::v6(src),
         dst: IpKey::v6(dst),
-    })
+        proto: next,
+        src_port: 0,
+        dst_port: 0,
+        tcp_flags: 0,
+        len: ctx.len(),
+    };
+    // Extension headers are not walked: such packets are classified without ports.
+    l4(ctx, &mut meta, ETH_HLEN + size_of::<Ipv6Hdr>())?;
+    Ok(meta)
 }
 
 #[inline(always)]
@@ -181,4 +223,26 @@ fn arp(ctx: &TcContext, src_mac: [u8; 6]) -> Result<ArpMeta, DropReason> {
         sender_ip: a.spa,
         target_ip: a.tpa,
     })
+}
+
+/// Ports (and TCP flags) of TCP, UDP and SCTP, which all start with source and destination port.
+/// Read with `bpf_skb_load_bytes`: the offset varies with IPv4 options and the L4 header may sit
+/// beyond the linear part.
+#[inline(always)]
+fn l4(ctx: &TcContext, meta: &mut IpMeta, offset: usize) -> Result<(), DropReason> {
+    match meta.proto {
+        IPPROTO_TCP => {
+            let head: [u8; 14] = ctx.load(offset).map_err(|_| DropReason::Truncated)?;
+            meta.src_port = u16::from_be_bytes([head[0], head[1]]);
+            meta.dst_port = u16::from_be_bytes([head[2], head[3]]);
+            meta.tcp_flags = head[13];
+        }
+        IPPROTO_UDP | IPPROTO_SCTP => {
+            let ports: [u8; 4] = ctx.load(offset).map_err(|_| DropReason::Truncated)?;
+            meta.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+            meta.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+        }
+        _ => {}
+    }
+    Ok(())
 }

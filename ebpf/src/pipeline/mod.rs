@@ -3,16 +3,18 @@
 
 mod arp_responder;
 mod classifier;
+mod conntrack;
 mod l3_forwarding;
 mod metrics;
+mod network_policy;
 mod output;
 mod spoof_guard;
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
 use sluice_common::{DropReason, NodeConfig, Stage};
 
-use crate::NODE_CONFIG;
-use classifier::Packet;
+use crate::{ENDPOINT_POLICY, NODE_CONFIG};
+use classifier::{IpMeta, Packet};
 use l3_forwarding::Next;
 
 /// A TC action (`TC_ACT_*`) or the reason the packet is dropped.
@@ -39,6 +41,7 @@ pub fn from_pod(ctx: &TcContext) -> StageResult {
         }
         Packet::Ip(meta) => {
             spoof_guard::check_ip(port, &meta)?;
+            security(&meta, true)?;
             match l3_forwarding::lookup(&meta, node) {
                 Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
                 Next::RemoteNode(remote) => output::to_tunnel(ctx, &remote, node),
@@ -54,11 +57,14 @@ pub fn from_gateway(ctx: &TcContext) -> StageResult {
     let node = node_config()?;
     match classifier::classify(ctx)? {
         Packet::Arp(_) => Err(DropReason::UnsupportedArp),
-        Packet::Ip(meta) => match l3_forwarding::lookup(&meta, node) {
-            Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
-            Next::RemoteNode(remote) => output::to_tunnel(ctx, &remote, node),
-            Next::Node => Err(DropReason::UnknownDestination),
-        },
+        Packet::Ip(meta) => {
+            security(&meta, false)?;
+            match l3_forwarding::lookup(&meta, node) {
+                Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
+                Next::RemoteNode(remote) => output::to_tunnel(ctx, &remote, node),
+                Next::Node => Err(DropReason::UnknownDestination),
+            }
+        }
     }
 }
 
@@ -68,11 +74,52 @@ pub fn from_tunnel(ctx: &TcContext) -> StageResult {
     let node = node_config()?;
     match classifier::classify(ctx)? {
         Packet::Arp(_) => Err(DropReason::UnsupportedArp),
-        Packet::Ip(meta) => match l3_forwarding::lookup(&meta, node) {
-            Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
-            Next::RemoteNode(_) | Next::Node => output::to_gateway(ctx, node),
-        },
+        Packet::Ip(meta) => {
+            security(&meta, false)?;
+            match l3_forwarding::lookup(&meta, node) {
+                Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
+                Next::RemoteNode(_) | Next::Node => output::to_gateway(ctx, node),
+            }
+        }
     }
+}
+
+/// ConntrackState → EgressRule (for a local sender, `from_pod`) → IngressRule (for a local
+/// receiver). Traffic between pods that no policy isolates skips all of it: two hash lookups.
+/// Kept out of line: its keys get a stack frame of their own (the BPF stack is 512 bytes).
+#[inline(never)]
+fn security(meta: &IpMeta, from_local_pod: bool) -> Result<(), DropReason> {
+    // Each entry is read right after its lookup: testing both pointers for null together makes
+    // LLVM OR them, which the verifier rejects.
+    let mut isolated = false;
+    let mut egress_policy = 0;
+    if from_local_pod {
+        if let Some(policy) = ENDPOINT_POLICY.get_ptr(meta.src) {
+            isolated = true;
+            // SAFETY: pointer from a successful lookup, read once.
+            egress_policy = unsafe { (*policy).egress_policy };
+        }
+    }
+    let mut ingress_policy = 0;
+    if let Some(policy) = ENDPOINT_POLICY.get_ptr(meta.dst) {
+        isolated = true;
+        // SAFETY: as above.
+        ingress_policy = unsafe { (*policy).ingress_policy };
+    }
+    if !isolated {
+        return Ok(());
+    }
+    conntrack::track(meta, || {
+        let egress = match egress_policy {
+            0 => 0,
+            policy => network_policy::egress(policy, meta)?,
+        };
+        let ingress = match ingress_policy {
+            0 => 0,
+            policy => network_policy::ingress(policy, meta)?,
+        };
+        Ok((egress, ingress))
+    })
 }
 
 #[inline(always)]

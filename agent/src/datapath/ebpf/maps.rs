@@ -6,11 +6,11 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    Array, HashMap, Map, MapData, MapError, PerCpuArray,
+    Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf,
 };
 use sluice_common::{
-    map_names, DropReason, Endpoint, IpKey, NodeConfig, RemoteNode, SpoofGuardEntry, SpoofGuardKey,
-    Stage,
+    map_names, CtEntry, CtKey, DropReason, Endpoint, EndpointPolicy, Identity, IpKey, NodeConfig,
+    PolicyKey, PolicyRule, RemoteNode, RuleStats, SpoofGuardEntry, SpoofGuardKey, Stage,
 };
 
 use crate::{
@@ -22,6 +22,12 @@ pub struct Maps {
     pub endpoints: HashMap<MapData, IpKey, Endpoint>,
     pub spoof_guard: HashMap<MapData, SpoofGuardKey, SpoofGuardEntry>,
     pub remote_nodes: LpmTrie<MapData, IpKey, RemoteNode>,
+    pub ipcache: LpmTrie<MapData, IpKey, Identity>,
+    pub endpoint_policy: HashMap<MapData, IpKey, EndpointPolicy>,
+    pub policy: LpmTrie<MapData, PolicyKey, PolicyRule>,
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub rule_stats: PerCpuArray<MapData, RuleStats>,
+    pub policy_events: RingBuf<MapData>,
     pub node_config: Array<MapData, NodeConfig>,
     pub stage_packets: PerCpuArray<MapData, u64>,
     pub drops: PerCpuArray<MapData, u64>,
@@ -76,6 +82,12 @@ impl Maps {
             endpoints: typed(map(map_names::ENDPOINTS)?)?,
             spoof_guard: typed(map(map_names::SPOOF_GUARD)?)?,
             remote_nodes: typed(map(map_names::REMOTE_NODES)?)?,
+            ipcache: typed(map(map_names::IPCACHE)?)?,
+            endpoint_policy: typed(map(map_names::ENDPOINT_POLICY)?)?,
+            policy: typed(map(map_names::POLICY)?)?,
+            conntrack: typed(map(map_names::CONNTRACK)?)?,
+            rule_stats: typed(map(map_names::RULE_STATS)?)?,
+            policy_events: typed(map(map_names::POLICY_EVENTS)?)?,
             node_config: typed(map(map_names::NODE_CONFIG)?)?,
             stage_packets: typed(map(map_names::STAGE_PACKETS)?)?,
             drops: typed(map(map_names::DROPS)?)?,

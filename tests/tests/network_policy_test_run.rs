@@ -1,0 +1,289 @@
+//! ConntrackState, EgressRule/EgressDefaultRule, IngressRule/IngressDefaultRule and their
+//! metrics and events, with crafted packets through BPF_PROG_TEST_RUN. The maps are filled by
+//! hand here, the way the policy compiler fills them.
+
+use aya::maps::lpm_trie::Key;
+use sluice_common::{
+    ct_flags, identity, DropReason, EndpointPolicy, Identity, IpKey, PolicyEvent, PolicyKey,
+    PolicyRule, DIRECTION_EGRESS, DIRECTION_INGRESS, IP_KEY_PREFIX_BITS, POLICY_KEY_EXACT_BITS,
+    PROTO_ANY, VERDICT_ALLOW, VERDICT_DROP,
+};
+use sluice_tests::test_run::*;
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const SCTP: u8 = 132;
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN: u8 = 0x01;
+const PEER_ID: u32 = 300;
+const EGRESS_POLICY: u32 = 1;
+const INGRESS_POLICY: u32 = 2;
+
+fn isolate(h: &mut Harness, pod: [u8; 4], ingress_policy: u32, egress_policy: u32) {
+    let value = EndpointPolicy {
+        ingress_policy,
+        egress_policy,
+    };
+    h.maps
+        .endpoint_policy
+        .insert(IpKey::v4(pod), value, 0)
+        .unwrap();
+}
+
+fn identity_of(h: &mut Harness, addr: [u8; 4], prefix: u32, id: u32) {
+    let key = Key::new(IP_KEY_PREFIX_BITS + prefix, IpKey::v4(addr));
+    h.maps.ipcache.insert(&key, Identity { id }, 0).unwrap();
+}
+
+/// `port`: None = any protocol; Some((proto, port, prefix bits of the port)).
+fn allow(h: &mut Harness, policy: u32, peer: u32, port: Option<(u8, u16, u32)>, rule: u32) {
+    let (proto, port, bits) = port.unwrap_or((PROTO_ANY, 0, 0));
+    let key = PolicyKey {
+        policy,
+        peer,
+        proto,
+        _pad: 0,
+        port: port.to_be_bytes(),
+    };
+    let lpm = Key::new(POLICY_KEY_EXACT_BITS + bits, key);
+    h.maps.policy.insert(&lpm, PolicyRule { rule }, 0).unwrap();
+}
+
+fn packet(proto: u8, src: [u8; 4], dst: [u8; 4], ports: (u16, u16), flags: u8) -> Vec<u8> {
+    ipv4_l4(POD_MAC, src, dst, proto, ports, flags)
+}
+
+fn from_pod_to_peer(proto: u8, dport: u16) -> Vec<u8> {
+    packet(proto, POD_V4, PEER_V4, (40000, dport), SYN)
+}
+
+fn events(h: &mut Harness) -> Vec<PolicyEvent> {
+    let mut out = Vec::new();
+    while let Some(item) = h.maps.policy_events.next() {
+        // SAFETY: the programs write whole PolicyEvents into this ring.
+        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const PolicyEvent) });
+    }
+    out
+}
+
+#[test]
+fn pods_no_policy_isolates_skip_conntrack_and_policy() {
+    let mut h = harness(Setup::Encap);
+    let (verdict, _) = h.run("from_pod", &from_pod_to_peer(TCP, 80));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        h.maps.conntrack.keys().count(),
+        0,
+        "no conntrack entry without isolation"
+    );
+}
+
+#[test]
+fn egress_isolation_without_rules_denies_and_reports() {
+    let mut h = harness(Setup::Encap);
+    isolate(&mut h, POD_V4, 0, EGRESS_POLICY);
+    h.expect_drop(
+        "from_pod",
+        &from_pod_to_peer(TCP, 80),
+        DropReason::EgressDenied,
+    );
+    let events = events(&mut h);
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (events[0].direction, events[0].verdict, events[0].rule),
+        (DIRECTION_EGRESS, VERDICT_DROP, 0)
+    );
+    assert_eq!(
+        (events[0].src, events[0].dst, events[0].dst_port),
+        (IpKey::v4(POD_V4), IpKey::v4(PEER_V4), 80)
+    );
+}
+
+#[test]
+fn egress_rule_matches_peer_protocol_and_port_and_counts() {
+    let mut h = harness(Setup::Encap);
+    isolate(&mut h, POD_V4, 0, EGRESS_POLICY);
+    identity_of(&mut h, PEER_V4, 32, PEER_ID);
+    allow(&mut h, EGRESS_POLICY, PEER_ID, Some((TCP, 80, 16)), 7);
+    let allowed = from_pod_to_peer(TCP, 80);
+    assert_eq!(h.run("from_pod", &allowed).0, TC_ACT_REDIRECT);
+    h.expect_drop(
+        "from_pod",
+        &from_pod_to_peer(TCP, 81),
+        DropReason::EgressDenied,
+    );
+    h.expect_drop(
+        "from_pod",
+        &from_pod_to_peer(UDP, 80),
+        DropReason::EgressDenied,
+    );
+    // Another peer (not the identity the rule names) is denied.
+    h.expect_drop(
+        "from_pod",
+        &packet(TCP, POD_V4, OUTSIDE_V4, (40000, 80), SYN),
+        DropReason::EgressDenied,
+    );
+    let stats = h.maps.rule_stats.get(&7, 0).unwrap();
+    let packets: u64 = stats.iter().map(|s| s.packets).sum();
+    let bytes: u64 = stats.iter().map(|s| s.bytes).sum();
+    assert_eq!(
+        (packets, bytes),
+        (1, allowed.len() as u64),
+        "EgressMetric of rule 7"
+    );
+    let first = &events(&mut h)[0];
+    assert_eq!((first.verdict, first.rule), (VERDICT_ALLOW, 7));
+}
+
+#[test]
+fn port_ranges_are_lpm_prefixes() {
+    let mut h = harness(Setup::Encap);
+    isolate(&mut h, POD_V4, 0, EGRESS_POLICY);
+    // 1024..=2047 is the 6-bit port prefix 0b000001.
+    allow(
+        &mut h,
+        EGRESS_POLICY,
+        identity::ANY,
+        Some((TCP, 1024, 6)),
+        9,
+    );
+    for port in [1024, 1500, 2047] {
+        assert_eq!(
+            h.run("from_pod", &from_pod_to_peer(TCP, port)).0,
+            TC_ACT_REDIRECT,
+            "port {port}"
+        );
+    }
+    for port in [1023, 2048, 80] {
+        h.expect_drop(
+            "from_pod",
+            &from_pod_to_peer(TCP, port),
+            DropReason::EgressDenied,
+        );
+    }
+}
+
+#[test]
+fn sctp_and_any_protocol_rules() {
+    let mut h = harness(Setup::Encap);
+    isolate(&mut h, POD_V4, 0, EGRESS_POLICY);
+    identity_of(&mut h, PEER_V4, 32, PEER_ID);
+    allow(&mut h, EGRESS_POLICY, PEER_ID, Some((SCTP, 9000, 16)), 11);
+    assert_eq!(
+        h.run("from_pod", &from_pod_to_peer(SCTP, 9000)).0,
+        TC_ACT_REDIRECT
+    );
+    h.expect_drop(
+        "from_pod",
+        &from_pod_to_peer(SCTP, 9001),
+        DropReason::EgressDenied,
+    );
+    h.expect_drop(
+        "from_pod",
+        &from_pod_to_peer(UDP, 9000),
+        DropReason::EgressDenied,
+    );
+    // A rule without ports: every protocol and port to that peer.
+    allow(&mut h, EGRESS_POLICY, PEER_ID, None, 12);
+    assert_eq!(
+        h.run("from_pod", &from_pod_to_peer(UDP, 53)).0,
+        TC_ACT_REDIRECT
+    );
+}
+
+#[test]
+fn ip_blocks_use_the_longest_prefix_identity() {
+    let mut h = harness(Setup::Encap);
+    isolate(&mut h, POD_V4, 0, EGRESS_POLICY);
+    // ipBlock 10.0.0.0/8 except 10.1.0.0/16: the except is its own identity without the rule.
+    identity_of(&mut h, [10, 0, 0, 0], 8, 400);
+    identity_of(&mut h, [10, 1, 0, 0], 16, 401);
+    allow(&mut h, EGRESS_POLICY, 400, None, 13);
+    assert_eq!(
+        h.run(
+            "from_pod",
+            &packet(UDP, POD_V4, [10, 2, 3, 4], (5000, 53), 0)
+        )
+        .0,
+        TC_ACT_REDIRECT
+    );
+    h.expect_drop(
+        "from_pod",
+        &packet(UDP, POD_V4, [10, 1, 2, 3], (5000, 53), 0),
+        DropReason::EgressDenied,
+    );
+    h.expect_drop(
+        "from_pod",
+        &packet(UDP, POD_V4, OUTSIDE_V4, (5000, 53), 0),
+        DropReason::EgressDenied,
+    );
+}
+
+#[test]
+fn established_connections_are_not_judged_again() {
+    let mut h = harness(Setup::Encap);
+    // The pod may open connections to the peer's port 80, and nothing may come in.
+    isolate(&mut h, POD_V4, INGRESS_POLICY, EGRESS_POLICY);
+    identity_of(&mut h, PEER_V4, 32, PEER_ID);
+    allow(&mut h, EGRESS_POLICY, PEER_ID, Some((TCP, 80, 16)), 7);
+    assert_eq!(
+        h.run("from_pod", &from_pod_to_peer(TCP, 80)).0,
+        TC_ACT_REDIRECT
+    );
+    // The reply comes back (through the tunnel here): established, so not judged.
+    let reply = ipv4_l4(GW_MAC, PEER_V4, POD_V4, TCP, (80, 40000), SYN | ACK);
+    assert_eq!(
+        h.run("from_tunnel", &reply).0,
+        TC_ACT_REDIRECT,
+        "reply of an allowed connection"
+    );
+    // A new connection from the peer is judged, and no ingress rule allows it.
+    let new = ipv4_l4(GW_MAC, PEER_V4, POD_V4, TCP, (41000, 22), SYN);
+    h.expect_drop("from_tunnel", &new, DropReason::IngressDenied);
+    let entries: Vec<_> = h.maps.conntrack.iter().map(|e| e.unwrap().1).collect();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].egress_rule, 7);
+    assert!(
+        entries[0].flags & ct_flags::SYN_ACK != 0,
+        "SYN-ACK seen: established timeout"
+    );
+    // FIN marks it closing (short timeout).
+    let fin = packet(TCP, POD_V4, PEER_V4, (40000, 80), FIN | ACK);
+    assert_eq!(h.run("from_pod", &fin).0, TC_ACT_REDIRECT);
+    let flags = h
+        .maps
+        .conntrack
+        .iter()
+        .map(|e| e.unwrap().1.flags)
+        .next()
+        .unwrap();
+    assert!(flags & ct_flags::CLOSING != 0);
+}
+
+#[test]
+fn ingress_rules_and_the_host_exception() {
+    let mut h = harness(Setup::Encap);
+    isolate(&mut h, PEER_V4, INGRESS_POLICY, 0);
+    identity_of(&mut h, GW_V4, 32, identity::HOST);
+    identity_of(&mut h, REMOTE_POD_V4, 32, 500);
+    allow(&mut h, INGRESS_POLICY, 500, Some((UDP, 53, 16)), 21);
+    // From a remote pod: only UDP 53.
+    let dns = ipv4_l4(GW_MAC, REMOTE_POD_V4, PEER_V4, UDP, (5353, 53), 0);
+    assert_eq!(h.run("from_tunnel", &dns).0, TC_ACT_REDIRECT);
+    let other = ipv4_l4(GW_MAC, REMOTE_POD_V4, PEER_V4, UDP, (5353, 54), 0);
+    h.expect_drop("from_tunnel", &other, DropReason::IngressDenied);
+    // From a local pod (same node): judged in from_pod.
+    h.expect_drop(
+        "from_pod",
+        &from_pod_to_peer(TCP, 80),
+        DropReason::IngressDenied,
+    );
+    // From the node (kubelet probes): always in.
+    let probe = ipv4_l4(GW_MAC, GW_V4, PEER_V4, TCP, (33000, 8080), SYN);
+    assert_eq!(h.run("from_gateway", &probe).0, TC_ACT_REDIRECT);
+    let seen = events(&mut h);
+    assert!(seen
+        .iter()
+        .any(|e| e.direction == DIRECTION_INGRESS && e.verdict == VERDICT_ALLOW && e.rule == 21));
+}
