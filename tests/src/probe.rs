@@ -89,13 +89,23 @@ impl Drop for Servers {
 
 /// TCP connect probe from inside `netns`, optionally from a given source address.
 pub fn tcp(netns: &Path, source: Option<Ipv4Addr>, dst: Ipv4Addr, port: u16) -> Option<Reply> {
+    tcp_within(netns, source, dst, port, PROBE_TIMEOUT)
+}
+
+pub fn tcp_within(
+    netns: &Path,
+    source: Option<Ipv4Addr>,
+    dst: Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> Option<Reply> {
     in_netns(netns, move || {
         let dst = SocketAddr::from((dst, port));
         let mut stream = match source {
-            None => TcpStream::connect_timeout(&dst, PROBE_TIMEOUT).ok()?,
+            None => TcpStream::connect_timeout(&dst, timeout).ok()?,
             Some(src) => connect_from(src, dst)?,
         };
-        stream.set_read_timeout(Some(PROBE_TIMEOUT)).ok()?;
+        stream.set_read_timeout(Some(timeout)).ok()?;
         let mut text = String::new();
         stream.read_to_string(&mut text).ok()?;
         parse_reply(&text)
@@ -141,9 +151,13 @@ fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> Option<TcpStream> {
 
 /// UDP probe: one datagram, one answer within the deadline.
 pub fn udp(netns: &Path, dst: Ipv4Addr, port: u16) -> Option<Reply> {
+    udp_within(netns, dst, port, PROBE_TIMEOUT)
+}
+
+pub fn udp_within(netns: &Path, dst: Ipv4Addr, port: u16, timeout: Duration) -> Option<Reply> {
     in_netns(netns, move || {
         let socket = UdpSocket::bind(("0.0.0.0", 0)).ok()?;
-        socket.set_read_timeout(Some(PROBE_TIMEOUT)).ok()?;
+        socket.set_read_timeout(Some(timeout)).ok()?;
         socket.send_to(b"probe", (dst, port)).ok()?;
         let mut buf = [0u8; 128];
         let (n, _) = socket.recv_from(&mut buf).ok()?;

@@ -17,6 +17,7 @@ use sluice_agent::{
     datapath::ebpf::EbpfDatapath,
     health,
     k8s::{self, ClusterStore},
+    model::policy::{self, Allocator, PolicyError, PolicyTables},
 };
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -61,7 +62,7 @@ async fn main() -> Result<()> {
     let cluster = match &settings.kubernetes {
         Some(kube) => {
             let client = k8s::client(kube.kubeconfig.as_deref()).await?;
-            let cluster = ClusterStore::start(client, &kube.node_name);
+            let cluster = ClusterStore::start(client);
             cluster
                 .wait_until_ready()
                 .await
@@ -83,27 +84,104 @@ async fn main() -> Result<()> {
     let pods = Arc::new(Mutex::new(
         PodNetwork::start(node, Box::new(datapath), &config.state_dir).await?,
     ));
-    if let Some((cluster, name)) = cluster {
-        pods.lock()
-            .await
-            .set_remote_routes(k8s::remote_routes(&cluster.nodes.state(), &name))
-            .await?;
-        tokio::spawn(follow_nodes(cluster, name, pods.clone()));
+    if let Some((cluster, own)) = cluster {
+        let mut follower = Follower {
+            cluster,
+            own,
+            pods: pods.clone(),
+            state_dir: config.state_dir.clone(),
+            alloc: Allocator::new(),
+            errors: Vec::new(),
+        };
+        follower.program().await?;
+        tokio::spawn(follower.run());
     }
     ready.store(true, Ordering::Release);
     info!("ready");
     run(&settings, &config, pods).await
 }
 
-/// Reprograms other nodes' routes after every change of the cluster store.
-async fn follow_nodes(cluster: ClusterStore, own: String, pods: Arc<Mutex<PodNetwork>>) {
-    loop {
-        cluster.changed.notified().await;
-        let routes = k8s::remote_routes(&cluster.nodes.state(), &own);
-        if let Err(e) = pods.lock().await.set_remote_routes(routes).await {
-            warn!("programming routes to other nodes failed (retried on the next change): {e:#}");
+/// Reprograms what the cluster store drives after every change of it: routes to the other
+/// nodes and NetworkPolicy. Each step diffs, so an unchanged part costs no map write.
+struct Follower {
+    cluster: ClusterStore,
+    own: String,
+    pods: Arc<Mutex<PodNetwork>>,
+    state_dir: PathBuf,
+    alloc: Allocator,
+    errors: Vec<PolicyError>,
+}
+
+impl Follower {
+    async fn program(&mut self) -> Result<()> {
+        let nodes = self.cluster.nodes.state();
+        let mut pods = self.pods.lock().await;
+        pods.set_remote_routes(k8s::remote_routes(&nodes, &self.own))
+            .await?;
+        let mut host = k8s::node_addresses(&nodes, &self.own);
+        host.push(pods.gateway_ip());
+        let all_pods = self.cluster.pods.state();
+        let namespaces = self.cluster.namespaces.state();
+        let policies = self.cluster.network_policies.state();
+        let tables = policy::compile(
+            all_pods.iter().map(|p| p.as_ref()),
+            namespaces.iter().map(|n| n.as_ref()),
+            policies.iter().map(|p| p.as_ref()),
+            &self.own,
+            &host,
+            &mut self.alloc,
+        );
+        if tables.errors != self.errors {
+            for error in &tables.errors {
+                warn!(
+                    "{error}: the pods it selects are isolated and it allows nothing until fixed"
+                );
+            }
+            self.errors = tables.errors.clone();
+        }
+        pods.set_policy(&tables)?;
+        drop(pods);
+        write_names(&self.state_dir, &tables, &all_pods)
+    }
+
+    async fn run(mut self) {
+        loop {
+            self.cluster.changed.notified().await;
+            if let Err(e) = self.program().await {
+                warn!("programming the cluster state failed (retried on the next change): {e:#}");
+            }
         }
     }
+}
+
+/// Names for `sluicectl`: rule ids → policy rules, pod addresses → pods.
+fn write_names(
+    state_dir: &std::path::Path,
+    tables: &PolicyTables,
+    pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
+) -> Result<()> {
+    let rules: std::collections::BTreeMap<u32, String> = tables
+        .rules
+        .iter()
+        .map(|(id, r)| (*id, r.to_string()))
+        .collect();
+    let mut addresses = std::collections::BTreeMap::new();
+    for pod in pods {
+        let name = format!(
+            "{}/{}",
+            pod.metadata.namespace.as_deref().unwrap_or(""),
+            pod.metadata.name.as_deref().unwrap_or("")
+        );
+        for ip in pod.status.iter().flat_map(|s| s.pod_ips.iter().flatten()) {
+            addresses.insert(ip.ip.clone(), name.clone());
+        }
+    }
+    let names = serde_json::json!({"rules": rules, "pods": addresses});
+    let path = state_dir.join("names.json");
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&names)?)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 async fn run(_settings: &Settings, config: &Config, pods: Arc<Mutex<PodNetwork>>) -> Result<()> {

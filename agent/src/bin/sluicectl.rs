@@ -1,11 +1,12 @@
 //! sluicectl: operator CLI. Reads the node's pinned maps directly, so it works while the agent
 //! is down too.
 
-use std::path::PathBuf;
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use sluice_agent::datapath::ebpf::Maps;
+use sluice_agent::{datapath::ebpf::Maps, model::key_ip};
+use sluice_common::{PolicyEvent, DIRECTION_INGRESS, VERDICT_ALLOW};
 
 #[derive(Parser)]
 #[command(version, about = "Inspect the Sluice datapath of this node")]
@@ -18,6 +19,14 @@ struct Args {
         default_value = "/sys/fs/bpf/sluice"
     )]
     bpffs_dir: PathBuf,
+    /// The agent's state directory (`stateDir`), where it keeps the names of rules and pods.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_STATE_DIR",
+        default_value = "/var/lib/sluice"
+    )]
+    state_dir: PathBuf,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -28,11 +37,51 @@ enum Cmd {
     Stats,
     /// The pipeline entries the kernel holds, stage by stage.
     Pipeline,
+    /// Per-rule packet and byte counters (EgressMetric / IngressMetric), by policy and rule.
+    Policy,
+    /// Stream policy verdicts (new connections allowed, drops) with pod names; Ctrl-C ends it.
+    Events {
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+/// What the agent writes to `names.json`.
+#[derive(Default, serde::Deserialize)]
+struct Names {
+    rules: BTreeMap<u32, String>,
+    pods: BTreeMap<String, String>,
+}
+
+impl Names {
+    fn load(state_dir: &std::path::Path) -> Names {
+        std::fs::read(state_dir.join("names.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    fn rule(&self, id: u32) -> String {
+        self.rules
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("rule {id}"))
+    }
+
+    fn endpoint(&self, ip: Option<IpAddr>, port: u16) -> String {
+        let Some(ip) = ip else { return "?".into() };
+        let who = self
+            .pods
+            .get(&ip.to_string())
+            .map_or(String::new(), |p| format!(" ({p})"));
+        format!("{ip}:{port}{who}")
+    }
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let maps = Maps::from_pins(&args.bpffs_dir)?;
+    let mut maps = Maps::from_pins(&args.bpffs_dir)?;
     match args.command {
         Cmd::Stats => {
             let counters = maps.counters()?;
@@ -52,6 +101,54 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Pipeline => print!("{}", maps.pipeline()?),
+        Cmd::Policy => {
+            let names = Names::load(&args.state_dir);
+            println!("{:<48} {:>12} {:>14}", "RULE", "PACKETS", "BYTES");
+            for (id, stats) in maps.rule_stats()? {
+                println!(
+                    "{:<48} {:>12} {:>14}",
+                    names.rule(id),
+                    stats.packets,
+                    stats.bytes
+                );
+            }
+        }
+        Cmd::Events { count } => {
+            let mut seen = 0;
+            loop {
+                let names = Names::load(&args.state_dir);
+                while let Some(item) = maps.policy_events.next() {
+                    // SAFETY: the programs write whole PolicyEvents into this ring.
+                    let e: PolicyEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    let verdict = if e.verdict == VERDICT_ALLOW {
+                        "ALLOW"
+                    } else {
+                        "DROP "
+                    };
+                    let direction = if e.direction == DIRECTION_INGRESS {
+                        "ingress"
+                    } else {
+                        "egress"
+                    };
+                    let rule = if e.verdict == VERDICT_ALLOW {
+                        names.rule(e.rule)
+                    } else {
+                        "default deny".into()
+                    };
+                    println!(
+                        "{verdict} {direction:<7} proto {:<3} {} -> {}  [{rule}]",
+                        e.proto,
+                        names.endpoint(key_ip(&e.src), e.src_port),
+                        names.endpoint(key_ip(&e.dst), e.dst_port),
+                    );
+                    seen += 1;
+                    if count.is_some_and(|c| seen >= c) {
+                        return Ok(());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
     Ok(())
 }

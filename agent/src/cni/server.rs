@@ -179,6 +179,16 @@ impl PodNetwork {
         Ok(())
     }
 
+    /// Programs the NetworkPolicy entries; the gateway address counts as this node's own.
+    pub fn set_policy(&mut self, tables: &crate::model::policy::PolicyTables) -> Result<()> {
+        self.datapath.sync_policy(tables)?;
+        Ok(())
+    }
+
+    pub fn gateway_ip(&self) -> IpAddr {
+        self.node.gateway_ip
+    }
+
     /// Programs the other nodes' pod CIDRs: datapath entries (encap), node routes, and the
     /// masquerade exceptions. Only what changed is rewritten.
     pub async fn set_remote_routes(&mut self, mut remotes: Vec<RemoteRoute>) -> Result<()> {

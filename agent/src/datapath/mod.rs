@@ -5,7 +5,10 @@ pub mod ebpf;
 
 use anyhow::Result;
 
-use crate::{model::Pipeline, net::Gateway};
+use crate::{
+    model::{policy::PolicyTables, Pipeline},
+    net::Gateway,
+};
 
 /// The node-level devices the datapath hangs off.
 #[derive(Clone, Debug)]
@@ -27,6 +30,8 @@ pub trait Datapath: Send {
     fn sync(&mut self, desired: &Pipeline) -> Result<SyncReport>;
     /// The entries the datapath holds now.
     fn current(&self) -> Result<Pipeline>;
+    /// Makes the NetworkPolicy entries equal to `desired`, touching only what differs.
+    fn sync_policy(&mut self, desired: &PolicyTables) -> Result<SyncReport>;
 }
 
 /// What a sync changed.

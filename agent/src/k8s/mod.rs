@@ -31,7 +31,7 @@ use crate::model::RemoteRoute;
 pub struct ClusterStore {
     pub nodes: Store<Node>,
     pub namespaces: Store<Namespace>,
-    /// Only the pods scheduled to this node.
+    /// Every pod: NetworkPolicy peers live on any node.
     pub pods: Store<Pod>,
     pub services: Store<Service>,
     pub endpoint_slices: Store<EndpointSlice>,
@@ -76,7 +76,7 @@ where
 }
 
 impl ClusterStore {
-    pub fn start(client: Client, node_name: &str) -> ClusterStore {
+    pub fn start(client: Client) -> ClusterStore {
         let changed = Arc::new(Notify::new());
         let all = watcher::Config::default;
         ClusterStore {
@@ -86,11 +86,7 @@ impl ClusterStore {
                 all(),
                 changed.clone(),
             ),
-            pods: watch(
-                Api::<Pod>::all(client.clone()),
-                watcher::Config::default().fields(&format!("spec.nodeName={node_name}")),
-                changed.clone(),
-            ),
+            pods: watch(Api::<Pod>::all(client.clone()), all(), changed.clone()),
             services: watch(Api::<Service>::all(client.clone()), all(), changed.clone()),
             endpoint_slices: watch(
                 Api::<EndpointSlice>::all(client.clone()),
@@ -185,6 +181,16 @@ pub fn remote_routes(nodes: &[Arc<Node>], own: &str) -> Vec<RemoteRoute> {
         .collect();
     routes.sort();
     routes
+}
+
+/// This node's own addresses (the NetworkPolicy `HOST` identity): its Node's addresses.
+pub fn node_addresses(nodes: &[Arc<Node>], own: &str) -> Vec<IpAddr> {
+    nodes
+        .iter()
+        .filter(|n| n.metadata.name.as_deref() == Some(own))
+        .flat_map(|n| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
 }
 
 #[cfg(test)]

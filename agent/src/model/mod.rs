@@ -1,6 +1,7 @@
 //! The desired pipeline of this node, computed from the local endpoints: plain data that either
 //! backend realizes, that tests compare, and that `sluicectl` prints in stage names.
 
+pub mod policy;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 

@@ -1,7 +1,7 @@
 //! The probe matrix: every ordered pair of pods (self included) on each port and protocol, probed
 //! from inside the source pod; written as JSON and printed as a truth table.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
 use serde::Serialize;
 
@@ -47,44 +47,47 @@ pub struct Report {
     pub steps: Vec<Step>,
 }
 
-/// Probes run in parallel per source pod; each waits at most 1 s for an answer.
+/// Probes run in parallel per source pod, port and protocol; each waits at most `timeout`.
 pub fn probe_all(lab: &Lab, ports: &[u16], protocols: &[Protocol]) -> Vec<Probe> {
+    probe_all_within(lab, ports, protocols, probe::PROBE_TIMEOUT)
+}
+
+pub fn probe_all_within(
+    lab: &Lab,
+    ports: &[u16],
+    protocols: &[Protocol],
+    timeout: Duration,
+) -> Vec<Probe> {
     let targets: Vec<(String, Ipv4Addr)> = lab.pod_ips().into_iter().collect();
-    let sources: Vec<(String, std::path::PathBuf)> = lab
-        .kubelet
-        .pods()
-        .map(|(k, p)| (k.clone(), p.netns.path()))
-        .collect();
-    let handles: Vec<_> = sources
-        .into_iter()
-        .map(|(from, netns)| {
-            let targets = targets.clone();
-            let ports = ports.to_vec();
-            let protocols = protocols.to_vec();
-            std::thread::spawn(move || {
-                let mut out = Vec::new();
-                for (to, ip) in &targets {
-                    for &port in &ports {
-                        for &protocol in &protocols {
+    let mut handles = Vec::new();
+    for (from, pod) in lab.kubelet.pods() {
+        for &port in ports {
+            for &protocol in protocols {
+                let (from, netns, targets) = (from.clone(), pod.netns.path(), targets.clone());
+                handles.push(std::thread::spawn(move || {
+                    targets
+                        .iter()
+                        .map(|(to, ip)| {
                             let reply = match protocol {
-                                Protocol::Tcp => probe::tcp(&netns, None, *ip, port),
-                                Protocol::Udp => probe::udp(&netns, *ip, port),
+                                Protocol::Tcp => {
+                                    probe::tcp_within(&netns, None, *ip, port, timeout)
+                                }
+                                Protocol::Udp => probe::udp_within(&netns, *ip, port, timeout),
                             };
-                            out.push(Probe {
+                            Probe {
                                 from: from.clone(),
                                 to: to.clone(),
                                 port,
                                 protocol,
                                 connected: reply.is_some(),
                                 answered_by: reply.map(|r| r.server),
-                            });
-                        }
-                    }
-                }
-                out
-            })
-        })
-        .collect();
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                }));
+            }
+        }
+    }
     let mut probes: Vec<Probe> = handles
         .into_iter()
         .flat_map(|h| h.join().expect("probe thread"))

@@ -15,7 +15,11 @@ use sluice_common::{
 
 use crate::{
     datapath::SyncReport,
-    model::{diff, CidrKey, Pipeline},
+    model::{
+        diff,
+        policy::{PolicyLpmKey, PolicyTables},
+        CidrKey, Pipeline,
+    },
 };
 
 pub struct Maps {
@@ -162,6 +166,105 @@ impl Maps {
         report.written = spoof.upserts.len() + fwd.upserts.len() + remote.upserts.len();
         report.deleted = spoof.deletes.len() + fwd.deletes.len() + remote.deletes.len();
         Ok(report)
+    }
+
+    /// The policy entries the kernel holds now (rule names and errors are not in the kernel).
+    pub fn policy_tables(&self) -> Result<PolicyTables> {
+        Ok(PolicyTables {
+            ipcache: self
+                .ipcache
+                .iter()
+                .map(|e| {
+                    e.map(|(k, v)| {
+                        (
+                            CidrKey {
+                                prefix_len: k.prefix_len(),
+                                addr: k.data(),
+                            },
+                            v,
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            endpoint_policy: self.endpoint_policy.iter().collect::<Result<_, _>>()?,
+            policy: self
+                .policy
+                .iter()
+                .map(|e| {
+                    e.map(|(k, v)| {
+                        (
+                            PolicyLpmKey {
+                                key: k.data(),
+                                prefix_len: k.prefix_len(),
+                            },
+                            v,
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            ..PolicyTables::default()
+        })
+    }
+
+    /// Makes the policy maps equal to `desired`. Order keeps every moment safe: identities and
+    /// allow entries exist before a pod becomes isolated, and go only after it no longer is.
+    pub fn sync_policy(&mut self, desired: &PolicyTables) -> Result<SyncReport> {
+        let current = self.policy_tables()?;
+        let ipcache = diff(&current.ipcache, &desired.ipcache);
+        let endpoints = diff(&current.endpoint_policy, &desired.endpoint_policy);
+        let policy = diff(&current.policy, &desired.policy);
+        for (key, value) in &ipcache.upserts {
+            self.ipcache
+                .insert(&Key::new(key.prefix_len, key.addr), value, 0)
+                .map_err(|e| full(e, map_names::IPCACHE))?;
+        }
+        for (key, value) in &policy.upserts {
+            self.policy
+                .insert(&Key::new(key.prefix_len, key.key), value, 0)
+                .map_err(|e| full(e, map_names::POLICY))?;
+        }
+        for (key, value) in &endpoints.upserts {
+            self.endpoint_policy
+                .insert(key, value, 0)
+                .map_err(|e| full(e, map_names::ENDPOINT_POLICY))?;
+        }
+        for key in &endpoints.deletes {
+            remove(&mut self.endpoint_policy, key, map_names::ENDPOINT_POLICY)?;
+        }
+        for key in &policy.deletes {
+            match self.policy.remove(&Key::new(key.prefix_len, key.key)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("deleting an entry of map POLICY"),
+            }
+        }
+        for key in &ipcache.deletes {
+            match self.ipcache.remove(&Key::new(key.prefix_len, key.addr)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("deleting an entry of map IPCACHE"),
+            }
+        }
+        Ok(SyncReport {
+            written: ipcache.upserts.len() + policy.upserts.len() + endpoints.upserts.len(),
+            deleted: ipcache.deletes.len() + policy.deletes.len() + endpoints.deletes.len(),
+        })
+    }
+
+    /// Packets and bytes per rule id, summed over CPUs; rules with no traffic are left out.
+    pub fn rule_stats(&self) -> Result<BTreeMap<u32, RuleStats>> {
+        let mut out = BTreeMap::new();
+        for rule in 1..sluice_common::MAX_RULES {
+            let per_cpu = self.rule_stats.get(&rule, 0)?;
+            let total = per_cpu
+                .iter()
+                .fold(RuleStats::default(), |acc, s| RuleStats {
+                    packets: acc.packets + s.packets,
+                    bytes: acc.bytes + s.bytes,
+                });
+            if total.packets > 0 {
+                out.insert(rule, total);
+            }
+        }
+        Ok(out)
     }
 
     pub fn counters(&self) -> Result<Counters> {

@@ -25,7 +25,7 @@ use sluice_common::{map_names, program_names, NodeConfig};
 use crate::{
     config::TcAttachMode,
     datapath::{Datapath, NodeWiring, SyncReport},
-    model::Pipeline,
+    model::{policy::PolicyTables, Pipeline},
 };
 
 /// The compiled TC programs, built by `cargo xtask build` and embedded at compile time.
@@ -266,5 +266,9 @@ impl Datapath for EbpfDatapath {
 
     fn current(&self) -> Result<Pipeline> {
         self.maps.pipeline()
+    }
+
+    fn sync_policy(&mut self, desired: &PolicyTables) -> Result<SyncReport> {
+        self.maps.sync_policy(desired)
     }
 }

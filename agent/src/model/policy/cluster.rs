@@ -1,0 +1,261 @@
+//! The cluster as policy sees it: the pods that have addresses of their own, the namespaces'
+//! labels, the identity of every prefix, and which of them a rule's peers name.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use sluice_common::identity;
+
+use super::{
+    parse::{Namespaces, ParsedPolicy, Peer, Rule},
+    ports::{named_ports, NamedPort},
+    prefix::Prefix,
+    Allocator, NAMESPACE_NAME_LABEL,
+};
+
+/// A pod that can be selected or be a peer: not host-network (it has the node's address), not
+/// finished, and with at least one address.
+pub(super) struct PodEndpoint<'a> {
+    pub namespace: &'a str,
+    name: &'a str,
+    labels: &'a BTreeMap<String, String>,
+    pub local: bool,
+    pub ips: Vec<IpAddr>,
+    ports: Vec<NamedPort>,
+}
+
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
+impl<'a> PodEndpoint<'a> {
+    fn new(pod: &'a Pod, local_node: &str) -> Option<PodEndpoint<'a>> {
+        let spec = pod.spec.as_ref();
+        if spec.and_then(|s| s.host_network) == Some(true) {
+            return None;
+        }
+        let status = pod.status.as_ref()?;
+        // A finished pod's address goes back to IPAM and may already be another pod's.
+        if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+            return None;
+        }
+        let mut ips: Vec<IpAddr> = status
+            .pod_ips
+            .iter()
+            .flatten()
+            .filter_map(|p| p.ip.parse().ok())
+            .collect();
+        if ips.is_empty() {
+            ips.extend(
+                status
+                    .pod_ip
+                    .as_deref()
+                    .and_then(|ip| ip.parse::<IpAddr>().ok()),
+            );
+        }
+        ips.sort();
+        ips.dedup();
+        if ips.is_empty() {
+            return None;
+        }
+        Some(PodEndpoint {
+            namespace: pod.metadata.namespace.as_deref().unwrap_or("default"),
+            name: pod.metadata.name.as_deref().unwrap_or_default(),
+            labels: pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
+            local: spec.and_then(|s| s.node_name.as_deref()) == Some(local_node),
+            ips,
+            ports: named_ports(pod),
+        })
+    }
+
+    pub(super) fn port(&self, name: &str, proto: u8) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.name == name && p.proto == proto)
+            .map(|p| p.port)
+    }
+}
+
+pub(super) struct Cluster<'a> {
+    /// Sorted by namespace and name, so every compile walks them in the same order.
+    pub endpoints: Vec<PodEndpoint<'a>>,
+    namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
+    pub identities: BTreeMap<Prefix, u32>,
+}
+
+impl<'a> Cluster<'a> {
+    pub(super) fn new(
+        pods: &[&'a Pod],
+        namespaces: impl IntoIterator<Item = &'a Namespace>,
+        local_node: &str,
+    ) -> Cluster<'a> {
+        let mut endpoints: Vec<PodEndpoint> = pods
+            .iter()
+            .filter_map(|pod| PodEndpoint::new(pod, local_node))
+            .collect();
+        endpoints.sort_by(|a, b| (a.namespace, a.name).cmp(&(b.namespace, b.name)));
+
+        // The API server guarantees the name label; a pod's namespace without an object (yet)
+        // still has that one.
+        let mut namespace_labels = BTreeMap::new();
+        for ns in namespaces {
+            let Some(name) = ns.metadata.name.clone() else {
+                continue;
+            };
+            let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+            labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
+            namespace_labels.insert(name, labels);
+        }
+        for ep in &endpoints {
+            namespace_labels
+                .entry(ep.namespace.to_string())
+                .or_insert_with(|| {
+                    BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), ep.namespace.to_string())])
+                });
+        }
+        Cluster {
+            endpoints,
+            namespace_labels,
+            identities: BTreeMap::new(),
+        }
+    }
+
+    /// The host's addresses are HOST; every pod address and every prefix a healthy policy
+    /// names gets its own identity, allocated in prefix order so a compile is deterministic.
+    pub(super) fn assign_identities(
+        &mut self,
+        parsed: &[ParsedPolicy],
+        host_ips: &[IpAddr],
+        alloc: &mut Allocator,
+    ) {
+        let mut ids: BTreeMap<Prefix, u32> = host_ips
+            .iter()
+            .map(|&ip| (Prefix::host(ip), identity::HOST))
+            .collect();
+        let mut named: BTreeSet<Prefix> = self
+            .endpoints
+            .iter()
+            .flat_map(|ep| ep.ips.iter().map(|&ip| Prefix::host(ip)))
+            .collect();
+        for policy in parsed.iter().filter(|p| !p.broken) {
+            for rule in policy.rules.iter().flatten() {
+                for peer in rule.peers.iter().flatten() {
+                    if let Peer::Block(block) = peer {
+                        named.insert(block.cidr);
+                        named.extend(block.except.iter().copied());
+                    }
+                }
+            }
+        }
+        for prefix in named {
+            if ids.contains_key(&prefix) {
+                continue;
+            }
+            if let Some(id) = alloc.identity(prefix.cidr_key()) {
+                ids.insert(prefix, id);
+            }
+        }
+        self.identities = ids;
+    }
+
+    pub(super) fn identity_of(&self, ip: IpAddr) -> Option<u32> {
+        self.identities.get(&Prefix::host(ip)).copied()
+    }
+
+    /// This node's pods the policy selects (a broken podSelector: all of its namespace).
+    pub(super) fn selected_by(&self, policy: &ParsedPolicy) -> Vec<&PodEndpoint<'a>> {
+        self.endpoints
+            .iter()
+            .filter(|ep| ep.local && ep.namespace == policy.namespace)
+            .filter(|ep| {
+                policy
+                    .selector
+                    .as_ref()
+                    .is_none_or(|sel| sel.matches(ep.labels))
+            })
+            .collect()
+    }
+
+    /// `want_pods`: also list the pod addresses among the peers (for named ports resolved
+    /// against the destination pod).
+    pub(super) fn peers(&self, policy: &ParsedPolicy, rule: &Rule, want_pods: bool) -> Peers {
+        let mut out = Peers {
+            any: rule.peers.is_none(),
+            ids: BTreeSet::new(),
+            pods: Vec::new(),
+        };
+        let list = rule.peers.as_deref().unwrap_or_default();
+        for (e, ep) in self.endpoints.iter().enumerate() {
+            for &ip in &ep.ips {
+                let by_selector = list.iter().any(|peer| match peer {
+                    Peer::Pods { namespaces, pods } => {
+                        pods.matches(ep.labels) && self.in_namespaces(namespaces, policy, ep)
+                    }
+                    Peer::Block(_) => false,
+                });
+                if by_selector {
+                    out.ids.extend(self.identity_of(ip));
+                }
+                if want_pods
+                    && (out.any
+                        || by_selector
+                        || list.iter().any(|peer| match peer {
+                            Peer::Block(block) => block.admits(&Prefix::host(ip)),
+                            Peer::Pods { .. } => false,
+                        }))
+                {
+                    out.pods.push((e, ip));
+                }
+            }
+        }
+        // Every identity whose prefix lies inside the block and outside its excepts: with
+        // IPCACHE's longest-prefix answer, that is exactly the block's addresses.
+        for peer in list {
+            if let Peer::Block(block) = peer {
+                let inside = self.identities.range(block.cidr.range());
+                out.ids.extend(
+                    inside
+                        .filter(|(prefix, _)| block.admits(prefix))
+                        .map(|(_, &id)| id),
+                );
+            }
+        }
+        out
+    }
+
+    fn in_namespaces(
+        &self,
+        namespaces: &Namespaces,
+        policy: &ParsedPolicy,
+        ep: &PodEndpoint,
+    ) -> bool {
+        match namespaces {
+            Namespaces::Own => ep.namespace == policy.namespace,
+            Namespaces::Matching(sel) => sel.matches(
+                self.namespace_labels
+                    .get(ep.namespace)
+                    .unwrap_or(&NO_LABELS),
+            ),
+        }
+    }
+}
+
+/// The peers of one rule.
+pub(super) struct Peers {
+    /// No `from`/`to` (or an empty one): every peer, `identity::ANY`.
+    pub any: bool,
+    pub ids: BTreeSet<u32>,
+    /// Pod addresses among the peers, by endpoint index (only when asked for).
+    pub pods: Vec<(usize, IpAddr)>,
+}
+
+impl Peers {
+    pub(super) fn identities(&self) -> Vec<u32> {
+        if self.any {
+            vec![identity::ANY]
+        } else {
+            self.ids.iter().copied().collect()
+        }
+    }
+}

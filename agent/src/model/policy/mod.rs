@@ -1,0 +1,279 @@
+//! The Kubernetes NetworkPolicy compiler: NetworkPolicies, Pods and Namespaces in, the entries of
+//! IPCACHE, ENDPOINT_POLICY and POLICY out. Plain data, so the agent diffs it against what the
+//! maps hold and `sluicectl` prints it.
+//!
+//! The tables are shaped by how the kernel judges a new connection: the local pod's
+//! ENDPOINT_POLICY entry names one policy id per direction (absent or 0: not isolated); IPCACHE
+//! turns the peer address into an identity (longest prefix; a miss is WORLD); POLICY is looked up
+//! with (policy, peer, proto, port), then with any protocol, then with any peer, then both; a hit
+//! allows. So all the policies selecting a pod are folded into that pod's one policy id per
+//! direction, and the union of their rules becomes its POLICY entries.
+//!
+//! Identities are per prefix: every pod address, and every CIDR and except an ipBlock names.
+//! Because IPCACHE answers with the longest prefix, the addresses of an ipBlock {cidr C, except
+//! X..} are exactly those whose identity's prefix lies inside C and inside no X. A rule with that
+//! ipBlock therefore gets one entry per such identity, pod addresses included.
+
+mod allocator;
+mod cluster;
+mod display;
+mod parse;
+mod ports;
+mod prefix;
+mod rules;
+mod selector;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod},
+    networking::v1::NetworkPolicy,
+};
+use sluice_common::{EndpointPolicy, Identity, IpKey, PolicyKey, PolicyRule, MAX_RULES};
+
+use super::{ip_key, CidrKey};
+pub use allocator::Allocator;
+use cluster::{Cluster, PodEndpoint};
+use parse::{parse_policy, ParsedPolicy};
+use ports::named_ports;
+pub use ports::port_prefixes;
+use rules::{ingress_named_ports, needs_peer_pods, shared_allows};
+
+/// The label the API server puts on every namespace, holding its name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    pub const BOTH: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The pipeline stage that applies this direction's rules.
+    pub fn stage(self) -> &'static str {
+        match self {
+            Direction::Ingress => "IngressRule",
+            Direction::Egress => "EgressRule",
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        })
+    }
+}
+
+/// A POLICY (LPM trie) key: `prefix_len` bits of `key` are significant (from
+/// `POLICY_KEY_EXACT_BITS`, any port, to 96, one port). `key` comes first so the entries sort
+/// by policy id, then peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyLpmKey {
+    pub key: PolicyKey,
+    pub prefix_len: u32,
+}
+
+/// Which rule of which policy a rule id stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleRef {
+    /// "namespace/name".
+    pub policy: String,
+    pub direction: Direction,
+    /// Position in `spec.ingress` or `spec.egress`.
+    pub index: usize,
+}
+
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}[{}]", self.policy, self.direction, self.index)
+    }
+}
+
+/// A policy that cannot be applied as written. It then allows nothing, but still isolates the
+/// pods it selects.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("policy {policy}: field {field}: value {value:?}: {reason}")]
+pub struct PolicyError {
+    /// "namespace/name".
+    pub policy: String,
+    pub field: String,
+    pub value: String,
+    pub reason: String,
+}
+
+/// The policy maps of one node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyTables {
+    /// Every pod address of the cluster (as a /32 or /128), every CIDR and except prefix a
+    /// policy names, and this node's own addresses (`identity::HOST`).
+    pub ipcache: BTreeMap<CidrKey, Identity>,
+    /// This node's pods selected by at least one policy, by address.
+    pub endpoint_policy: BTreeMap<IpKey, EndpointPolicy>,
+    /// Allow entries of this node's policy ids.
+    pub policy: BTreeMap<PolicyLpmKey, PolicyRule>,
+    /// What each rule id of `policy` stands for.
+    pub rules: BTreeMap<u32, RuleRef>,
+    pub errors: Vec<PolicyError>,
+}
+
+/// Compiles the cluster's NetworkPolicies for the node `local_node`, whose own addresses are
+/// `host_ips`. Numbers come from `alloc`, which must be the same across calls for them to stay
+/// stable. Never fails: what cannot be applied is in `errors` and fails closed.
+pub fn compile<'a>(
+    pods: impl IntoIterator<Item = &'a Pod>,
+    namespaces: impl IntoIterator<Item = &'a Namespace>,
+    policies: impl IntoIterator<Item = &'a NetworkPolicy>,
+    local_node: &str,
+    host_ips: &[IpAddr],
+    alloc: &mut Allocator,
+) -> PolicyTables {
+    let pods: Vec<&Pod> = pods.into_iter().collect();
+    // Named ports are checked against the whole cluster, pods without an address included.
+    let declared_ports: BTreeSet<(String, u8)> = pods
+        .iter()
+        .flat_map(|pod| named_ports(pod))
+        .map(|p| (p.name, p.proto))
+        .collect();
+    let mut cluster = Cluster::new(&pods, namespaces, local_node);
+    let mut tables = PolicyTables::default();
+
+    let mut policies: Vec<&NetworkPolicy> = policies.into_iter().collect();
+    policies.sort_by_key(|np| {
+        (
+            np.metadata.namespace.as_deref(),
+            np.metadata.name.as_deref(),
+        )
+    });
+    let parsed: Vec<ParsedPolicy> = policies
+        .iter()
+        .map(|np| {
+            let (policy, errors) = parse_policy(np, &declared_ports);
+            let key = &policy.key;
+            tables
+                .errors
+                .extend(errors.into_iter().map(|e| e.for_policy(key)));
+            policy
+        })
+        .collect();
+
+    cluster.assign_identities(&parsed, host_ips, alloc);
+    tables.ipcache = cluster
+        .identities
+        .iter()
+        .map(|(prefix, &id)| (prefix.cidr_key(), Identity { id }))
+        .collect();
+
+    let selected: Vec<Vec<&PodEndpoint>> = parsed.iter().map(|p| cluster.selected_by(p)).collect();
+    let policy_ids = isolate(&parsed, &selected, alloc, &mut tables.endpoint_policy);
+    for (policy, pods) in parsed.iter().zip(&selected) {
+        if !policy.broken && !pods.is_empty() {
+            add_rules(&cluster, policy, pods, &policy_ids, alloc, &mut tables);
+        }
+    }
+    alloc.sweep();
+    tables
+}
+
+/// Gives every address of a selected local pod one policy id per direction it is isolated in,
+/// whether or not any rule allows something there.
+fn isolate(
+    parsed: &[ParsedPolicy],
+    selected: &[Vec<&PodEndpoint>],
+    alloc: &mut Allocator,
+    endpoint_policy: &mut BTreeMap<IpKey, EndpointPolicy>,
+) -> BTreeMap<(IpKey, Direction), u32> {
+    let mut isolated = BTreeSet::new();
+    for (policy, pods) in parsed.iter().zip(selected) {
+        for direction in Direction::BOTH {
+            if policy.isolates[direction.index()] {
+                for ep in pods {
+                    isolated.extend(ep.ips.iter().map(|&ip| (ip_key(ip), direction)));
+                }
+            }
+        }
+    }
+    let mut ids = BTreeMap::new();
+    for (pod_ip, direction) in isolated {
+        let Some(id) = alloc.policy(pod_ip, direction) else {
+            continue;
+        };
+        ids.insert((pod_ip, direction), id);
+        let entry = endpoint_policy.entry(pod_ip).or_default();
+        match direction {
+            Direction::Ingress => entry.ingress_policy = id,
+            Direction::Egress => entry.egress_policy = id,
+        }
+    }
+    ids
+}
+
+/// The allow entries of one healthy policy, under the policy id of every local pod address it
+/// selects. Where two rules produce the same entry the first (by policy name, then rule order)
+/// keeps it, so counters do not move between rules from one compile to the next.
+fn add_rules(
+    cluster: &Cluster,
+    policy: &ParsedPolicy,
+    pods: &[&PodEndpoint],
+    policy_ids: &BTreeMap<(IpKey, Direction), u32>,
+    alloc: &mut Allocator,
+    tables: &mut PolicyTables,
+) {
+    for direction in Direction::BOTH {
+        if !policy.isolates[direction.index()] {
+            continue;
+        }
+        for (index, rule) in policy.rules(direction).iter().enumerate() {
+            let Some(rule_id) = alloc.rule(&policy.key, direction, index) else {
+                tables.errors.push(PolicyError {
+                    policy: policy.key.clone(),
+                    field: format!("spec.{direction}[{index}]"),
+                    value: String::new(),
+                    reason: format!("no rule id left ({} in use on this node)", MAX_RULES - 1),
+                });
+                continue;
+            };
+            tables.rules.insert(
+                rule_id,
+                RuleRef {
+                    policy: policy.key.clone(),
+                    direction,
+                    index,
+                },
+            );
+            let peers = cluster.peers(policy, rule, needs_peer_pods(rule, direction));
+            let shared = shared_allows(cluster, rule, direction, &peers);
+            for ep in pods {
+                let own = match direction {
+                    Direction::Ingress => ingress_named_ports(rule, ep, &peers),
+                    Direction::Egress => Vec::new(),
+                };
+                for ip in &ep.ips {
+                    let Some(&id) = policy_ids.get(&(ip_key(*ip), direction)) else {
+                        continue;
+                    };
+                    for allow in shared.iter().chain(&own) {
+                        tables
+                            .policy
+                            .entry(allow.key(id))
+                            .or_insert(PolicyRule { rule: rule_id });
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,450 @@
+//! NetworkPolicy truth tables on the lab: namespaces x, y, z × pods a, b, c spread over two
+//! nodes, ports 80 and 81, TCP and UDP. Each case applies policies, waits the one second a
+//! change may take, probes every ordered pair and compares with the expected matrix written out
+//! below (start from "everything connects", then state what the policies change).
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde_json::{json, Value};
+use sluice_tests::{
+    lab::{
+        report::{probe_all_within, Probe, Protocol},
+        Encap, Lab, LabOptions,
+    },
+    require_root,
+};
+
+const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+const PODS: [&str; 3] = ["a", "b", "c"];
+const PORTS: [u16; 2] = [80, 81];
+const PROTOCOLS: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
+/// A denied probe waits this long; the lab's own round trips take well under a millisecond.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+/// Changes take effect for new connections within this.
+const PROGRAMMING_DEADLINE: Duration = Duration::from_secs(1);
+
+type Key = (String, String, u16, &'static str);
+
+/// The expected matrix: every (from, to, port, protocol) → connects?
+struct Reachability(BTreeMap<Key, bool>);
+
+fn all_pods() -> Vec<String> {
+    NAMESPACES
+        .iter()
+        .flat_map(|ns| PODS.iter().map(move |p| format!("{ns}/{p}")))
+        .collect()
+}
+
+fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+    }
+}
+
+impl Reachability {
+    fn everything() -> Reachability {
+        let mut m = BTreeMap::new();
+        for from in all_pods() {
+            for to in all_pods() {
+                for port in PORTS {
+                    for proto in PROTOCOLS {
+                        m.insert((from.clone(), to.clone(), port, proto_name(proto)), true);
+                    }
+                }
+            }
+        }
+        Reachability(m)
+    }
+
+    /// Sets every entry matching the filters; `None` matches anything. A pod always reaches
+    /// itself (loopback never enters the datapath), so self pairs are never changed.
+    fn set(
+        mut self,
+        from: Option<&str>,
+        to: Option<&str>,
+        port: Option<u16>,
+        proto: Option<&str>,
+        value: bool,
+    ) -> Self {
+        for ((f, t, p, pr), v) in self.0.iter_mut() {
+            let matches = from.is_none_or(|x| matches_pod(f, x))
+                && to.is_none_or(|x| matches_pod(t, x))
+                && port.is_none_or(|x| x == *p)
+                && proto.is_none_or(|x| x == *pr);
+            if matches && f != t {
+                *v = value;
+            }
+        }
+        self
+    }
+
+    fn deny_ingress_to(self, to: &str) -> Self {
+        self.set(None, Some(to), None, None, false)
+    }
+    fn deny_egress_from(self, from: &str) -> Self {
+        self.set(Some(from), None, None, None, false)
+    }
+    fn allow(self, from: &str, to: &str) -> Self {
+        self.set(Some(from), Some(to), None, None, true)
+    }
+    fn allow_port(self, from: &str, to: &str, port: u16, proto: &str) -> Self {
+        self.set(Some(from), Some(to), Some(port), Some(proto), true)
+    }
+}
+
+/// `x/a` is one pod, `x/*` a namespace, `*/b` a pod name in every namespace.
+fn matches_pod(pod: &str, pattern: &str) -> bool {
+    let (ns, name) = pod.split_once('/').unwrap();
+    let (pns, pname) = pattern.split_once('/').unwrap();
+    (pns == "*" || pns == ns) && (pname == "*" || pname == name)
+}
+
+struct Suite {
+    lab: Lab,
+}
+
+impl Suite {
+    fn new() -> Suite {
+        require_root();
+        let mut lab = Lab::up(LabOptions {
+            nodes: 2,
+            encap: Encap::Vxlan,
+            attach_mode: "auto".into(),
+            ports: PORTS.to_vec(),
+        })
+        .expect("lab up");
+        let mut objects: Vec<Value> = NAMESPACES
+            .iter()
+            .map(|ns| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {"ns": ns}}}))
+            .collect();
+        for ns in NAMESPACES {
+            for pod in PODS {
+                objects.push(json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": pod, "namespace": ns, "labels": {"pod": pod}},
+                    "spec": {"containers": [{"name": "c", "image": "x", "ports": [
+                        {"name": "serve-80", "containerPort": 80, "protocol": "TCP"},
+                        {"name": "serve-81", "containerPort": 81, "protocol": "TCP"},
+                        {"name": "serve-81-udp", "containerPort": 81, "protocol": "UDP"},
+                    ]}]},
+                }));
+            }
+        }
+        lab.apply(objects).expect("apply pods");
+        lab.wait_programmed(Duration::from_secs(30))
+            .expect("pods programmed");
+        Suite { lab }
+    }
+
+    /// Applies `policies`, waits the programming deadline, probes, and compares.
+    fn case(&mut self, name: &str, policies: Vec<Value>, expected: Reachability) {
+        let names: Vec<(String, String)> = policies
+            .iter()
+            .map(|p| {
+                (
+                    p["metadata"]["namespace"].as_str().unwrap().to_string(),
+                    p["metadata"]["name"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        self.lab
+            .apply(policies)
+            .unwrap_or_else(|e| panic!("{name}: apply: {e:#}"));
+        std::thread::sleep(PROGRAMMING_DEADLINE);
+        self.check(name, &expected);
+        for (ns, policy) in names {
+            self.lab
+                .api
+                .delete("networkpolicies", Some(&ns), &policy)
+                .unwrap_or_else(|e| panic!("{name}: delete {ns}/{policy}: {e:?}"));
+        }
+        std::thread::sleep(PROGRAMMING_DEADLINE);
+    }
+
+    fn check(&self, name: &str, expected: &Reachability) {
+        let probes = probe_all_within(&self.lab, &PORTS, &PROTOCOLS, PROBE_TIMEOUT);
+        let wrong: Vec<String> = probes
+            .iter()
+            .filter(|p: &&Probe| {
+                let key = (p.from.clone(), p.to.clone(), p.port, proto_name(p.protocol));
+                let want = expected.0.get(&key).copied().unwrap_or(false);
+                want != p.connected || (p.connected && p.answered_by.as_deref() != Some(&p.to))
+            })
+            .map(|p| {
+                format!(
+                    "{} -> {} {}/{:?}: connected={}",
+                    p.from, p.to, p.port, p.protocol, p.connected
+                )
+            })
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "case {name:?}: {} probes differ from the expected matrix:\n{}",
+            wrong.len(),
+            wrong.join("\n")
+        );
+    }
+}
+
+fn policy(ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+#[test]
+fn network_policy_truth_tables() {
+    let mut s = Suite::new();
+    s.check("no policies", &Reachability::everything());
+
+    s.case(
+        "deny all ingress in x",
+        vec![policy(
+            "x",
+            "deny",
+            json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+        )],
+        Reachability::everything().deny_ingress_to("x/*"),
+    );
+    s.case(
+        "implied Ingress type: empty ingress list denies",
+        vec![policy(
+            "x",
+            "deny",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}}),
+        )],
+        Reachability::everything().deny_ingress_to("x/a"),
+    );
+    s.case(
+        "podSelector peer: x/b may reach x/a",
+        vec![policy(
+            "x",
+            "from-b",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+        )],
+        Reachability::everything()
+            .deny_ingress_to("x/a")
+            .allow("x/b", "x/a"),
+    );
+    s.case(
+        "namespaceSelector peer: all of y may reach x/a",
+        vec![policy(
+            "x",
+            "from-y",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}),
+        )],
+        Reachability::everything()
+            .deny_ingress_to("x/a")
+            .allow("y/*", "x/a"),
+    );
+    s.case(
+        "namespace name label: kubernetes.io/metadata.name",
+        vec![policy("x", "from-z", json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "z"}}}]}]}))],
+        Reachability::everything().deny_ingress_to("x/a").allow("z/*", "x/a"),
+    );
+    s.case(
+        "both selectors in one peer: AND",
+        vec![policy("x", "and", json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}, "podSelector": {"matchLabels": {"pod": "c"}}}]}]}))],
+        Reachability::everything().deny_ingress_to("x/a").allow("y/c", "x/a"),
+    );
+    s.case(
+        "two peers: OR",
+        vec![policy("x", "or", json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}, {"podSelector": {"matchLabels": {"pod": "b"}}}]}]}))],
+        Reachability::everything().deny_ingress_to("x/a").allow("z/*", "x/a").allow("x/b", "x/a"),
+    );
+    s.case(
+        "empty from: everyone, but only TCP 80",
+        vec![policy(
+            "x",
+            "tcp80",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"ports": [{"protocol": "TCP", "port": 80}]}]}),
+        )],
+        Reachability::everything()
+            .deny_ingress_to("x/a")
+            .allow_port("*/*", "x/a", 80, "TCP"),
+    );
+    s.case(
+        "protocol without port: all UDP",
+        vec![policy(
+            "x",
+            "udp",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"ports": [{"protocol": "UDP"}]}]}),
+        )],
+        Reachability::everything()
+            .deny_ingress_to("x/a")
+            .allow_port("*/*", "x/a", 80, "UDP")
+            .allow_port("*/*", "x/a", 81, "UDP"),
+    );
+    s.case(
+        "endPort range 80-81 TCP",
+        vec![policy(
+            "x",
+            "range",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"ports": [{"protocol": "TCP", "port": 80, "endPort": 81}]}]}),
+        )],
+        Reachability::everything()
+            .deny_ingress_to("x/a")
+            .allow_port("*/*", "x/a", 80, "TCP")
+            .allow_port("*/*", "x/a", 81, "TCP"),
+    );
+    s.case(
+        "named port resolved on the destination pod",
+        vec![policy(
+            "x",
+            "named",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"ports": [{"protocol": "UDP", "port": "serve-81-udp"}]}]}),
+        )],
+        Reachability::everything()
+            .deny_ingress_to("x/a")
+            .allow_port("*/*", "x/a", 81, "UDP"),
+    );
+    s.case(
+        "egress deny all from y/b; replies to allowed traffic still flow",
+        vec![policy(
+            "y",
+            "deny-egress",
+            json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Egress"]}),
+        )],
+        Reachability::everything().deny_egress_from("y/b"),
+    );
+    s.case(
+        "egress to a namespace on one port",
+        vec![policy("y", "egress-z", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}], "ports": [{"protocol": "TCP", "port": 81}]}]}))],
+        Reachability::everything().deny_egress_from("y/b").allow_port("y/b", "z/*", 81, "TCP"),
+    );
+    s.case(
+        "matchExpressions In / NotIn / Exists / DoesNotExist",
+        vec![
+            policy("x", "in", json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["a", "b"]}]}, "policyTypes": ["Ingress"]})),
+            policy("y", "notin", json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "NotIn", "values": ["a", "b"]}]}, "policyTypes": ["Ingress"]})),
+            policy("z", "exists", json!({"podSelector": {"matchExpressions": [{"key": "nothere", "operator": "DoesNotExist"}, {"key": "pod", "operator": "Exists"}]},
+                "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["c"]}]}}]}]})),
+        ],
+        Reachability::everything().deny_ingress_to("x/a").deny_ingress_to("x/b").deny_ingress_to("y/c").deny_ingress_to("z/*").allow("z/c", "z/*"),
+    );
+    s.case(
+        "union of two policies",
+        vec![
+            policy("x", "one", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]})),
+            policy("x", "two", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}, "podSelector": {"matchLabels": {"pod": "c"}}}]}]})),
+        ],
+        Reachability::everything().deny_ingress_to("x/a").allow("x/b", "x/a").allow("y/c", "x/a"),
+    );
+    // Round robin put x/a, x/c, y/b, z/a and z/c on node-1 (10.244.0.0/24).
+    let in_node1: Vec<String> = s
+        .lab
+        .kubelet
+        .pods()
+        .filter(|(_, p)| p.node == "node-1")
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert_eq!(in_node1, ["x/a", "x/c", "y/b", "z/a", "z/c"]);
+    let excluded = s.lab.pod_ips()["y/b"];
+    s.case(
+        "ipBlock with except: node-1's pod CIDR but not y/b",
+        vec![policy("x", "cidr", json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.244.0.0/24", "except": [format!("{excluded}/32")]}}]}]}))],
+        Reachability::everything().deny_ingress_to("x/a").allow("x/c", "x/a").allow("z/a", "x/a").allow("z/c", "x/a"),
+    );
+    labels_and_updates_take_effect(&mut s);
+    broken_policy_fails_closed(&mut s);
+}
+
+/// Pod and namespace label changes and policy updates apply to new connections within a second.
+fn labels_and_updates_take_effect(s: &mut Suite) {
+    let allow_from_team_blue = policy(
+        "x",
+        "blue",
+        json!({"podSelector": {"matchLabels": {"pod": "a"}},
+        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "blue"}}}]}]}),
+    );
+    s.lab.apply(vec![allow_from_team_blue]).unwrap();
+    std::thread::sleep(PROGRAMMING_DEADLINE);
+    s.check(
+        "policy with a namespace label nobody has",
+        &Reachability::everything().deny_ingress_to("x/a"),
+    );
+    s.lab
+        .api
+        .merge_patch(
+            "namespaces",
+            None,
+            "z",
+            &json!({"metadata": {"labels": {"team": "blue"}}}),
+        )
+        .unwrap();
+    std::thread::sleep(PROGRAMMING_DEADLINE);
+    s.check(
+        "namespace z labelled team=blue",
+        &Reachability::everything()
+            .deny_ingress_to("x/a")
+            .allow("z/*", "x/a"),
+    );
+    let updated = json!({"spec": {"ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}]}]}});
+    s.lab
+        .api
+        .merge_patch("networkpolicies", Some("x"), "blue", &updated)
+        .unwrap();
+    s.lab
+        .api
+        .merge_patch(
+            "pods",
+            Some("x"),
+            "c",
+            &json!({"metadata": {"labels": {"role": "client"}}}),
+        )
+        .unwrap();
+    std::thread::sleep(PROGRAMMING_DEADLINE);
+    s.check(
+        "policy updated, pod x/c labelled role=client",
+        &Reachability::everything()
+            .deny_ingress_to("x/a")
+            .allow("x/c", "x/a"),
+    );
+    s.lab
+        .api
+        .delete("networkpolicies", Some("x"), "blue")
+        .unwrap();
+    std::thread::sleep(PROGRAMMING_DEADLINE);
+    s.check("policy deleted", &Reachability::everything());
+}
+
+/// A policy with an invalid CIDR isolates the pods it selects and allows nothing; every other
+/// policy keeps working, and the agent names the policy and the field.
+fn broken_policy_fails_closed(s: &mut Suite) {
+    s.case(
+        "invalid CIDR: fail closed for x/a, others unaffected",
+        vec![
+            policy(
+                "x",
+                "broken",
+                json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                "ingress": [{"from": [{"ipBlock": {"cidr": "10.300.0.0/16"}}]}]}),
+            ),
+            policy(
+                "y",
+                "fine",
+                json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+            ),
+        ],
+        Reachability::everything()
+            .deny_ingress_to("x/a")
+            .deny_ingress_to("y/a")
+            .allow("y/b", "y/a"),
+    );
+    let logs: String = s.lab.nodes.iter().map(|n| n.node.agent_log()).collect();
+    assert!(
+        logs.contains("x/broken") && logs.contains("spec.ingress[0].from[0].ipBlock.cidr"),
+        "agent logs do not name the broken policy and field"
+    );
+}
