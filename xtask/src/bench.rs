@@ -13,6 +13,8 @@ pub enum Which {
     CrossNode,
     /// Time from an API change to its map entry (p50/p99 over 100 changes).
     ControlPlane,
+    /// NetworkPolicy cost with 0 to 10,000 rules, against the same rules in iptables.
+    Policy,
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -21,10 +23,11 @@ pub fn run(which: Which) -> Result<()> {
     crate::require_root("the benchmarks")?;
     crate::run(crate::cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     let names: &[&str] = match which {
-        Which::All => &["forward", "cross-node", "control-plane"],
+        Which::All => &["forward", "cross-node", "control-plane", "policy"],
         Which::Forward => &["forward"],
         Which::CrossNode => &["cross-node"],
         Which::ControlPlane => &["control-plane"],
+        Which::Policy => &["policy"],
     };
     for name in names {
         println!("== sluice-bench {name}");

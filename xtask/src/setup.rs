@@ -17,6 +17,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("iperf3", "iperf3"),
     ("ping", "iputils-ping"),
+    ("iptables-legacy", "iptables"),
 ];
 
 pub fn tools_dir() -> PathBuf {

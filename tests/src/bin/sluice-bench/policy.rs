@@ -1,0 +1,358 @@
+//! `sluice-bench policy`: what NetworkPolicy costs, against the same rule counts as iptables
+//! rules (the legacy way) measured in the same run.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::lpm_trie::Key,
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use serde_json::{json, Value};
+use sluice_common::{
+    EndpointPolicy, Identity, IpKey, PolicyKey, PolicyRule, IP_KEY_PREFIX_BITS,
+    POLICY_KEY_EXACT_BITS,
+};
+use sluice_tests::{
+    in_netns,
+    lab::{Encap, Lab, LabOptions},
+    test_run::{harness, ipv4_l4, Setup, OUTSIDE_V4, PEER_V4, POD_MAC, POD_V4},
+    Netns,
+};
+
+const RULE_COUNTS: [u32; 4] = [0, 100, 1_000, 10_000];
+const REPEAT: u32 = 1_000_000;
+const CONNECT_SECONDS: Duration = Duration::from_secs(3);
+/// The connection-rate server's port (the lab's pod servers keep 80).
+const ACCEPT_PORT: u16 = 7070;
+
+/// The n-th rule's peer: 10.100.0.0 + n, a distinct /32 each.
+fn rule_peer(n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + n)
+}
+
+pub fn run() -> Result<()> {
+    per_packet()?;
+    connection_rate()?;
+    programming_time()
+}
+
+/// from_pod's per-packet cost with BPF_PROG_TEST_RUN, 1M repeats per figure: a denied new
+/// connection (every POLICY lookup made, none hits: the most a packet pays) and an allowed
+/// packet of an established connection, with `n` rules selecting the pod.
+fn per_packet() -> Result<()> {
+    println!("from_pod per-packet cost, BPF_PROG_TEST_RUN x {REPEAT} (ns/packet)");
+    println!("| rules selecting the pod | denied new connection | established connection |");
+    println!("|---|---|---|");
+    let mut baseline = None;
+    for &n in &RULE_COUNTS {
+        let mut h = harness(Setup::Encap);
+        if n > 0 {
+            h.maps.endpoint_policy.insert(
+                IpKey::v4(POD_V4),
+                EndpointPolicy {
+                    ingress_policy: 0,
+                    egress_policy: 1,
+                },
+                0,
+            )?;
+            for i in 0..n {
+                let peer = 1_000 + i;
+                let prefix = Key::new(IP_KEY_PREFIX_BITS + 32, IpKey::v4(rule_peer(i).octets()));
+                h.maps.ipcache.insert(&prefix, Identity { id: peer }, 0)?;
+                let key = PolicyKey {
+                    policy: 1,
+                    peer,
+                    proto: 6,
+                    _pad: 0,
+                    port: 80u16.to_be_bytes(),
+                };
+                h.maps.policy.insert(
+                    &Key::new(POLICY_KEY_EXACT_BITS + 16, key),
+                    PolicyRule { rule: i + 1 },
+                    0,
+                )?;
+            }
+            // The established flow's peer is allowed by the last rule.
+            let prefix = Key::new(IP_KEY_PREFIX_BITS + 32, IpKey::v4(PEER_V4));
+            h.maps.ipcache.insert(&prefix, Identity { id: 999 }, 0)?;
+            let key = PolicyKey {
+                policy: 1,
+                peer: 999,
+                proto: 6,
+                _pad: 0,
+                port: 80u16.to_be_bytes(),
+            };
+            h.maps.policy.insert(
+                &Key::new(POLICY_KEY_EXACT_BITS + 16, key),
+                PolicyRule { rule: n + 1 },
+                0,
+            )?;
+        }
+        let denied = ipv4_l4(POD_MAC, POD_V4, OUTSIDE_V4, 6, (40000, 80), 0x02);
+        let allowed = ipv4_l4(POD_MAC, POD_V4, PEER_V4, 6, (40000, 80), 0x10);
+        let prog: &mut SchedClassifier = h
+            .bpf
+            .program_mut("from_pod")
+            .context("from_pod")?
+            .try_into()?;
+        let cost = |packet: &[u8]| -> Result<u64> {
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(packet);
+            opts.repeat = REPEAT;
+            Ok(prog.test_run(opts)?.duration.as_nanos() as u64)
+        };
+        // The least of three runs: the machine's other work only ever adds time.
+        let cost = |packet: &[u8]| -> Result<u64> {
+            Ok((0..3)
+                .map(|_| cost(packet))
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .min()
+                .unwrap_or(0))
+        };
+        // The first run of the allowed packet creates its conntrack entry.
+        cost(&allowed)?;
+        let (d, e) = (cost(&denied)?, cost(&allowed)?);
+        let label = if n == 0 {
+            "0 (pod not isolated)".to_string()
+        } else {
+            n.to_string()
+        };
+        println!("| {label} | {d} | {e} |");
+        if n == 100 {
+            baseline = Some((d, e));
+        }
+        if n == 10_000 {
+            let (bd, be) = baseline.expect("100 measured before 10,000");
+            println!(
+                "10,000 rules vs 100: denied {:.2}x, established {:.2}x",
+                d as f64 / bd.max(1) as f64,
+                e as f64 / be.max(1) as f64
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Connections per second of a connect/close loop from `client` to a plain accept loop in
+/// `server`, bounded in time.
+fn connect_rate(client: &Path, server: &Path, dst: Ipv4Addr) -> f64 {
+    let listener = in_netns(server, || TcpListener::bind(("0.0.0.0", ACCEPT_PORT)))
+        .expect("bind the accept loop");
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_server = stop.clone();
+    let acceptor = std::thread::spawn(move || {
+        while !stop_server.load(Ordering::Relaxed) {
+            drop(listener.accept());
+        }
+    });
+    let rate = connect_loop(client, dst, ACCEPT_PORT);
+    stop.store(true, Ordering::Relaxed);
+    // Wake the blocked accept; the loop then sees the flag.
+    let _ = in_netns(client, move || {
+        TcpStream::connect_timeout(
+            &SocketAddr::from((dst, ACCEPT_PORT)),
+            Duration::from_secs(1),
+        )
+    });
+    let _ = acceptor.join();
+    rate
+}
+
+fn connect_loop(netns: &Path, dst: Ipv4Addr, port: u16) -> f64 {
+    let addr = SocketAddr::from((dst, port));
+    in_netns(netns, move || {
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < CONNECT_SECONDS {
+            if let Ok(stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                // Reset instead of TIME_WAIT: the loop would run out of ports otherwise.
+                let reset = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                let _ = nix::sys::socket::setsockopt(
+                    &stream,
+                    nix::sys::socket::sockopt::Linger,
+                    &reset,
+                );
+                n += 1;
+            }
+        }
+        n as f64 / start.elapsed().as_secs_f64()
+    })
+}
+
+/// New-connection rate into a pod with `n` rules selecting it, through Sluice (one lab node),
+/// and through `n` iptables rules in the receiver's INPUT chain (legacy iptables, conntrack
+/// lets established packets skip them, as kube-proxy-era policy controllers did).
+fn connection_rate() -> Result<()> {
+    println!(
+        "\nnew connections per second (connect/close loop, {} s per figure)",
+        CONNECT_SECONDS.as_secs()
+    );
+    println!("| rules | Sluice conn/s | iptables conn/s | Sluice vs iptables |");
+    println!("|---|---|---|---|");
+    // iptables: two namespaces on a veth pair.
+    let (client, server) = (Netns::new("slbi")?, Netns::new("slbj")?);
+    client.exec(&[
+        "ip",
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &server.name,
+    ])?;
+    for (ns, ip) in [(&client, "10.88.0.1/24"), (&server, "10.88.0.2/24")] {
+        ns.exec(&["ip", "addr", "add", ip, "dev", "eth0"])?;
+        ns.exec(&["ip", "link", "set", "eth0", "up"])?;
+    }
+    // Sluice: one node, a client and a server pod.
+    let mut lab = Lab::up(LabOptions {
+        nodes: 1,
+        encap: Encap::Vxlan,
+        attach_mode: "auto".into(),
+        ports: vec![80],
+    })?;
+    lab.apply(["client", "server"].iter().map(|n| pod(n)).collect())?;
+    lab.wait_programmed(Duration::from_secs(20))?;
+    let client_pod = lab
+        .kubelet
+        .pod("default/client")
+        .context("client pod")?
+        .netns
+        .path();
+    let server_pod = lab
+        .kubelet
+        .pod("default/server")
+        .context("server pod")?
+        .netns
+        .path();
+    let server_ip = lab.kubelet.pod("default/server").context("server pod")?.ip;
+    let client_ip = lab.kubelet.pod("default/client").context("client pod")?.ip;
+
+    for &n in &RULE_COUNTS {
+        // Sluice: n ipBlock rules that do not match plus one that lets the client in.
+        let name = format!("bench-{n}");
+        if n > 0 {
+            let mut rules: Vec<Value> = (0..n).map(|i| json!({"from": [{"ipBlock": {"cidr": format!("{}/32", rule_peer(i))}}], "ports": [{"port": ACCEPT_PORT}]})).collect();
+            rules.push(json!({"from": [{"ipBlock": {"cidr": format!("{client_ip}/32")}}], "ports": [{"port": ACCEPT_PORT}]}));
+            lab.apply(vec![
+                json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "ingress": rules}}),
+            ])?;
+            wait_policy_entries(&lab, n as usize)?;
+        }
+        let sluice = connect_rate(&client_pod, &server_pod, server_ip);
+        if n > 0 {
+            lab.api
+                .delete("networkpolicies", Some("default"), &name)
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        }
+        // iptables: the same count of non-matching rules, then the client's.
+        let rules: String = (0..n)
+            .map(|i| {
+                format!(
+                    "-A INPUT -s {}/32 -p tcp --dport 80 -j ACCEPT\n",
+                    rule_peer(i)
+                )
+            })
+            .collect();
+        let table = format!("*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n{rules}-A INPUT -s 10.88.0.1/32 -p tcp --dport {ACCEPT_PORT} -j ACCEPT\nCOMMIT\n");
+        restore(&server, &table)?;
+        let iptables = connect_rate(&client.path(), &server.path(), "10.88.0.2".parse()?);
+        println!(
+            "| {n} | {sluice:.0} | {iptables:.0} | {:.2} |",
+            sluice / iptables
+        );
+    }
+    Ok(())
+}
+
+fn restore(ns: &Netns, rules: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "iptables-legacy-restore"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("iptables-legacy-restore (run cargo xtask setup)")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(rules.as_bytes())?;
+    anyhow::ensure!(child.wait()?.success(), "iptables-legacy-restore failed");
+    Ok(())
+}
+
+fn pod(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default", "labels": {"app": name}},
+           "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "x"}]}})
+}
+
+/// Waits until node-1's POLICY map holds at least `rules` entries.
+fn wait_policy_entries(lab: &Lab, rules: usize) -> Result<Duration> {
+    let maps = sluice_agent::datapath::ebpf::Maps::from_pins(&lab.nodes[0].node.bpffs)?;
+    let start = Instant::now();
+    while maps.policy_tables()?.policy.len() < rules {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "policy with {rules} rules not programmed in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(start.elapsed())
+}
+
+/// Time from creating (then deleting) a 1,000-rule policy to its entries in the kernel.
+fn programming_time() -> Result<()> {
+    let mut lab = Lab::up(LabOptions {
+        nodes: 1,
+        encap: Encap::Vxlan,
+        attach_mode: "auto".into(),
+        ports: vec![],
+    })?;
+    lab.apply(vec![pod("server")])?;
+    lab.wait_programmed(Duration::from_secs(20))?;
+    let rules: Vec<Value> = (0..1_000).map(|i| json!({"from": [{"ipBlock": {"cidr": format!("{}/32", rule_peer(i))}}], "ports": [{"port": 80}]})).collect();
+    let start = Instant::now();
+    lab.apply(vec![
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "thousand", "namespace": "default"},
+        "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "ingress": rules}}),
+    ])?;
+    wait_policy_entries(&lab, 1_000)?;
+    let added = start.elapsed();
+    let maps = sluice_agent::datapath::ebpf::Maps::from_pins(&lab.nodes[0].node.bpffs)?;
+    let start = Instant::now();
+    lab.api
+        .delete("networkpolicies", Some("default"), "thousand")
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    while !maps.policy_tables()?.policy.is_empty() {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "policy not removed in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    println!(
+        "\n1,000-rule policy: created → programmed {added:.1?}; deleted → removed {:.1?}",
+        start.elapsed()
+    );
+    Ok(())
+}
