@@ -12,6 +12,7 @@ pub mod map_names {
     pub const IPCACHE: &str = "IPCACHE";
     pub const ENDPOINT_POLICY: &str = "ENDPOINT_POLICY";
     pub const POLICY: &str = "POLICY";
+    pub const POLICY_EXACT: &str = "POLICY_EXACT";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const RULE_STATS: &str = "RULE_STATS";
     pub const POLICY_EVENTS: &str = "POLICY_EVENTS";
@@ -19,13 +20,14 @@ pub mod map_names {
     pub const STAGE_PACKETS: &str = "STAGE_PACKETS";
     pub const DROPS: &str = "DROPS";
 
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         ENDPOINTS,
         SPOOF_GUARD,
         REMOTE_NODES,
         IPCACHE,
         ENDPOINT_POLICY,
         POLICY,
+        POLICY_EXACT,
         CONNTRACK,
         RULE_STATS,
         POLICY_EVENTS,
@@ -199,6 +201,11 @@ pub struct PolicyKey {
 }
 
 pub const POLICY_KEY_EXACT_BITS: u32 = 80;
+
+/// POLICY_EXACT holds the entries whose key needs no prefix match — one port, any port of a
+/// protocol (`_pad` = `POLICY_ANY_PORT`, port 0), any protocol — so that their lookup is a hash
+/// lookup whose cost does not grow with the number of rules; POLICY (LPM) keeps port ranges.
+pub const POLICY_ANY_PORT: u8 = 1;
 
 /// POLICY value: the rule that allows (for RULE_STATS and events).
 #[repr(C)]

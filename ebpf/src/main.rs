@@ -46,6 +46,11 @@ static ENDPOINT_POLICY: HashMap<IpKey, EndpointPolicy> =
 #[map]
 static POLICY: LpmTrie<PolicyKey, PolicyRule> = LpmTrie::with_max_entries(MAX_POLICY_ENTRIES, 0);
 
+/// EgressRule / IngressRule entries without a port range, hashed (see `POLICY_ANY_PORT`).
+#[map]
+static POLICY_EXACT: HashMap<PolicyKey, PolicyRule> =
+    HashMap::with_max_entries(MAX_POLICY_ENTRIES, 0);
+
 /// ConntrackState: connections of isolated pods, both directions under one canonical key.
 #[map]
 static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);

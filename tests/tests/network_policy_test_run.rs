@@ -3,6 +3,7 @@
 //! hand here, the way the policy compiler fills them.
 
 use aya::maps::lpm_trie::Key;
+use sluice_agent::model::policy::PolicyLpmKey;
 use sluice_common::{
     ct_flags, identity, DropReason, EndpointPolicy, Identity, IpKey, PolicyEvent, PolicyKey,
     PolicyRule, DIRECTION_EGRESS, DIRECTION_INGRESS, IP_KEY_PREFIX_BITS, POLICY_KEY_EXACT_BITS,
@@ -46,8 +47,11 @@ fn allow(h: &mut Harness, policy: u32, peer: u32, port: Option<(u8, u16, u32)>, 
         _pad: 0,
         port: port.to_be_bytes(),
     };
-    let lpm = Key::new(POLICY_KEY_EXACT_BITS + bits, key);
-    h.maps.policy.insert(&lpm, PolicyRule { rule }, 0).unwrap();
+    let lpm = PolicyLpmKey {
+        key,
+        prefix_len: POLICY_KEY_EXACT_BITS + bits,
+    };
+    h.maps.insert_policy(&lpm, PolicyRule { rule }).unwrap();
 }
 
 fn packet(proto: u8, src: [u8; 4], dst: [u8; 4], ports: (u16, u16), flags: u8) -> Vec<u8> {
@@ -286,4 +290,51 @@ fn ingress_rules_and_the_host_exception() {
     assert!(seen
         .iter()
         .any(|e| e.direction == DIRECTION_INGRESS && e.verdict == VERDICT_ALLOW && e.rule == 21));
+}
+
+/// The agent's sync writes and removes entries where the datapath looks (POLICY_EXACT for
+/// single ports, any port and any protocol; POLICY for ranges) and reads them back the same.
+#[test]
+fn policy_sync_round_trips_through_both_maps() {
+    use sluice_agent::model::policy::PolicyTables;
+    let mut h = harness(Setup::Encap);
+    let entry = |peer: u32, proto: u8, port: u16, bits: u32| {
+        let key = PolicyKey {
+            policy: EGRESS_POLICY,
+            peer,
+            proto,
+            _pad: 0,
+            port: port.to_be_bytes(),
+        };
+        (
+            PolicyLpmKey {
+                key,
+                prefix_len: POLICY_KEY_EXACT_BITS + bits,
+            },
+            PolicyRule { rule: peer },
+        )
+    };
+    let mut first = PolicyTables::default();
+    first.policy.extend([
+        entry(300, PROTO_ANY, 0, 0),
+        entry(301, TCP, 0, 0),
+        entry(302, TCP, 80, 16),
+        entry(303, TCP, 1024, 6),
+    ]);
+    first.endpoint_policy.insert(
+        IpKey::v4(POD_V4),
+        EndpointPolicy {
+            ingress_policy: 0,
+            egress_policy: EGRESS_POLICY,
+        },
+    );
+    h.maps.sync_policy(&first).unwrap();
+    assert_eq!(h.maps.policy_tables().unwrap().policy, first.policy);
+    let mut second = PolicyTables::default();
+    second.policy.extend([entry(304, UDP, 53, 16)]);
+    second.endpoint_policy = first.endpoint_policy.clone();
+    h.maps.sync_policy(&second).unwrap();
+    assert_eq!(h.maps.policy_tables().unwrap().policy, second.policy);
+    assert_eq!(h.maps.policy_exact.keys().count(), 1);
+    assert_eq!(h.maps.policy.keys().count(), 0);
 }

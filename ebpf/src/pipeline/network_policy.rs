@@ -1,17 +1,17 @@
 //! EgressRule / EgressDefaultRule and IngressRule / IngressDefaultRule: a new connection of an
-//! isolated pod is allowed by the first POLICY hit among four lookups (exact peer then any peer;
-//! the protocol's port prefix then any protocol) or dropped. The cost is those lookups, whatever
-//! the number of policies and rules.
+//! isolated pod is allowed by the first hit (the peer's identity, then any peer; for each: its
+//! port, any port of its protocol, any protocol — hashed — then a port range — LPM) or dropped.
+//! At most eight lookups, whatever the number of policies and rules.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use sluice_common::{
     identity, DropReason, IpKey, PolicyEvent, PolicyKey, Stage, DIRECTION_EGRESS,
-    DIRECTION_INGRESS, IP_KEY_PREFIX_BITS, POLICY_KEY_EXACT_BITS, PROTO_ANY, VERDICT_ALLOW,
-    VERDICT_DROP,
+    DIRECTION_INGRESS, IP_KEY_PREFIX_BITS, POLICY_ANY_PORT, POLICY_KEY_EXACT_BITS, PROTO_ANY,
+    VERDICT_ALLOW, VERDICT_DROP,
 };
 
 use super::classifier::IpMeta;
-use crate::{IPCACHE, POLICY, POLICY_EVENTS};
+use crate::{IPCACHE, POLICY, POLICY_EVENTS, POLICY_EXACT};
 
 #[inline(always)]
 fn peer_identity(addr: &IpKey) -> u32 {
@@ -23,24 +23,34 @@ fn peer_identity(addr: &IpKey) -> u32 {
 fn lookup(policy: u32, peer: u32, meta: &IpMeta) -> Option<u32> {
     let port = meta.dst_port.to_be_bytes();
     for peer in [peer, identity::ANY] {
-        let exact = PolicyKey {
+        let one_port = PolicyKey {
             policy,
             peer,
             proto: meta.proto,
             _pad: 0,
             port,
         };
-        if let Some(rule) = POLICY.get(&Key::new(POLICY_KEY_EXACT_BITS + 16, exact)) {
-            return Some(rule.rule);
-        }
-        let any = PolicyKey {
+        let any_port = PolicyKey {
+            policy,
+            peer,
+            proto: meta.proto,
+            _pad: POLICY_ANY_PORT,
+            port: [0; 2],
+        };
+        let any_proto = PolicyKey {
             policy,
             peer,
             proto: PROTO_ANY,
             _pad: 0,
             port: [0; 2],
         };
-        if let Some(rule) = POLICY.get(&Key::new(POLICY_KEY_EXACT_BITS, any)) {
+        for key in [one_port, any_port, any_proto] {
+            // SAFETY: the value is copied out right away.
+            if let Some(rule) = POLICY_EXACT.get_ptr(key) {
+                return Some(unsafe { (*rule).rule });
+            }
+        }
+        if let Some(rule) = POLICY.get(&Key::new(POLICY_KEY_EXACT_BITS + 16, one_port)) {
             return Some(rule.rule);
         }
     }

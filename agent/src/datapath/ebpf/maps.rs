@@ -11,6 +11,7 @@ use aya::maps::{
 use sluice_common::{
     map_names, CtEntry, CtKey, DropReason, Endpoint, EndpointPolicy, Identity, IpKey, NodeConfig,
     PolicyKey, PolicyRule, RemoteNode, RuleStats, SpoofGuardEntry, SpoofGuardKey, Stage,
+    POLICY_ANY_PORT, POLICY_KEY_EXACT_BITS, PROTO_ANY,
 };
 
 use crate::{
@@ -29,6 +30,7 @@ pub struct Maps {
     pub ipcache: LpmTrie<MapData, IpKey, Identity>,
     pub endpoint_policy: HashMap<MapData, IpKey, EndpointPolicy>,
     pub policy: LpmTrie<MapData, PolicyKey, PolicyRule>,
+    pub policy_exact: HashMap<MapData, PolicyKey, PolicyRule>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub rule_stats: PerCpuArray<MapData, RuleStats>,
     pub policy_events: RingBuf<MapData>,
@@ -89,6 +91,7 @@ impl Maps {
             ipcache: typed(map(map_names::IPCACHE)?)?,
             endpoint_policy: typed(map(map_names::ENDPOINT_POLICY)?)?,
             policy: typed(map(map_names::POLICY)?)?,
+            policy_exact: typed(map(map_names::POLICY_EXACT)?)?,
             conntrack: typed(map(map_names::CONNTRACK)?)?,
             rule_stats: typed(map(map_names::RULE_STATS)?)?,
             policy_events: typed(map(map_names::POLICY_EVENTS)?)?,
@@ -169,7 +172,27 @@ impl Maps {
     }
 
     /// The policy entries the kernel holds now (rule names and errors are not in the kernel).
+    /// POLICY_EXACT entries read back as the LPM keys they stand for.
     pub fn policy_tables(&self) -> Result<PolicyTables> {
+        let mut policy: BTreeMap<PolicyLpmKey, PolicyRule> = self
+            .policy
+            .iter()
+            .map(|e| {
+                e.map(|(k, v)| {
+                    (
+                        PolicyLpmKey {
+                            key: k.data(),
+                            prefix_len: k.prefix_len(),
+                        },
+                        v,
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        for entry in self.policy_exact.iter() {
+            let (key, rule) = entry?;
+            policy.insert(from_exact(key), rule);
+        }
         Ok(PolicyTables {
             ipcache: self
                 .ipcache
@@ -187,21 +210,7 @@ impl Maps {
                 })
                 .collect::<Result<_, _>>()?,
             endpoint_policy: self.endpoint_policy.iter().collect::<Result<_, _>>()?,
-            policy: self
-                .policy
-                .iter()
-                .map(|e| {
-                    e.map(|(k, v)| {
-                        (
-                            PolicyLpmKey {
-                                key: k.data(),
-                                prefix_len: k.prefix_len(),
-                            },
-                            v,
-                        )
-                    })
-                })
-                .collect::<Result<_, _>>()?,
+            policy,
             ..PolicyTables::default()
         })
     }
@@ -219,9 +228,7 @@ impl Maps {
                 .map_err(|e| full(e, map_names::IPCACHE))?;
         }
         for (key, value) in &policy.upserts {
-            self.policy
-                .insert(&Key::new(key.prefix_len, key.key), value, 0)
-                .map_err(|e| full(e, map_names::POLICY))?;
+            self.insert_policy(key, *value)?;
         }
         for (key, value) in &endpoints.upserts {
             self.endpoint_policy
@@ -232,9 +239,12 @@ impl Maps {
             remove(&mut self.endpoint_policy, key, map_names::ENDPOINT_POLICY)?;
         }
         for key in &policy.deletes {
-            match self.policy.remove(&Key::new(key.prefix_len, key.key)) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context("deleting an entry of map POLICY"),
+            match to_exact(key) {
+                Some(exact) => remove(&mut self.policy_exact, &exact, map_names::POLICY_EXACT)?,
+                None => match self.policy.remove(&Key::new(key.prefix_len, key.key)) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(e).context("deleting an entry of map POLICY"),
+                },
             }
         }
         for key in &ipcache.deletes {
@@ -247,6 +257,21 @@ impl Maps {
             written: ipcache.upserts.len() + policy.upserts.len() + endpoints.upserts.len(),
             deleted: ipcache.deletes.len() + policy.deletes.len() + endpoints.deletes.len(),
         })
+    }
+
+    /// Writes one allow entry where the datapath looks for it: POLICY_EXACT unless it is a port
+    /// range.
+    pub fn insert_policy(&mut self, key: &PolicyLpmKey, rule: PolicyRule) -> Result<()> {
+        match to_exact(key) {
+            Some(exact) => self
+                .policy_exact
+                .insert(exact, rule, 0)
+                .map_err(|e| full(e, map_names::POLICY_EXACT)),
+            None => self
+                .policy
+                .insert(&Key::new(key.prefix_len, key.key), rule, 0)
+                .map_err(|e| full(e, map_names::POLICY)),
+        }
     }
 
     /// Packets and bytes per rule id, summed over CPUs; rules with no traffic are left out.
@@ -303,4 +328,41 @@ fn full(err: MapError, name: &str) -> anyhow::Error {
         }
     }
     anyhow::Error::new(err).context(format!("writing map {name}"))
+}
+
+/// The POLICY_EXACT key standing for an LPM entry that needs no prefix match, if it is one.
+fn to_exact(key: &PolicyLpmKey) -> Option<PolicyKey> {
+    let full = POLICY_KEY_EXACT_BITS + 16;
+    match key.prefix_len {
+        len if len == full => Some(key.key),
+        len if len == POLICY_KEY_EXACT_BITS && key.key.proto == PROTO_ANY => Some(PolicyKey {
+            port: [0; 2],
+            ..key.key
+        }),
+        len if len == POLICY_KEY_EXACT_BITS => Some(PolicyKey {
+            _pad: POLICY_ANY_PORT,
+            port: [0; 2],
+            ..key.key
+        }),
+        _ => None,
+    }
+}
+
+fn from_exact(key: PolicyKey) -> PolicyLpmKey {
+    if key._pad == POLICY_ANY_PORT {
+        PolicyLpmKey {
+            key: PolicyKey { _pad: 0, ..key },
+            prefix_len: POLICY_KEY_EXACT_BITS,
+        }
+    } else if key.proto == PROTO_ANY {
+        PolicyLpmKey {
+            key,
+            prefix_len: POLICY_KEY_EXACT_BITS,
+        }
+    } else {
+        PolicyLpmKey {
+            key,
+            prefix_len: POLICY_KEY_EXACT_BITS + 16,
+        }
+    }
 }

@@ -17,6 +17,7 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use serde_json::{json, Value};
+use sluice_agent::model::policy::PolicyLpmKey;
 use sluice_common::{
     EndpointPolicy, Identity, IpKey, PolicyKey, PolicyRule, IP_KEY_PREFIX_BITS,
     POLICY_KEY_EXACT_BITS,
@@ -75,10 +76,12 @@ fn per_packet() -> Result<()> {
                     _pad: 0,
                     port: 80u16.to_be_bytes(),
                 };
-                h.maps.policy.insert(
-                    &Key::new(POLICY_KEY_EXACT_BITS + 16, key),
+                h.maps.insert_policy(
+                    &PolicyLpmKey {
+                        key,
+                        prefix_len: POLICY_KEY_EXACT_BITS + 16,
+                    },
                     PolicyRule { rule: i + 1 },
-                    0,
                 )?;
             }
             // The established flow's peer is allowed by the last rule.
@@ -91,10 +94,12 @@ fn per_packet() -> Result<()> {
                 _pad: 0,
                 port: 80u16.to_be_bytes(),
             };
-            h.maps.policy.insert(
-                &Key::new(POLICY_KEY_EXACT_BITS + 16, key),
+            h.maps.insert_policy(
+                &PolicyLpmKey {
+                    key,
+                    prefix_len: POLICY_KEY_EXACT_BITS + 16,
+                },
                 PolicyRule { rule: n + 1 },
-                0,
             )?;
         }
         let denied = ipv4_l4(POD_MAC, POD_V4, OUTSIDE_V4, 6, (40000, 80), 0x02);
