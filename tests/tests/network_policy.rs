@@ -355,8 +355,77 @@ fn network_policy_truth_tables() {
             "ingress": [{"from": [{"ipBlock": {"cidr": "10.244.0.0/24", "except": [format!("{excluded}/32")]}}]}]}))],
         Reachability::everything().deny_ingress_to("x/a").allow("x/c", "x/a").allow("z/a", "x/a").allow("z/c", "x/a"),
     );
+    new_pods_are_covered_and_counted(&mut s);
     labels_and_updates_take_effect(&mut s);
     broken_policy_fails_closed(&mut s);
+}
+
+/// A pod created after the policy is selected by it within a second; the rule's counters and
+/// the verdict stream name the policy and the pods.
+fn new_pods_are_covered_and_counted(s: &mut Suite) {
+    let web = policy(
+        "x",
+        "web",
+        json!({"podSelector": {"matchLabels": {"app": "web"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"protocol": "TCP", "port": 80}]}]}),
+    );
+    s.lab.apply(vec![web]).unwrap();
+    s.lab
+        .apply(vec![json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "x", "labels": {"app": "web"}},
+            "spec": {"nodeName": "node-2", "containers": [{"name": "c", "image": "x"}]}})])
+        .unwrap();
+    std::thread::sleep(PROGRAMMING_DEADLINE);
+    let web_pod = s.lab.kubelet.pod("x/web").expect("x/web wired");
+    let (web_ip, node) = (web_pod.ip, web_pod.node.clone());
+    let from = |pod: &str| s.lab.kubelet.pod(pod).unwrap().netns.path();
+    assert!(
+        sluice_tests::probe::tcp_within(&from("x/b"), None, web_ip, 80, PROBE_TIMEOUT).is_some(),
+        "x/b -> x/web TCP 80"
+    );
+    assert!(
+        sluice_tests::probe::tcp_within(&from("x/c"), None, web_ip, 80, PROBE_TIMEOUT).is_none(),
+        "x/c -> x/web is denied"
+    );
+    assert!(
+        sluice_tests::probe::tcp_within(&from("x/b"), None, web_ip, 81, PROBE_TIMEOUT).is_none(),
+        "x/b -> x/web TCP 81 is denied"
+    );
+    let lab_node = s.lab.node(&node).unwrap();
+    let sluicectl = |args: &[&str]| {
+        let out = std::process::Command::new(sluice_tests::bin("sluicectl"))
+            .arg("--bpffs-dir")
+            .arg(&lab_node.node.bpffs)
+            .arg("--state-dir")
+            .arg(lab_node.node.dir.join("state"))
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let policy_out = sluicectl(&["policy"]);
+    assert!(
+        policy_out.contains("x/web ingress[0]"),
+        "sluicectl policy:\n{policy_out}"
+    );
+    let events = sluicectl(&["events", "--no-follow"]);
+    assert!(
+        events.contains("(x/b)")
+            && events.contains("(x/web)")
+            && events.contains("x/web ingress[0]"),
+        "sluicectl events:\n{events}"
+    );
+    assert!(
+        events.contains("DROP") && events.contains("(x/c)"),
+        "sluicectl events:\n{events}"
+    );
+    s.lab
+        .api
+        .delete("networkpolicies", Some("x"), "web")
+        .unwrap();
+    s.lab.api.delete("pods", Some("x"), "web").unwrap();
+    s.lab.sync().unwrap();
+    std::thread::sleep(PROGRAMMING_DEADLINE);
 }
 
 /// Pod and namespace label changes and policy updates apply to new connections within a second.

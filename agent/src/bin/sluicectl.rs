@@ -44,6 +44,9 @@ enum Cmd {
         /// Stop after this many events.
         #[arg(long)]
         count: Option<usize>,
+        /// Print the events waiting in the ring and stop, instead of following it.
+        #[arg(long)]
+        no_follow: bool,
     },
 }
 
@@ -113,7 +116,7 @@ fn main() -> Result<()> {
                 );
             }
         }
-        Cmd::Events { count } => {
+        Cmd::Events { count, no_follow } => {
             let mut seen = 0;
             loop {
                 let names = Names::load(&args.state_dir);
@@ -145,6 +148,9 @@ fn main() -> Result<()> {
                     if count.is_some_and(|c| seen >= c) {
                         return Ok(());
                     }
+                }
+                if no_follow {
+                    return Ok(());
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
