@@ -151,7 +151,9 @@ impl Suite {
         self.lab
             .apply(policies)
             .unwrap_or_else(|e| panic!("{name}: apply: {e:#}"));
-        std::thread::sleep(PROGRAMMING_DEADLINE);
+        self.lab
+            .wait_programmed(PROGRAMMING_DEADLINE)
+            .expect("programmed within a second");
         self.check(name, &expected);
         for (ns, policy) in names {
             self.lab
@@ -375,7 +377,9 @@ fn new_pods_are_covered_and_counted(s: &mut Suite) {
             "metadata": {"name": "web", "namespace": "x", "labels": {"app": "web"}},
             "spec": {"nodeName": "node-2", "containers": [{"name": "c", "image": "x"}]}})])
         .unwrap();
-    std::thread::sleep(PROGRAMMING_DEADLINE);
+    s.lab
+        .wait_programmed(PROGRAMMING_DEADLINE)
+        .expect("programmed within a second");
     let web_pod = s.lab.kubelet.pod("x/web").expect("x/web wired");
     let (web_ip, node) = (web_pod.ip, web_pod.node.clone());
     let from = |pod: &str| s.lab.kubelet.pod(pod).unwrap().netns.path();
@@ -437,7 +441,7 @@ fn labels_and_updates_take_effect(s: &mut Suite) {
         "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "blue"}}}]}]}),
     );
     s.lab.apply(vec![allow_from_team_blue]).unwrap();
-    std::thread::sleep(PROGRAMMING_DEADLINE);
+    s.lab.wait_programmed(PROGRAMMING_DEADLINE).unwrap();
     s.check(
         "policy with a namespace label nobody has",
         &Reachability::everything().deny_ingress_to("x/a"),
@@ -451,7 +455,9 @@ fn labels_and_updates_take_effect(s: &mut Suite) {
             &json!({"metadata": {"labels": {"team": "blue"}}}),
         )
         .unwrap();
-    std::thread::sleep(PROGRAMMING_DEADLINE);
+    s.lab
+        .wait_programmed(PROGRAMMING_DEADLINE)
+        .expect("programmed within a second");
     s.check(
         "namespace z labelled team=blue",
         &Reachability::everything()
@@ -472,7 +478,9 @@ fn labels_and_updates_take_effect(s: &mut Suite) {
             &json!({"metadata": {"labels": {"role": "client"}}}),
         )
         .unwrap();
-    std::thread::sleep(PROGRAMMING_DEADLINE);
+    s.lab
+        .wait_programmed(PROGRAMMING_DEADLINE)
+        .expect("programmed within a second");
     s.check(
         "policy updated, pod x/c labelled role=client",
         &Reachability::everything()

@@ -114,6 +114,11 @@ struct Follower {
 
 impl Follower {
     async fn program(&mut self) -> Result<()> {
+        // Read before the stores: everything up to this version is in what gets programmed.
+        let revision = self
+            .cluster
+            .observed
+            .load(std::sync::atomic::Ordering::Acquire);
         let nodes = self.cluster.nodes.state();
         let mut pods = self.pods.lock().await;
         pods.set_remote_routes(k8s::remote_routes(&nodes, &self.own))
@@ -141,7 +146,7 @@ impl Follower {
         }
         pods.set_policy(&tables)?;
         drop(pods);
-        write_names(&self.state_dir, &tables, &all_pods)
+        write_names(&self.state_dir, &tables, &all_pods, revision)
     }
 
     async fn run(mut self) {
@@ -154,11 +159,13 @@ impl Follower {
     }
 }
 
-/// Names for `sluicectl`: rule ids → policy rules, pod addresses → pods.
+/// Names for `sluicectl` (rule ids → policy rules, pod addresses → pods) and how far the
+/// programmed state has caught up with the API server.
 fn write_names(
     state_dir: &std::path::Path,
     tables: &PolicyTables,
     pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
+    revision: u64,
 ) -> Result<()> {
     let rules: std::collections::BTreeMap<u32, String> = tables
         .rules
@@ -176,7 +183,9 @@ fn write_names(
             addresses.insert(ip.ip.clone(), name.clone());
         }
     }
-    let names = serde_json::json!({"rules": rules, "pods": addresses});
+    // `programmedResourceVersion` tells the lab (and operators) how far the datapath has caught
+    // up with the API server.
+    let names = serde_json::json!({"rules": rules, "pods": addresses, "programmedResourceVersion": revision});
     let path = state_dir.join("names.json");
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&names)?)

@@ -2,7 +2,15 @@
 //! reflector stores — the cluster store. Nothing here touches the kernel: `remote_routes` turns the
 //! store into plain data for the pipeline.
 
-use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    net::IpAddr,
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
@@ -38,6 +46,8 @@ pub struct ClusterStore {
     pub network_policies: Store<NetworkPolicy>,
     /// Signalled after every watch event of any kind.
     pub changed: Arc<Notify>,
+    /// The highest resourceVersion any watch event carried: what the store has seen.
+    pub observed: Arc<AtomicU64>,
 }
 
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
@@ -54,7 +64,12 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-fn watch<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> Store<K>
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+    observed: Arc<AtomicU64>,
+) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
@@ -66,7 +81,20 @@ where
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(_) => changed.notify_one(),
+                Ok(event) => {
+                    if let watcher::Event::Apply(obj)
+                    | watcher::Event::Delete(obj)
+                    | watcher::Event::InitApply(obj) = &event
+                    {
+                        let rv = obj
+                            .meta()
+                            .resource_version
+                            .as_deref()
+                            .and_then(|rv| rv.parse().ok());
+                        observed.fetch_max(rv.unwrap_or(0), Ordering::AcqRel);
+                    }
+                    changed.notify_one()
+                }
                 // The backoff retries; a 410 Gone makes the watcher relist.
                 Err(e) => warn!(%kind, "watch failed, retrying: {e}"),
             }
@@ -78,23 +106,47 @@ where
 impl ClusterStore {
     pub fn start(client: Client) -> ClusterStore {
         let changed = Arc::new(Notify::new());
+        let observed = Arc::new(AtomicU64::new(0));
         let all = watcher::Config::default;
         ClusterStore {
-            nodes: watch(Api::<Node>::all(client.clone()), all(), changed.clone()),
+            nodes: watch(
+                Api::<Node>::all(client.clone()),
+                all(),
+                changed.clone(),
+                observed.clone(),
+            ),
             namespaces: watch(
                 Api::<Namespace>::all(client.clone()),
                 all(),
                 changed.clone(),
+                observed.clone(),
             ),
-            pods: watch(Api::<Pod>::all(client.clone()), all(), changed.clone()),
-            services: watch(Api::<Service>::all(client.clone()), all(), changed.clone()),
+            pods: watch(
+                Api::<Pod>::all(client.clone()),
+                all(),
+                changed.clone(),
+                observed.clone(),
+            ),
+            services: watch(
+                Api::<Service>::all(client.clone()),
+                all(),
+                changed.clone(),
+                observed.clone(),
+            ),
             endpoint_slices: watch(
                 Api::<EndpointSlice>::all(client.clone()),
                 all(),
                 changed.clone(),
+                observed.clone(),
             ),
-            network_policies: watch(Api::<NetworkPolicy>::all(client), all(), changed.clone()),
+            network_policies: watch(
+                Api::<NetworkPolicy>::all(client),
+                all(),
+                changed.clone(),
+                observed.clone(),
+            ),
             changed,
+            observed,
         }
     }
 

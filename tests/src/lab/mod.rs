@@ -204,15 +204,17 @@ impl Lab {
         controllers::sync_endpoint_slices(&self.api)
     }
 
-    /// Waits until every agent holds exactly the expected state: its own running pods in
+    /// Waits until every agent reports the API server's current state programmed (NetworkPolicy
+    /// included) and holds exactly the expected forwarding state: its own running pods in
     /// L3Forwarding, and every other node's pod CIDR (encap: REMOTE_NODES; noEncap: routes).
     pub fn wait_programmed(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
+        let target = self.revision();
         loop {
             let pending: Vec<String> = self
                 .nodes
                 .iter()
-                .filter_map(|n| self.unprogrammed(n).err())
+                .filter_map(|n| self.unprogrammed(n, target).err())
                 .collect();
             if pending.is_empty() {
                 return Ok(());
@@ -227,7 +229,43 @@ impl Lab {
         }
     }
 
-    fn unprogrammed(&self, node: &LabNode) -> Result<(), String> {
+    /// The newest resourceVersion among the objects that exist. (A deletion's version is not
+    /// among them: an agent that relisted never saw it. Deletions are checked by their effect.)
+    fn revision(&self) -> u64 {
+        [
+            "nodes",
+            "namespaces",
+            "pods",
+            "services",
+            "endpointslices",
+            "networkpolicies",
+        ]
+        .iter()
+        .flat_map(|kind| self.api.list(kind, None))
+        .filter_map(|o| {
+            o["metadata"]["resourceVersion"]
+                .as_str()?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+    }
+
+    /// What `node`'s agent has not programmed yet: API objects up to `target` (it reports how
+    /// far it got in `names.json`), its pods, the other nodes' pod CIDRs.
+    fn unprogrammed(&self, node: &LabNode, target: u64) -> Result<(), String> {
+        let names = std::fs::read(node.node.dir.join("state/names.json")).unwrap_or_default();
+        let reported = serde_json::from_slice::<Value>(&names)
+            .ok()
+            .and_then(|v| v["programmedResourceVersion"].as_u64())
+            .unwrap_or(0);
+        if reported < target {
+            return Err(format!(
+                "{}: programmed up to resourceVersion {reported} of {target}",
+                node.name
+            ));
+        }
         let pipeline = sluice_agent::datapath::ebpf::Maps::from_pins(&node.node.bpffs)
             .and_then(|m| m.pipeline())
             .map_err(|e| format!("{}: {e:#}", node.name))?;
