@@ -182,6 +182,21 @@ pub struct FlowReport {
     pub server_error: Option<String>,
 }
 
+impl FlowReport {
+    /// No reset, no error, no silence of a second or more.
+    pub fn assert_unbroken(&self) {
+        assert!(
+            self.client_error.is_none() && self.server_error.is_none(),
+            "flow broke: {self:?}"
+        );
+        assert!(
+            self.max_gap < Duration::from_secs(1),
+            "flow stalled for {:?}",
+            self.max_gap
+        );
+    }
+}
+
 impl Flow {
     pub fn start(client_ns: PathBuf, server_ns: &Path, server_ip: Ipv4Addr, port: u16) -> Flow {
         let listener = in_netns(server_ns, move || {

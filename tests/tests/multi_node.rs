@@ -216,15 +216,7 @@ fn agent_restart_keeps_flows(lab: &mut Lab) {
         .expect("state intact after restart");
     std::thread::sleep(Duration::from_millis(300));
     let report = flow.stop();
-    assert!(
-        report.client_error.is_none() && report.server_error.is_none(),
-        "flow broke: {report:?}"
-    );
-    assert!(
-        report.max_gap < Duration::from_secs(1),
-        "flow stalled for {:?}",
-        report.max_gap
-    );
+    report.assert_unbroken();
 }
 
 /// Deleting a Node object removes its pod CIDR from every other node within a second.

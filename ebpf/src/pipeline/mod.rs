@@ -30,7 +30,8 @@ pub fn verdict(result: StageResult) -> i32 {
     }
 }
 
-/// Classifier → SpoofGuard → (ARPResponder | L3Forwarding → Output).
+/// Classifier → SpoofGuard → (ARPResponder | ConntrackState → EgressRule → IngressRule (a
+/// local receiver's) → L3Forwarding → Output).
 pub fn from_pod(ctx: &TcContext) -> StageResult {
     let node = node_config()?;
     let port = ingress_ifindex(ctx);
@@ -51,7 +52,8 @@ pub fn from_pod(ctx: &TcContext) -> StageResult {
     }
 }
 
-/// Classifier → L3Forwarding → Output: the node reaching pods, local or (encap) remote. Anything
+/// Classifier → ConntrackState → IngressRule → L3Forwarding → Output: the node reaching pods,
+/// local or (encap) remote. Anything
 /// else (its own IPv6 router solicitations, ARP) has nowhere to go.
 pub fn from_gateway(ctx: &TcContext) -> StageResult {
     let node = node_config()?;
@@ -68,7 +70,8 @@ pub fn from_gateway(ctx: &TcContext) -> StageResult {
     }
 }
 
-/// Classifier → L3Forwarding → Output: another node's pods (or the node itself, replying to
+/// Classifier → ConntrackState → IngressRule → L3Forwarding → Output: another node's pods (or
+/// the node itself, replying to
 /// this node's gateway address) reaching this node. Never back into the tunnel: no transit.
 pub fn from_tunnel(ctx: &TcContext) -> StageResult {
     let node = node_config()?;
