@@ -155,6 +155,13 @@ fn per_packet() -> Result<()> {
 fn connect_rate(client: &Path, server: &Path, dst: Ipv4Addr) -> f64 {
     let listener = in_netns(server, || TcpListener::bind(("0.0.0.0", ACCEPT_PORT)))
         .expect("bind the accept loop");
+    // std listens with a backlog of 128; a burst the acceptor has not drained yet would drop
+    // SYNs, and each dropped SYN costs the loop its whole connect timeout.
+    nix::sys::socket::listen(
+        &listener,
+        nix::sys::socket::Backlog::new(4096).expect("backlog"),
+    )
+    .expect("listen backlog");
     let stop = Arc::new(AtomicBool::new(false));
     let stop_server = stop.clone();
     let acceptor = std::thread::spawn(move || {
@@ -179,9 +186,13 @@ fn connect_loop(netns: &Path, dst: Ipv4Addr, port: u16) -> f64 {
     let addr = SocketAddr::from((dst, port));
     in_netns(netns, move || {
         let start = Instant::now();
-        let mut n = 0u64;
+        let (mut n, mut failed) = (0u64, 0u64);
         while start.elapsed() < CONNECT_SECONDS {
-            if let Ok(stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            let Ok(stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+                failed += 1;
+                continue;
+            };
+            {
                 // Reset instead of TIME_WAIT: the loop would run out of ports otherwise.
                 let reset = libc::linger {
                     l_onoff: 1,
@@ -194,6 +205,9 @@ fn connect_loop(netns: &Path, dst: Ipv4Addr, port: u16) -> f64 {
                 );
                 n += 1;
             }
+        }
+        if failed > 0 {
+            eprintln!("  ({failed} connects timed out)");
         }
         n as f64 / start.elapsed().as_secs_f64()
     })
