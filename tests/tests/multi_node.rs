@@ -15,7 +15,7 @@ use sluice_tests::{
         report::{probe_all, Protocol},
         Encap, Lab, LabOptions,
     },
-    probe::{self, Flow},
+    probe::{self, Flow, Servers},
     require_root,
 };
 
@@ -59,6 +59,26 @@ fn netns_of(lab: &Lab, pod: &str) -> std::path::PathBuf {
 
 fn ip_of(lab: &Lab, pod: &str) -> Ipv4Addr {
     lab.kubelet.pod(&format!("default/{pod}")).expect("pod").ip
+}
+
+/// Pods reaching beyond the cluster (the lab switch plays an outside host) leave with their
+/// node's address.
+fn outside_traffic_is_masqueraded(lab: &Lab) {
+    let outside = Servers::start(&lab.switch.path(), "outside", &[8080]);
+    let switch: Ipv4Addr = sluice_tests::lab::SWITCH_IP.parse().unwrap();
+    for (pod, node_ip) in [("p0", lab.nodes[0].ip), ("p1", lab.nodes[1].ip)] {
+        let tcp = probe::tcp(&netns_of(lab, pod), None, switch, 8080).expect("pod -> outside TCP");
+        assert_eq!(
+            tcp.client, node_ip,
+            "{pod} masqueraded to its node's address (TCP)"
+        );
+        let udp = probe::udp(&netns_of(lab, pod), switch, 8080).expect("pod -> outside UDP");
+        assert_eq!(
+            udp.client, node_ip,
+            "{pod} masqueraded to its node's address (UDP)"
+        );
+    }
+    drop(outside);
 }
 
 fn every_pair_connects(lab: &Lab) {
@@ -124,6 +144,7 @@ fn encap_two_nodes() {
     let mut lab = lab(Encap::Vxlan);
     let before = tunnel_tx_packets(&lab, 0).expect("node-1 has the tunnel device");
     every_pair_connects(&lab);
+    outside_traffic_is_masqueraded(&lab);
     let after = tunnel_tx_packets(&lab, 0).unwrap();
     assert!(
         after > before + 10,
@@ -149,6 +170,7 @@ fn no_encap_two_nodes() {
         "no tunnel device in noEncap mode"
     );
     every_pair_connects(&lab);
+    outside_traffic_is_masqueraded(&lab);
     assert!(
         remote_cidrs(&lab, 0).is_empty(),
         "no tunnel entries in noEncap mode"
