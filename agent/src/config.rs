@@ -448,6 +448,17 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_config_is_valid() {
+        let example = include_str!("../../deploy/agent.example.yaml");
+        let settings = Config::parse(example).unwrap().validate(None).unwrap();
+        assert_eq!(settings.kubernetes.unwrap().node_name, "node-1");
+        assert_eq!(
+            settings.health_address,
+            Some("0.0.0.0:9421".parse().unwrap())
+        );
+    }
+
+    #[test]
     fn forced_netlink_attach() {
         assert_eq!(
             config("tcAttachMode: netlink").unwrap().tc_attach_mode,

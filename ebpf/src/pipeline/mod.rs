@@ -53,8 +53,8 @@ pub fn from_pod(ctx: &TcContext) -> StageResult {
 }
 
 /// Classifier → ConntrackState → IngressRule → L3Forwarding → Output: the node reaching pods,
-/// local or (encap) remote. Anything
-/// else (its own IPv6 router solicitations, ARP) has nowhere to go.
+/// local or (encap) remote. Anything else (its own IPv6 router solicitations, ARP) has nowhere
+/// to go.
 pub fn from_gateway(ctx: &TcContext) -> StageResult {
     let node = node_config()?;
     match classifier::classify(ctx)? {
@@ -71,8 +71,8 @@ pub fn from_gateway(ctx: &TcContext) -> StageResult {
 }
 
 /// Classifier → ConntrackState → IngressRule → L3Forwarding → Output: another node's pods (or
-/// the node itself, replying to
-/// this node's gateway address) reaching this node. Never back into the tunnel: no transit.
+/// the node itself, replying to this node's gateway address) reaching this node. Never back
+/// into the tunnel: no transit.
 pub fn from_tunnel(ctx: &TcContext) -> StageResult {
     let node = node_config()?;
     match classifier::classify(ctx)? {

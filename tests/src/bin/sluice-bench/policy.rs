@@ -25,7 +25,7 @@ use sluice_common::{
 use sluice_tests::{
     in_netns,
     lab::{Encap, Lab, LabOptions},
-    test_run::{harness, ipv4_l4, Setup, OUTSIDE_V4, PEER_V4, POD_MAC, POD_V4},
+    test_run::{harness, ipv4_l4, Harness, Setup, OUTSIDE_V4, PEER_V4, POD_MAC, POD_V4},
     Netns,
 };
 
@@ -59,50 +59,18 @@ fn per_packet() -> Result<()> {
     for &n in &RULE_COUNTS {
         let mut h = harness(Setup::Encap);
         if n > 0 {
-            h.maps.endpoint_policy.insert(
-                IpKey::v4(POD_V4),
-                EndpointPolicy {
-                    ingress_policy: 0,
-                    egress_policy: 1,
-                },
-                0,
-            )?;
+            let isolated = EndpointPolicy {
+                ingress_policy: 0,
+                egress_policy: 1,
+            };
+            h.maps
+                .endpoint_policy
+                .insert(IpKey::v4(POD_V4), isolated, 0)?;
             for i in 0..n {
-                let peer = 1_000 + i;
-                let prefix = Key::new(IP_KEY_PREFIX_BITS + 32, IpKey::v4(rule_peer(i).octets()));
-                h.maps.ipcache.insert(&prefix, Identity { id: peer }, 0)?;
-                let key = PolicyKey {
-                    policy: 1,
-                    peer,
-                    proto: 6,
-                    _pad: 0,
-                    port: 80u16.to_be_bytes(),
-                };
-                h.maps.insert_policy(
-                    &PolicyLpmKey {
-                        key,
-                        prefix_len: POLICY_KEY_EXACT_BITS + 16,
-                    },
-                    PolicyRule { rule: i + 1 },
-                )?;
+                allow_tcp_80(&mut h, rule_peer(i), 1_000 + i, i + 1)?;
             }
             // The established flow's peer is allowed by the last rule.
-            let prefix = Key::new(IP_KEY_PREFIX_BITS + 32, IpKey::v4(PEER_V4));
-            h.maps.ipcache.insert(&prefix, Identity { id: 999 }, 0)?;
-            let key = PolicyKey {
-                policy: 1,
-                peer: 999,
-                proto: 6,
-                _pad: 0,
-                port: 80u16.to_be_bytes(),
-            };
-            h.maps.insert_policy(
-                &PolicyLpmKey {
-                    key,
-                    prefix_len: POLICY_KEY_EXACT_BITS + 16,
-                },
-                PolicyRule { rule: n + 1 },
-            )?;
+            allow_tcp_80(&mut h, Ipv4Addr::from(PEER_V4), 999, n + 1)?;
         }
         let denied = ipv4_l4(POD_MAC, POD_V4, OUTSIDE_V4, 6, (40000, 80), 0x02);
         let allowed = ipv4_l4(POD_MAC, POD_V4, PEER_V4, 6, (40000, 80), 0x10);
@@ -148,6 +116,24 @@ fn per_packet() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Egress policy 1 allows TCP port 80 to `peer`, known as identity `id`, by rule `rule`.
+fn allow_tcp_80(h: &mut Harness, peer: Ipv4Addr, id: u32, rule: u32) -> Result<()> {
+    let prefix = Key::new(IP_KEY_PREFIX_BITS + 32, IpKey::v4(peer.octets()));
+    h.maps.ipcache.insert(&prefix, Identity { id }, 0)?;
+    let key = PolicyKey {
+        policy: 1,
+        peer: id,
+        proto: 6,
+        _pad: 0,
+        port: 80u16.to_be_bytes(),
+    };
+    let lpm = PolicyLpmKey {
+        key,
+        prefix_len: POLICY_KEY_EXACT_BITS + 16,
+    };
+    h.maps.insert_policy(&lpm, PolicyRule { rule })
 }
 
 /// Connections per second of a connect/close loop from `client` to a plain accept loop in
