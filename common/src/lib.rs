@@ -14,13 +14,18 @@ pub mod map_names {
     pub const POLICY: &str = "POLICY";
     pub const POLICY_EXACT: &str = "POLICY_EXACT";
     pub const CONNTRACK: &str = "CONNTRACK";
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const SERVICE_NAT: &str = "SERVICE_NAT";
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const EXTERNAL_IPS: &str = "EXTERNAL_IPS";
     pub const RULE_STATS: &str = "RULE_STATS";
     pub const POLICY_EVENTS: &str = "POLICY_EVENTS";
     pub const NODE_CONFIG: &str = "NODE_CONFIG";
     pub const STAGE_PACKETS: &str = "STAGE_PACKETS";
     pub const DROPS: &str = "DROPS";
 
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 18] = [
         ENDPOINTS,
         SPOOF_GUARD,
         REMOTE_NODES,
@@ -29,6 +34,11 @@ pub mod map_names {
         POLICY,
         POLICY_EXACT,
         CONNTRACK,
+        SERVICES,
+        BACKENDS,
+        SERVICE_NAT,
+        AFFINITY,
+        EXTERNAL_IPS,
         RULE_STATS,
         POLICY_EVENTS,
         NODE_CONFIG,
@@ -45,6 +55,9 @@ pub mod program_names {
     pub const FROM_GATEWAY: &str = "from_gateway";
     /// tc ingress on the tunnel device: decapsulated packets from other nodes.
     pub const FROM_TUNNEL: &str = "from_tunnel";
+    /// tc ingress on the node's uplink: NodePort, LoadBalancer and externalIPs from outside,
+    /// ARP for the LoadBalancer IPs this node owns, and replies to load-balanced connections.
+    pub const FROM_UPLINK: &str = "from_uplink";
 }
 
 /// Capacity of the per-endpoint maps (ENDPOINTS, SPOOF_GUARD).
@@ -131,9 +144,10 @@ pub struct SpoofGuardEntry {
 
 /// The node's datapath parameters, slot 0 of NODE_CONFIG.
 ///
-/// Layout (16 bytes): gateway ifindex (`sluice-gw0`, where packets for the node are delivered),
+/// Layout (24 bytes): gateway ifindex (`sluice-gw0`, where packets for the node are delivered),
 /// tunnel ifindex (0 in noEncap mode: other nodes' pods are reached through the node's routes),
-/// gateway MAC (the MAC pods talk to), 2 bytes padding.
+/// gateway MAC (the MAC pods talk to), 2 bytes padding, uplink ifindex (0 when no program runs
+/// on the uplink), the gateway's IPv4 address (the source of SNATed Service traffic).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NodeConfig {
@@ -141,6 +155,8 @@ pub struct NodeConfig {
     pub tunnel_ifindex: u32,
     pub gateway_mac: [u8; 6],
     pub _pad: [u8; 2],
+    pub uplink_ifindex: u32,
+    pub gateway_ipv4: [u8; 4],
 }
 
 /// REMOTE_NODES value: the node that owns a pod CIDR, as the tunnel destination.
@@ -254,6 +270,132 @@ pub struct CtEntry {
     pub _pad: u32,
 }
 
+/// Capacity of SERVICES (frontends: address, port, protocol, scope) and BACKENDS.
+pub const MAX_SERVICES: u32 = 131_072;
+pub const MAX_BACKENDS: u32 = 262_144;
+/// Capacity of SERVICE_NAT (two entries per load-balanced connection).
+pub const MAX_SERVICE_NAT: u32 = 262_144;
+/// Capacity of AFFINITY (one entry per client and Service with ClientIP affinity).
+pub const MAX_AFFINITY: u32 = 65_536;
+/// Capacity of EXTERNAL_IPS (LoadBalancer IPs this node answers ARP for).
+pub const MAX_EXTERNAL_IPS: u32 = 4_096;
+
+/// Where a frontend is reached from: the pods and the node (ClusterIP, and NodePort /
+/// LoadBalancer / externalIPs used from inside) or the node's uplink (NodePort, LoadBalancer and
+/// externalIPs from outside). The two may load-balance over different endpoints
+/// (internalTrafficPolicy / externalTrafficPolicy Local).
+pub mod scope {
+    pub const INTERNAL: u8 = 0;
+    pub const EXTERNAL: u8 = 1;
+}
+
+/// Flags of a Service frontend.
+pub mod service_flags {
+    /// The client's source is rewritten to the node's gateway address, so replies come back
+    /// through this node (externalTrafficPolicy Cluster, reached from outside).
+    pub const SNAT: u32 = 1 << 0;
+    /// sessionAffinity ClientIP: a client keeps its endpoint for `affinity_timeout` seconds.
+    pub const AFFINITY: u32 = 1 << 1;
+}
+
+/// Flags of a SERVICE_NAT entry.
+pub mod nat_flags {
+    /// A reply going back to a client outside the cluster: it leaves through the node's FIB
+    /// (its source is now a node address, which the node's own stack would refuse as martian).
+    pub const TO_EXTERNAL: u32 = 1 << 0;
+    /// The entry undoes a DNAT (a reply); without it the entry is a connection's DNAT.
+    pub const REVERSE: u32 = 1 << 1;
+}
+
+/// The source address a pod sees when it reaches itself through a Service (hairpin): without a
+/// rewrite its reply would never leave its namespace. Antrea uses the same link-local address.
+pub const HAIRPIN_IPV4: [u8; 4] = [169, 254, 0, 253];
+
+/// SERVICES key: a Service frontend. Layout (24 bytes): address, port (host order), IP
+/// protocol, scope.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: IpKey,
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// SERVICES value: the frontend's backend set (indices 0..count in BACKENDS), `service_flags`
+/// and the affinity timeout in seconds. Layout (16 bytes). `count` 0 means the Service has no
+/// endpoints: new connections are rejected.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Service {
+    pub backend_set: u32,
+    pub count: u32,
+    pub flags: u32,
+    pub affinity_timeout: u32,
+}
+
+/// BACKENDS key. Layout (8 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub set: u32,
+    pub index: u32,
+}
+
+/// BACKENDS value: an endpoint's address and port (host order). Layout (24 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NatTarget {
+    pub addr: IpKey,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// SERVICE_NAT key: one direction of a connection as the packet carries it. Layout (48 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub src: IpKey,
+    pub dst: IpKey,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// SERVICE_NAT value: the tuple a packet of that direction leaves with, and `nat_flags`. The
+/// DNAT entry (client → frontend) holds client (or SNAT address) → endpoint; the reverse entry
+/// (endpoint → client or SNAT address) holds frontend → client. Layout (48 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NatEntry {
+    pub src: IpKey,
+    pub dst: IpKey,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub flags: u32,
+}
+
+/// AFFINITY key: a backend set and a client address. Layout (24 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    pub backend_set: u32,
+    pub client: IpKey,
+}
+
+/// AFFINITY value: the endpoint the client was last sent to, its index in the set (an entry
+/// whose index now holds another endpoint is stale), and when (ns since boot).
+/// Layout (40 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityEntry {
+    pub endpoint: NatTarget,
+    pub index: u32,
+    pub _pad: u32,
+    pub last_used: u64,
+}
+
 /// A policy verdict on a new connection, sent to user space through the POLICY_EVENTS ring
 /// buffer (never per packet: only new connections and drops). Layout (64 bytes).
 #[repr(C)]
@@ -306,10 +448,18 @@ const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 48);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyEvent>() == 64);
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
+const _: () = assert!(core::mem::size_of::<Service>() == 16);
+const _: () = assert!(core::mem::size_of::<NatEntry>() == 48);
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
+const _: () = assert!(core::mem::size_of::<AffinityEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
+const _: () = assert!(core::mem::size_of::<NatTarget>() == 24);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
 const _: () = assert!(core::mem::size_of::<SpoofGuardKey>() == 24);
 const _: () = assert!(core::mem::size_of::<SpoofGuardEntry>() == 8);
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 24);
 const _: () = assert!(core::mem::size_of::<RemoteNode>() == 20);
 
 /// Declares a `#[repr(u32)]` enum with a stable name for every variant, the number of variants
@@ -345,22 +495,28 @@ named_enum! {
         SpoofGuard = 1 => "SpoofGuard",
         /// Answers the pod's ARP requests with the gateway MAC: every pod talks L3 to the gateway.
         ArpResponder = 2 => "ARPResponder",
+        /// A client with ClientIP affinity goes back to the endpoint it used last.
+        SessionAffinity = 3 => "SessionAffinity",
+        /// A Service frontend: the connection keeps its endpoint, or a new one gets one at random.
+        ServiceLB = 4 => "ServiceLB",
+        /// The destination rewritten to the endpoint (and replies' source back to the frontend).
+        EndpointDNAT = 5 => "EndpointDNAT",
         /// Finds the connection in conntrack: an established one skips the policy stages.
-        ConntrackState = 3 => "ConntrackState",
+        ConntrackState = 6 => "ConntrackState",
         /// A new connection out of an egress-isolated pod: allowed by a rule...
-        EgressRule = 4 => "EgressRule",
+        EgressRule = 7 => "EgressRule",
         /// ...or dropped.
-        EgressDefaultRule = 5 => "EgressDefaultRule",
+        EgressDefaultRule = 8 => "EgressDefaultRule",
         /// Finds where the destination lives: a local pod (exact address), another node's pod
         /// CIDR (longest prefix), or else the node itself.
-        L3Forwarding = 6 => "L3Forwarding",
+        L3Forwarding = 9 => "L3Forwarding",
         /// A new connection into an ingress-isolated local pod: allowed by a rule...
-        IngressRule = 7 => "IngressRule",
+        IngressRule = 10 => "IngressRule",
         /// ...or dropped.
-        IngressDefaultRule = 8 => "IngressDefaultRule",
+        IngressDefaultRule = 11 => "IngressDefaultRule",
         /// Delivers: into a local pod, into the tunnel to another node, or up to the node
         /// through the gateway.
-        Output = 9 => "Output",
+        Output = 12 => "Output",
     }
 }
 
@@ -391,6 +547,10 @@ named_enum! {
         EgressDenied = 10 => "EgressDenied",
         /// No ingress rule of the destination pod's policies allows the new connection.
         IngressDenied = 11 => "IngressDenied",
+        /// A Service frontend without endpoints.
+        NoEndpoints = 12 => "NoEndpoints",
+        /// The kernel refused a NAT rewrite (checksum or store helper).
+        NatFailed = 13 => "NatFailed",
     }
 }
 
@@ -409,6 +569,8 @@ impl DropReason {
             DropReason::TunnelKeyFailed => Stage::Output,
             DropReason::EgressDenied => Stage::EgressDefaultRule,
             DropReason::IngressDenied => Stage::IngressDefaultRule,
+            DropReason::NoEndpoints => Stage::ServiceLB,
+            DropReason::NatFailed => Stage::EndpointDNAT,
         }
     }
 }
@@ -431,4 +593,12 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for PolicyEvent {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for NatTarget {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for NatEntry {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityEntry {}
 }

@@ -66,6 +66,8 @@ pub fn harness(setup: Setup) -> Harness {
                     tunnel_ifindex,
                     gateway_mac: GW_MAC,
                     _pad: [0; 2],
+                    uplink_ifindex: 0,
+                    gateway_ipv4: [0; 4],
                 },
                 0,
             )

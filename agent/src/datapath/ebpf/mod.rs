@@ -222,6 +222,8 @@ impl Datapath for EbpfDatapath {
             tunnel_ifindex: wiring.tunnel.as_ref().map_or(0, |(_, index)| *index),
             gateway_mac: wiring.gateway.mac.0,
             _pad: [0; 2],
+            uplink_ifindex: 0,
+            gateway_ipv4: [0; 4],
         };
         self.maps
             .node_config
