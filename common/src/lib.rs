@@ -311,6 +311,15 @@ pub mod nat_flags {
 /// rewrite its reply would never leave its namespace. Antrea uses the same link-local address.
 pub const HAIRPIN_IPV4: [u8; 4] = [169, 254, 0, 253];
 
+/// EXTERNAL_IPS value: the MAC this node answers ARP with for a LoadBalancer IP it owns (its
+/// uplink's). Layout (8 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExternalIp {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
 /// SERVICES key: a Service frontend. Layout (24 bytes): address, port (host order), IP
 /// protocol, scope.
 #[repr(C)]
@@ -451,6 +460,7 @@ const _: () = assert!(core::mem::size_of::<PolicyEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
 const _: () = assert!(core::mem::size_of::<Service>() == 16);
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 48);
+const _: () = assert!(core::mem::size_of::<ExternalIp>() == 8);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityEntry>() == 40);
 const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
@@ -551,6 +561,8 @@ named_enum! {
         NoEndpoints = 12 => "NoEndpoints",
         /// The kernel refused a NAT rewrite (checksum or store helper).
         NatFailed = 13 => "NatFailed",
+        /// The node's FIB has no route (or no usable neighbour) for a packet leaving through it.
+        NoRoute = 14 => "NoRoute",
     }
 }
 
@@ -571,6 +583,7 @@ impl DropReason {
             DropReason::IngressDenied => Stage::IngressDefaultRule,
             DropReason::NoEndpoints => Stage::ServiceLB,
             DropReason::NatFailed => Stage::EndpointDNAT,
+            DropReason::NoRoute => Stage::Output,
         }
     }
 }
@@ -599,6 +612,7 @@ mod pod {
     unsafe impl aya::Pod for NatTarget {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for NatEntry {}
+    unsafe impl aya::Pod for ExternalIp {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
 }

@@ -11,9 +11,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use sluice_common::{
-    CtEntry, CtKey, DropReason, Endpoint, EndpointPolicy, Identity, IpKey, NodeConfig, PolicyKey,
-    PolicyRule, RemoteNode, RuleStats, SpoofGuardEntry, SpoofGuardKey, Stage, MAX_CONNTRACK,
-    MAX_ENDPOINTS, MAX_IPCACHE, MAX_POLICY_ENTRIES, MAX_REMOTE_CIDRS, MAX_RULES,
+    AffinityEntry, AffinityKey, BackendKey, CtEntry, CtKey, DropReason, Endpoint, EndpointPolicy,
+    ExternalIp, FlowKey, Identity, IpKey, NatEntry, NatTarget, NodeConfig, PolicyKey, PolicyRule,
+    RemoteNode, RuleStats, Service, ServiceKey, SpoofGuardEntry, SpoofGuardKey, Stage,
+    MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_EXTERNAL_IPS, MAX_IPCACHE,
+    MAX_POLICY_ENTRIES, MAX_REMOTE_CIDRS, MAX_RULES, MAX_SERVICES, MAX_SERVICE_NAT,
     POLICY_EVENTS_BYTES,
 };
 
@@ -55,6 +57,28 @@ static POLICY_EXACT: HashMap<PolicyKey, PolicyRule> =
 #[map]
 static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
 
+/// ServiceLB: Service frontends (address, port, protocol, scope) → their backend set.
+#[map]
+static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// ServiceLB: (backend set, index) → endpoint.
+#[map]
+static BACKENDS: HashMap<BackendKey, NatTarget> = HashMap::with_max_entries(MAX_BACKENDS, 0);
+
+/// EndpointDNAT: each direction of a load-balanced connection → the tuple it leaves with.
+#[map]
+static SERVICE_NAT: LruHashMap<FlowKey, NatEntry> =
+    LruHashMap::with_max_entries(MAX_SERVICE_NAT, 0);
+
+/// SessionAffinity: (backend set, client) → the endpoint it used last.
+#[map]
+static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
+    LruHashMap::with_max_entries(MAX_AFFINITY, 0);
+
+/// ARPResponder on the uplink: the LoadBalancer IPs this node answers for.
+#[map]
+static EXTERNAL_IPS: HashMap<IpKey, ExternalIp> = HashMap::with_max_entries(MAX_EXTERNAL_IPS, 0);
+
 /// EgressMetric / IngressMetric: packets and bytes of the connections each rule allowed.
 #[map]
 static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_RULES, 0);
@@ -66,6 +90,14 @@ static POLICY_EVENTS: RingBuf = RingBuf::with_byte_size(POLICY_EVENTS_BYTES, 0);
 /// Slot 0: the node's gateway and tunnel.
 #[map]
 static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
+
+/// The Classifier's output for the packet being processed (one slot per CPU).
+#[map]
+static META: PerCpuArray<pipeline::IpMeta> = PerCpuArray::with_max_entries(1, 0);
+
+/// ServiceLB's keys and entries for the packet being processed (one slot per CPU).
+#[map]
+static NAT_SCRATCH: PerCpuArray<pipeline::NatScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Packets that passed each stage, per CPU, indexed by `Stage`.
 #[map]
@@ -91,6 +123,13 @@ pub fn from_gateway(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_tunnel(ctx: TcContext) -> i32 {
     pipeline::verdict(pipeline::from_tunnel(&ctx))
+}
+
+/// tc ingress on the node's uplink: Services reached from outside, ARP for owned LoadBalancer
+/// IPs; everything else goes on to the node untouched.
+#[classifier]
+pub fn from_uplink(ctx: TcContext) -> i32 {
+    pipeline::verdict(pipeline::from_uplink(&ctx))
 }
 
 #[cfg(not(test))]

@@ -3,6 +3,8 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
+
+use crate::META;
 use sluice_common::{DropReason, IpKey, Stage};
 
 pub const ETH_P_IP: u16 = 0x0800;
@@ -78,6 +80,8 @@ pub struct IpMeta {
     pub tcp_flags: u8,
     /// Total length of the frame, for the byte counters.
     pub len: u32,
+    /// Where the L4 header starts (meaningful when the ports are).
+    pub l4_offset: u32,
 }
 
 pub struct ArpMeta {
@@ -89,7 +93,7 @@ pub struct ArpMeta {
 }
 
 pub enum Packet {
-    Ip(IpMeta),
+    Ip(&'static mut IpMeta),
     Arp(ArpMeta),
 }
 
@@ -107,6 +111,7 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*mut T, DropReason> {
 /// The longest header chain any stage reads: Ethernet + IPv6.
 const HEADERS_LEN: u32 = (ETH_HLEN + size_of::<Ipv6Hdr>()) as u32;
 
+#[inline(always)]
 pub fn classify(ctx: &TcContext) -> Result<Packet, DropReason> {
     make_headers_linear(ctx);
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
@@ -138,8 +143,19 @@ fn make_headers_linear(ctx: &TcContext) {
     }
 }
 
+/// The packet's metadata lives in a per-CPU slot, not on the 512-byte BPF stack that the
+/// Service and security stages need for their keys. One program runs at a time per CPU.
 #[inline(always)]
-fn ipv4(ctx: &TcContext, src_mac: [u8; 6]) -> Result<IpMeta, DropReason> {
+fn scratch() -> Result<&'static mut IpMeta, DropReason> {
+    match META.get_ptr_mut(0) {
+        // SAFETY: the slot belongs to this CPU for the whole run of the program.
+        Some(meta) => Ok(unsafe { &mut *meta }),
+        None => Err(DropReason::NotConfigured),
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &TcContext, src_mac: [u8; 6]) -> Result<&'static mut IpMeta, DropReason> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
     // SAFETY: bounds checked by `ptr_at`.
     let (version_ihl, tot_len, src, dst) = unsafe {
@@ -160,7 +176,8 @@ fn ipv4(ctx: &TcContext, src_mac: [u8; 6]) -> Result<IpMeta, DropReason> {
     }
     // SAFETY: bounds checked by `ptr_at` above.
     let (proto, frag_off) = unsafe { ((*ip).protocol, u16::from_be((*ip).frag_off)) };
-    let mut meta = IpMeta {
+    let meta = scratch()?;
+    *meta = IpMeta {
         src_mac,
         src: IpKey::v4(src),
         dst: IpKey::v4(dst),
@@ -169,16 +186,17 @@ fn ipv4(ctx: &TcContext, src_mac: [u8; 6]) -> Result<IpMeta, DropReason> {
         dst_port: 0,
         tcp_flags: 0,
         len: ctx.len(),
+        l4_offset: (ETH_HLEN + (header_len & 0x3c)) as u32,
     };
     // A non-first fragment carries no L4 header.
     if frag_off & 0x1fff == 0 {
-        l4(ctx, &mut meta, ETH_HLEN + (header_len & 0x3c))?;
+        l4(ctx, meta, ETH_HLEN + (header_len & 0x3c))?;
     }
     Ok(meta)
 }
 
 #[inline(always)]
-fn ipv6(ctx: &TcContext, src_mac: [u8; 6]) -> Result<IpMeta, DropReason> {
+fn ipv6(ctx: &TcContext, src_mac: [u8; 6]) -> Result<&'static mut IpMeta, DropReason> {
     let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN)?;
     // SAFETY: bounds checked by `ptr_at`.
     let (version, next, src, dst) = unsafe {
@@ -192,7 +210,8 @@ fn ipv6(ctx: &TcContext, src_mac: [u8; 6]) -> Result<IpMeta, DropReason> {
     if version != 6 {
         return Err(DropReason::Malformed);
     }
-    let mut meta = IpMeta {
+    let meta = scratch()?;
+    *meta = IpMeta {
         src_mac,
         src: IpKey::v6(src),
         dst: IpKey::v6(dst),
@@ -201,9 +220,10 @@ fn ipv6(ctx: &TcContext, src_mac: [u8; 6]) -> Result<IpMeta, DropReason> {
         dst_port: 0,
         tcp_flags: 0,
         len: ctx.len(),
+        l4_offset: (ETH_HLEN + size_of::<Ipv6Hdr>()) as u32,
     };
     // Extension headers are not walked: such packets are classified without ports.
-    l4(ctx, &mut meta, ETH_HLEN + size_of::<Ipv6Hdr>())?;
+    l4(ctx, meta, ETH_HLEN + size_of::<Ipv6Hdr>())?;
     Ok(meta)
 }
 

@@ -8,14 +8,21 @@ mod l3_forwarding;
 mod metrics;
 mod network_policy;
 mod output;
+mod service_lb;
 mod spoof_guard;
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
-use sluice_common::{DropReason, NodeConfig, Stage};
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use sluice_common::{nat_flags, scope, DropReason, NodeConfig, Stage};
 
 use crate::{ENDPOINT_POLICY, NODE_CONFIG};
-use classifier::{IpMeta, Packet};
+pub use classifier::IpMeta;
+use classifier::Packet;
 use l3_forwarding::Next;
+use service_lb::Lb;
+pub use service_lb::Scratch as NatScratch;
 
 /// A TC action (`TC_ACT_*`) or the reason the packet is dropped.
 pub type StageResult = Result<i32, DropReason>;
@@ -30,8 +37,8 @@ pub fn verdict(result: StageResult) -> i32 {
     }
 }
 
-/// Classifier → SpoofGuard → (ARPResponder | ConntrackState → EgressRule → IngressRule (a
-/// local receiver's) → L3Forwarding → Output).
+/// Classifier → SpoofGuard → (ARPResponder | SessionAffinity → ServiceLB → EndpointDNAT →
+/// ConntrackState → EgressRule → IngressRule (a local receiver's) → L3Forwarding → Output).
 pub fn from_pod(ctx: &TcContext) -> StageResult {
     let node = node_config()?;
     let port = ingress_ifindex(ctx);
@@ -41,49 +48,109 @@ pub fn from_pod(ctx: &TcContext) -> StageResult {
             arp_responder::reply(ctx, port, &arp, node)
         }
         Packet::Ip(meta) => {
-            spoof_guard::check_ip(port, &meta)?;
-            security(&meta, true)?;
-            match l3_forwarding::lookup(&meta, node) {
-                Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
-                Next::RemoteNode(remote) => output::to_tunnel(ctx, &remote, node),
-                Next::Node => output::to_gateway(ctx, node),
-            }
+            spoof_guard::check_ip(port, meta)?;
+            let lb = service_lb::balance(ctx, meta, Some(scope::INTERNAL), node)?;
+            security(meta, true)?;
+            forward(ctx, meta, lb, node)
         }
     }
 }
 
-/// Classifier → ConntrackState → IngressRule → L3Forwarding → Output: the node reaching pods,
-/// local or (encap) remote. Anything else (its own IPv6 router solicitations, ARP) has nowhere
-/// to go.
+/// Classifier → ServiceLB → EndpointDNAT → ConntrackState → IngressRule → L3Forwarding →
+/// Output: the node reaching pods, local or (encap) remote, and Services. Anything else (its own
+/// IPv6 router solicitations, ARP) has nowhere to go.
 pub fn from_gateway(ctx: &TcContext) -> StageResult {
     let node = node_config()?;
     match classifier::classify(ctx)? {
         Packet::Arp(_) => Err(DropReason::UnsupportedArp),
         Packet::Ip(meta) => {
-            security(&meta, false)?;
-            match l3_forwarding::lookup(&meta, node) {
-                Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
-                Next::RemoteNode(remote) => output::to_tunnel(ctx, &remote, node),
-                Next::Node => Err(DropReason::UnknownDestination),
+            let lb = service_lb::balance(ctx, meta, Some(scope::INTERNAL), node)?;
+            security(meta, false)?;
+            match lb {
+                // A host-network endpoint answering.
+                Lb::Reverse => reply(ctx, meta, node),
+                _ => match l3_forwarding::lookup(meta, node) {
+                    Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
+                    Next::RemoteNode(remote) => output::to_tunnel(ctx, &remote, node),
+                    Next::Node => Err(DropReason::UnknownDestination),
+                },
             }
         }
     }
 }
 
-/// Classifier → ConntrackState → IngressRule → L3Forwarding → Output: another node's pods (or
-/// the node itself, replying to this node's gateway address) reaching this node. Never back
-/// into the tunnel: no transit.
+/// Classifier → EndpointDNAT (replies) → ConntrackState → IngressRule → L3Forwarding → Output:
+/// another node's pods (or the node itself, replying to this node's gateway address) reaching
+/// this node. Never back into the tunnel: no transit.
 pub fn from_tunnel(ctx: &TcContext) -> StageResult {
     let node = node_config()?;
     match classifier::classify(ctx)? {
         Packet::Arp(_) => Err(DropReason::UnsupportedArp),
         Packet::Ip(meta) => {
-            security(&meta, false)?;
-            match l3_forwarding::lookup(&meta, node) {
-                Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
-                Next::RemoteNode(_) | Next::Node => output::to_gateway(ctx, node),
+            let lb = service_lb::balance(ctx, meta, None, node)?;
+            security(meta, false)?;
+            match lb {
+                Lb::Reverse => reply(ctx, meta, node),
+                _ => match l3_forwarding::lookup(meta, node) {
+                    Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
+                    Next::RemoteNode(_) | Next::Node => output::to_gateway(ctx, node),
+                },
             }
         }
+    }
+}
+
+/// Classifier → (ARPResponder | SessionAffinity → ServiceLB → EndpointDNAT → ConntrackState →
+/// IngressRule → L3Forwarding → Output) for Services reached from outside the cluster. Anything
+/// that is not theirs goes on to the node untouched, having cost two hash lookups.
+pub fn from_uplink(ctx: &TcContext) -> StageResult {
+    let node = node_config()?;
+    match classifier::classify(ctx)? {
+        Packet::Arp(arp) => arp_responder::reply_external(ctx, ingress_ifindex(ctx), &arp),
+        Packet::Ip(meta) => {
+            let lb = service_lb::balance(ctx, meta, Some(scope::EXTERNAL), node)?;
+            if matches!(lb, Lb::Pass) {
+                return Ok(TC_ACT_OK);
+            }
+            security(meta, false)?;
+            match lb {
+                Lb::Reverse => {
+                    service_lb::reverse(ctx, meta)?;
+                    output::to_fib(ctx, meta)
+                }
+                _ => match l3_forwarding::lookup(meta, node) {
+                    Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
+                    Next::RemoteNode(remote) => output::to_tunnel(ctx, &remote, node),
+                    Next::Node => output::to_fib(ctx, meta),
+                },
+            }
+        }
+    }
+}
+
+/// L3Forwarding → Output for a packet of a pod (load-balanced, or a reply to be un-NATed).
+#[inline(always)]
+fn forward(ctx: &TcContext, meta: &mut IpMeta, lb: Lb, node: &NodeConfig) -> StageResult {
+    if matches!(lb, Lb::Reverse) {
+        return reply(ctx, meta, node);
+    }
+    match l3_forwarding::lookup(meta, node) {
+        Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
+        Next::RemoteNode(remote) => output::to_tunnel(ctx, &remote, node),
+        Next::Node => output::to_gateway(ctx, node),
+    }
+}
+
+/// EndpointDNAT undone, then L3Forwarding → Output towards the client: a pod, the node, or a
+/// host outside the cluster (through the node's FIB).
+#[inline(always)]
+fn reply(ctx: &TcContext, meta: &mut IpMeta, node: &NodeConfig) -> StageResult {
+    let flags = service_lb::reverse(ctx, meta)?;
+    match l3_forwarding::lookup(meta, node) {
+        Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
+        Next::RemoteNode(remote) => output::to_tunnel(ctx, &remote, node),
+        Next::Node if flags & nat_flags::TO_EXTERNAL != 0 => output::to_fib(ctx, meta),
+        Next::Node => output::to_gateway(ctx, node),
     }
 }
 
@@ -134,7 +201,7 @@ fn node_config() -> Result<&'static NodeConfig, DropReason> {
 }
 
 #[inline(always)]
-fn ingress_ifindex(ctx: &TcContext) -> u32 {
+pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: `skb` is the context pointer the kernel handed to the program.
     unsafe { (*ctx.skb.skb).ifindex }
 }

@@ -1,0 +1,413 @@
+//! SessionAffinity, ServiceLB and EndpointDNAT. A connection to a Service frontend gets an
+//! endpoint (the client's affine one, else one at random among the frontend's BACKENDS) and two
+//! SERVICE_NAT entries: its DNAT, and the reverse rewrite its replies need. Later packets of
+//! either direction find their entry, so a connection keeps its endpoint; the agent deletes the
+//! entries of an endpoint that goes away, and the next packet starts over (a TCP peer that never
+//! saw the connection answers with a reset). Checksums are updated incrementally, pseudo-header
+//! included, so partial checksums left for offload stay valid.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::{bpf_csum_diff, bpf_get_prandom_u32, bpf_ktime_get_ns},
+    programs::TcContext,
+};
+use sluice_common::{
+    nat_flags, scope, service_flags, AffinityEntry, AffinityKey, BackendKey, DropReason, FlowKey,
+    IpKey, NatEntry, NatTarget, NodeConfig, Service, ServiceKey, Stage, FAMILY_IPV4, HAIRPIN_IPV4,
+};
+
+use super::classifier::{IpMeta, ETH_HLEN, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use crate::{AFFINITY, BACKENDS, NAT_SCRATCH, SERVICES, SERVICE_NAT};
+
+/// What ServiceLB made of a packet.
+pub enum Lb {
+    /// Not part of a load-balanced connection.
+    Pass,
+    /// Rewritten to its endpoint; `meta` now holds the endpoint tuple.
+    Forward,
+    /// A reply: `reverse` rewrites it after the security stages, which know the connection by
+    /// its endpoint tuple.
+    Reverse,
+}
+
+/// ServiceLB's keys and entries: in a per-CPU slot rather than on the 512-byte BPF stack.
+pub struct Scratch {
+    key: FlowKey,
+    entry: NatEntry,
+    reverse_key: FlowKey,
+    reverse: NatEntry,
+    endpoint: NatTarget,
+    affinity_key: AffinityKey,
+    affinity: AffinityEntry,
+}
+
+#[inline(always)]
+fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: the slot belongs to this CPU for the whole run of the program.
+    NAT_SCRATCH.get_ptr_mut(0).map(|slot| unsafe { &mut *slot })
+}
+
+// The out-of-line functions below return plain numbers: returned as a `Result` of enums, the
+// unused half of the value is left undefined by LLVM, and the verifier refuses to read it.
+const PASS: u32 = 0;
+const FORWARD: u32 = 1;
+const REVERSE: u32 = 2;
+const OK: u32 = 0;
+/// Added to a `DropReason` to tell it apart from a success value.
+const FAILED: u32 = 1 << 16;
+
+#[inline(always)]
+fn failed(reason: DropReason) -> u32 {
+    FAILED + reason as u32
+}
+
+#[inline(always)]
+fn reason(code: u32) -> DropReason {
+    DropReason::from_index(code - FAILED).unwrap_or(DropReason::NatFailed)
+}
+
+/// Frontends are looked up in `scope` (`None`: only known connections, for packets that were
+/// load-balanced on the node they came from).
+#[inline(always)]
+pub fn balance(
+    ctx: &TcContext,
+    meta: &mut IpMeta,
+    frontends: Option<u8>,
+    node: &NodeConfig,
+) -> Result<Lb, DropReason> {
+    let scope = frontends.map_or(NO_FRONTENDS, |scope| scope as u32);
+    match balance_code(ctx, meta, scope, node) {
+        PASS => Ok(Lb::Pass),
+        FORWARD => Ok(Lb::Forward),
+        REVERSE => Ok(Lb::Reverse),
+        code => Err(reason(code)),
+    }
+}
+
+const NO_FRONTENDS: u32 = u32::MAX;
+
+#[inline(never)]
+fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfig) -> u32 {
+    if !matches!(meta.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        return PASS;
+    }
+    let Some(s) = scratch() else {
+        return failed(DropReason::NotConfigured);
+    };
+    flow(meta, &mut s.key);
+    if let Some(entry) = SERVICE_NAT.get_ptr(&s.key) {
+        // SAFETY: a pointer into the map from a successful lookup, only read. Not copied out:
+        // LLVM copies with a memcpy call whose return value the verifier cannot follow.
+        let entry = unsafe { &*entry };
+        if entry.flags & nat_flags::REVERSE != 0 {
+            return REVERSE;
+        }
+        super::passed(Stage::ServiceLB);
+        let code = rewrite(ctx, meta, entry);
+        if code != OK {
+            return code;
+        }
+        super::passed(Stage::EndpointDNAT);
+        return FORWARD;
+    }
+    if scope == NO_FRONTENDS {
+        return PASS;
+    }
+    let scope = scope as u8;
+    let frontend = ServiceKey {
+        addr: meta.dst,
+        port: meta.dst_port,
+        proto: meta.proto,
+        scope,
+    };
+    let Some(service) = SERVICES.get_ptr(&frontend) else {
+        return PASS;
+    };
+    // SAFETY: as above.
+    let service = unsafe { &*service };
+    if !pick(meta, service, s) {
+        return failed(DropReason::NoEndpoints);
+    }
+    super::passed(Stage::ServiceLB);
+    let client = meta.src;
+    let endpoint = s.endpoint;
+    let src = if scope == scope::INTERNAL && endpoint.addr == client && client.family == FAMILY_IPV4
+    {
+        IpKey::v4(HAIRPIN_IPV4)
+    } else if service.flags & service_flags::SNAT != 0 && client.family == FAMILY_IPV4 {
+        IpKey::v4(node.gateway_ipv4)
+    } else {
+        client
+    };
+    s.entry = NatEntry {
+        src,
+        dst: endpoint.addr,
+        src_port: meta.src_port,
+        dst_port: endpoint.port,
+        flags: 0,
+    };
+    s.reverse_key = FlowKey {
+        src: endpoint.addr,
+        dst: src,
+        src_port: endpoint.port,
+        dst_port: meta.src_port,
+        proto: meta.proto,
+        _pad: [0; 3],
+    };
+    let to_external = if scope == scope::EXTERNAL {
+        nat_flags::TO_EXTERNAL
+    } else {
+        0
+    };
+    s.reverse = NatEntry {
+        src: meta.dst,
+        dst: client,
+        src_port: meta.dst_port,
+        dst_port: meta.src_port,
+        flags: nat_flags::REVERSE | to_external,
+    };
+    // The reverse entry first: a reply must never exist without its way back. A full LRU map
+    // evicts its oldest entry; a failed insert leaves the packet to be balanced again.
+    let _ = SERVICE_NAT.insert(&s.reverse_key, &s.reverse, 0);
+    let _ = SERVICE_NAT.insert(&s.key, &s.entry, 0);
+    let code = rewrite(ctx, meta, &s.entry);
+    if code != OK {
+        return code;
+    }
+    super::passed(Stage::EndpointDNAT);
+    FORWARD
+}
+
+/// EndpointDNAT undone on a reply: the source becomes the frontend the client talked to (and
+/// the destination the client, when its source was rewritten). Returns the entry's `nat_flags`.
+#[inline(always)]
+pub fn reverse(ctx: &TcContext, meta: &mut IpMeta) -> Result<u32, DropReason> {
+    match reverse_code(ctx, meta) {
+        code if code >= FAILED => Err(reason(code)),
+        flags => Ok(flags),
+    }
+}
+
+#[inline(never)]
+fn reverse_code(ctx: &TcContext, meta: &mut IpMeta) -> u32 {
+    let Some(s) = scratch() else {
+        return failed(DropReason::NotConfigured);
+    };
+    flow(meta, &mut s.key);
+    let Some(entry) = SERVICE_NAT.get_ptr(&s.key) else {
+        // Evicted between the two lookups: the packet goes on as it is.
+        return 0;
+    };
+    // SAFETY: a pointer into the map from a successful lookup, only read (see `balance_code`).
+    let entry = unsafe { &*entry };
+    let code = rewrite(ctx, meta, entry);
+    if code != OK {
+        return code;
+    }
+    super::passed(Stage::EndpointDNAT);
+    entry.flags
+}
+
+/// SessionAffinity (when the Service asks for it), else a uniform pick among the endpoints,
+/// into `s.endpoint`. False when the Service has no endpoint.
+#[inline(always)]
+fn pick(meta: &IpMeta, service: &Service, s: &mut Scratch) -> bool {
+    if service.count == 0 {
+        return false;
+    }
+    // SAFETY: plain helper calls.
+    let (now, random) = unsafe { (bpf_ktime_get_ns(), bpf_get_prandom_u32()) };
+    let affine = service.flags & service_flags::AFFINITY != 0;
+    if affine {
+        s.affinity_key = AffinityKey {
+            backend_set: service.backend_set,
+            client: meta.src,
+        };
+        if let Some(entry) = AFFINITY.get_ptr_mut(&s.affinity_key) {
+            // SAFETY: a pointer into the map from a successful lookup.
+            let entry = unsafe { &mut *entry };
+            let fresh = now.saturating_sub(entry.last_used)
+                <= service.affinity_timeout as u64 * 1_000_000_000;
+            // An entry whose index now holds another endpoint (scaled, replaced) is stale.
+            if fresh && entry.index < service.count && backend(service, entry.index, s) {
+                if s.endpoint == entry.endpoint {
+                    entry.last_used = now;
+                    super::passed(Stage::SessionAffinity);
+                    return true;
+                }
+            }
+        }
+    }
+    let index = random % service.count;
+    if !backend(service, index, s) {
+        return false;
+    }
+    if affine {
+        s.affinity = AffinityEntry {
+            endpoint: s.endpoint,
+            index,
+            _pad: 0,
+            last_used: now,
+        };
+        let _ = AFFINITY.insert(&s.affinity_key, &s.affinity, 0);
+    }
+    true
+}
+
+/// Endpoint `index` of the Service's set, into `s.endpoint`.
+#[inline(always)]
+fn backend(service: &Service, index: u32, s: &mut Scratch) -> bool {
+    let key = BackendKey {
+        set: service.backend_set,
+        index,
+    };
+    match BACKENDS.get_ptr(&key) {
+        Some(endpoint) => {
+            // SAFETY: a pointer into the map from a successful lookup.
+            let endpoint = unsafe { &*endpoint };
+            s.endpoint.addr = endpoint.addr;
+            s.endpoint.port = endpoint.port;
+            true
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn flow(meta: &IpMeta, key: &mut FlowKey) {
+    *key = FlowKey {
+        src: meta.src,
+        dst: meta.dst,
+        src_port: meta.src_port,
+        dst_port: meta.dst_port,
+        proto: meta.proto,
+        _pad: [0; 3],
+    };
+}
+
+const IPV4_CSUM: usize = ETH_HLEN + 10;
+const IPV4_SRC: usize = ETH_HLEN + 12;
+const IPV4_DST: usize = ETH_HLEN + 16;
+const IPV6_SRC: usize = ETH_HLEN + 8;
+const IPV6_DST: usize = ETH_HLEN + 24;
+
+/// Rewrites the packet's addresses and ports to `to`'s, field by field, and `meta` with them.
+/// Out of line: one copy for both directions, with a stack frame of its own.
+#[inline(never)]
+fn rewrite(ctx: &TcContext, meta: &mut IpMeta, to: &NatEntry) -> u32 {
+    match rewrite_fields(ctx, meta, to) {
+        Ok(()) => OK,
+        Err(reason) => failed(reason),
+    }
+}
+
+#[inline(always)]
+fn rewrite_fields(ctx: &TcContext, meta: &mut IpMeta, to: &NatEntry) -> Result<(), DropReason> {
+    let l4 = meta.l4_offset as usize;
+    // Offset of the L4 checksum, and whether a zero one means "none" (UDP over IPv4). SCTP's
+    // CRC32c covers neither addresses nor a pseudo-header, so only its ports would need it: a
+    // port-changing SCTP Service is not supported.
+    let csum = match meta.proto {
+        IPPROTO_TCP => Some((l4 + 16, 0)),
+        IPPROTO_UDP => Some((l4 + 6, BPF_F_MARK_MANGLED_0 as u64)),
+        _ => None,
+    };
+    if meta.src != to.src {
+        address(
+            ctx,
+            meta.src.family,
+            IPV4_SRC,
+            IPV6_SRC,
+            &meta.src,
+            &to.src,
+            csum,
+        )?;
+        meta.src = to.src;
+    }
+    if meta.dst != to.dst {
+        address(
+            ctx,
+            meta.dst.family,
+            IPV4_DST,
+            IPV6_DST,
+            &meta.dst,
+            &to.dst,
+            csum,
+        )?;
+        meta.dst = to.dst;
+    }
+    if meta.src_port != to.src_port {
+        port(ctx, l4, meta.src_port, to.src_port, csum)?;
+        meta.src_port = to.src_port;
+    }
+    if meta.dst_port != to.dst_port {
+        port(ctx, l4 + 2, meta.dst_port, to.dst_port, csum)?;
+        meta.dst_port = to.dst_port;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn address(
+    ctx: &TcContext,
+    family: u8,
+    v4_offset: usize,
+    v6_offset: usize,
+    old: &IpKey,
+    new: &IpKey,
+    csum: Option<(usize, u64)>,
+) -> Result<(), DropReason> {
+    let failed = |_| DropReason::NatFailed;
+    if family == FAMILY_IPV4 {
+        let old = u32::from_ne_bytes([old.addr[0], old.addr[1], old.addr[2], old.addr[3]]);
+        let new = u32::from_ne_bytes([new.addr[0], new.addr[1], new.addr[2], new.addr[3]]);
+        if let Some((offset, zero)) = csum {
+            let flags = BPF_F_PSEUDO_HDR as u64 | zero | 4;
+            ctx.l4_csum_replace(offset, old as u64, new as u64, flags)
+                .map_err(failed)?;
+        }
+        ctx.l3_csum_replace(IPV4_CSUM, old as u64, new as u64, 4)
+            .map_err(failed)?;
+        ctx.store(v4_offset, &new, 0).map_err(failed)
+    } else {
+        // IPv6 has no header checksum; the L4 one takes the difference of the two addresses.
+        if let Some((offset, zero)) = csum {
+            let mut from = old.addr;
+            let mut to = new.addr;
+            // SAFETY: both buffers are 16 bytes on this stack frame.
+            let diff = unsafe {
+                bpf_csum_diff(
+                    from.as_mut_ptr() as *mut u32,
+                    16,
+                    to.as_mut_ptr() as *mut u32,
+                    16,
+                    0,
+                )
+            };
+            if diff < 0 {
+                return Err(DropReason::NatFailed);
+            }
+            let flags = BPF_F_PSEUDO_HDR as u64 | zero;
+            ctx.l4_csum_replace(offset, 0, diff as u64, flags)
+                .map_err(failed)?;
+        }
+        ctx.store(v6_offset, &new.addr, 0).map_err(failed)
+    }
+}
+
+#[inline(always)]
+fn port(
+    ctx: &TcContext,
+    offset: usize,
+    old: u16,
+    new: u16,
+    csum: Option<(usize, u64)>,
+) -> Result<(), DropReason> {
+    let failed = |_| DropReason::NatFailed;
+    let (old, new) = (old.to_be(), new.to_be());
+    if let Some((csum_offset, zero)) = csum {
+        ctx.l4_csum_replace(csum_offset, old as u64, new as u64, zero | 2)
+            .map_err(failed)?;
+    }
+    ctx.store(offset, &new, 0).map_err(failed)
+}
