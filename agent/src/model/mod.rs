@@ -2,6 +2,7 @@
 //! backend realizes, that tests compare, and that `sluicectl` prints in stage names.
 
 pub mod policy;
+pub mod service;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 

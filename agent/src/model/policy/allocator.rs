@@ -56,8 +56,9 @@ impl Allocator {
     }
 }
 
+/// Stable numbers for one kind of key; the Service compiler's backend sets use it too.
 #[derive(Clone, Debug)]
-struct Pool<K> {
+pub(in crate::model) struct Pool<K> {
     ids: BTreeMap<K, u32>,
     taken: BTreeSet<u32>,
     seen: BTreeSet<K>,
@@ -69,7 +70,7 @@ struct Pool<K> {
 }
 
 impl<K: Ord + Clone> Pool<K> {
-    fn new(first: u32, end: u32) -> Pool<K> {
+    pub(in crate::model) fn new(first: u32, end: u32) -> Pool<K> {
         Pool {
             ids: BTreeMap::new(),
             taken: BTreeSet::new(),
@@ -80,7 +81,7 @@ impl<K: Ord + Clone> Pool<K> {
         }
     }
 
-    fn get(&mut self, key: K) -> Option<u32> {
+    pub(in crate::model) fn get(&mut self, key: K) -> Option<u32> {
         if let Some(&id) = self.ids.get(&key) {
             self.seen.insert(key);
             return Some(id);
@@ -103,7 +104,7 @@ impl<K: Ord + Clone> Pool<K> {
         }
     }
 
-    fn sweep(&mut self) {
+    pub(in crate::model) fn sweep(&mut self) {
         let seen = std::mem::take(&mut self.seen);
         let taken = &mut self.taken;
         self.ids.retain(|key, id| {

@@ -39,10 +39,12 @@ use sluice_common::{EndpointPolicy, Identity, IpKey, PolicyKey, PolicyRule, MAX_
 
 use super::{ip_key, CidrKey};
 pub use allocator::Allocator;
+pub(in crate::model) use allocator::Pool;
 use cluster::{Cluster, PodEndpoint};
 use parse::{parse_policy, ParsedPolicy};
 use ports::named_ports;
 pub use ports::port_prefixes;
+pub(in crate::model) use ports::{protocol_name, protocol_number, valid_port};
 use rules::{ingress_named_ports, needs_peer_pods, shared_allows};
 
 /// The label the API server puts on every namespace, holding its name.

@@ -15,7 +15,7 @@ pub(super) const UDP: u8 = 17;
 pub(super) const SCTP: u8 = 132;
 
 /// Kubernetes spells protocols in capitals only; anything else is rejected by the API server.
-pub(super) fn protocol_number(name: &str) -> Option<u8> {
+pub(in crate::model) fn protocol_number(name: &str) -> Option<u8> {
     match name {
         "TCP" => Some(TCP),
         "UDP" => Some(UDP),
@@ -24,7 +24,7 @@ pub(super) fn protocol_number(name: &str) -> Option<u8> {
     }
 }
 
-pub(super) fn protocol_name(proto: u8) -> String {
+pub(in crate::model) fn protocol_name(proto: u8) -> String {
     match proto {
         TCP => "TCP".into(),
         UDP => "UDP".into(),
@@ -123,7 +123,7 @@ pub(super) fn parse_port(
     }
 }
 
-fn valid_port(number: i32) -> Option<u16> {
+pub(in crate::model) fn valid_port(number: i32) -> Option<u16> {
     u16::try_from(number).ok().filter(|&p| p != 0)
 }
 
