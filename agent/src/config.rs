@@ -107,6 +107,10 @@ pub struct Config {
     /// The unix socket `sluice-cni` talks to.
     #[serde(default = "default_cni_socket")]
     pub cni_socket: PathBuf,
+    /// CIDRs selecting the node addresses NodePorts are served on (Antrea's option); empty:
+    /// every address of the Node object.
+    #[serde(default)]
+    pub node_port_addresses: Vec<String>,
 }
 
 fn default_gateway() -> String {
@@ -158,6 +162,24 @@ pub struct Settings {
     pub tc_attach_mode: TcAttachMode,
     pub masquerade: bool,
     pub health_address: Option<std::net::SocketAddr>,
+    pub node_port_addresses: Vec<IpNetwork>,
+}
+
+impl Settings {
+    /// The node addresses NodePorts are served on.
+    pub fn node_port_addresses(&self, node_addresses: &[IpAddr]) -> Vec<IpAddr> {
+        node_addresses
+            .iter()
+            .filter(|ip| {
+                self.node_port_addresses.is_empty()
+                    || self
+                        .node_port_addresses
+                        .iter()
+                        .any(|net| net.contains(**ip))
+            })
+            .copied()
+            .collect()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -308,7 +330,16 @@ impl Config {
             ),
             None => None,
         };
+        let node_port_addresses = self
+            .node_port_addresses
+            .iter()
+            .map(|text| {
+                text.parse::<IpNetwork>()
+                    .map_err(|e| invalid("nodePortAddresses", text, &e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Settings {
+            node_port_addresses,
             pod_cidr,
             kubernetes,
             gateway_name: self.gateway_name.clone(),
@@ -396,10 +427,32 @@ mod tests {
         assert!(err.to_string().contains("field `mtu`"), "{err}");
         let err = config("gatewayName: a-name-far-too-long").unwrap_err();
         assert!(err.to_string().contains("field `gatewayName`"), "{err}");
+        let err = config("nodePortAddresses: [192.168.77.0/24, 10.0.0.0/40]").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "field `nodePortAddresses`: value \"10.0.0.0/40\" is invalid: invalid prefix"
+        );
         let err = config("tcAttachMode: clsact").unwrap_err();
         assert!(
             err.to_string().contains("unknown variant `clsact`"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn node_port_addresses_select_node_addresses() {
+        let addresses: Vec<IpAddr> =
+            vec!["192.168.77.1".parse().unwrap(), "10.0.0.1".parse().unwrap()];
+        let settings = |extra: &str| {
+            Config::parse(&format!("datapath: ebpf\npodCIDR: 10.244.1.0/24\n{extra}"))
+                .unwrap()
+                .validate(None)
+                .unwrap()
+        };
+        assert_eq!(settings("").node_port_addresses(&addresses), addresses);
+        assert_eq!(
+            settings("nodePortAddresses: [192.168.0.0/16]").node_port_addresses(&addresses),
+            vec![addresses[0]]
         );
     }
 

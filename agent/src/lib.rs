@@ -10,3 +10,4 @@ pub mod k8s;
 pub mod masquerade;
 pub mod model;
 pub mod net;
+pub mod service_health;

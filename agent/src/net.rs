@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
 use netlink_packet_route::{
+    address::AddressAttribute,
     link::{InfoGeneve, LinkAttribute, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
 };
@@ -78,6 +79,36 @@ impl Netlink {
             Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
             Err(e) => Err(anyhow!(e)).with_context(|| format!("looking up link {name}")),
         }
+    }
+
+    /// The interface (name, index, MAC) holding one of `addresses`: the node's uplink.
+    pub async fn interface_with_address(
+        &self,
+        addresses: &[IpAddr],
+    ) -> Result<Option<(String, LinkInfo)>> {
+        let mut all = self.handle.address().get().execute();
+        let mut index = None;
+        while let Some(msg) = all.try_next().await.context("listing addresses")? {
+            let held = msg.attributes.iter().any(
+                |attr| matches!(attr, AddressAttribute::Address(ip) if addresses.contains(ip)),
+            );
+            if held {
+                index = Some(msg.header.index);
+                break;
+            }
+        }
+        let Some(index) = index else {
+            return Ok(None);
+        };
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let Some(msg) = links.try_next().await.context("looking up the uplink")? else {
+            return Ok(None);
+        };
+        let name = msg.attributes.iter().find_map(|attr| match attr {
+            LinkAttribute::IfName(name) => Some(name.clone()),
+            _ => None,
+        });
+        Ok(name.map(|name| (name, link_info(&msg))))
     }
 
     pub async fn create_veth(&self, name: &str, peer: &str) -> Result<()> {

@@ -144,10 +144,10 @@ pub struct SpoofGuardEntry {
 
 /// The node's datapath parameters, slot 0 of NODE_CONFIG.
 ///
-/// Layout (24 bytes): gateway ifindex (`sluice-gw0`, where packets for the node are delivered),
+/// Layout (20 bytes): gateway ifindex (`sluice-gw0`, where packets for the node are delivered),
 /// tunnel ifindex (0 in noEncap mode: other nodes' pods are reached through the node's routes),
-/// gateway MAC (the MAC pods talk to), 2 bytes padding, uplink ifindex (0 when no program runs
-/// on the uplink), the gateway's IPv4 address (the source of SNATed Service traffic).
+/// gateway MAC (the MAC pods talk to), 2 bytes padding, the gateway's IPv4 address (the source
+/// of SNATed Service traffic).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NodeConfig {
@@ -155,7 +155,6 @@ pub struct NodeConfig {
     pub tunnel_ifindex: u32,
     pub gateway_mac: [u8; 6],
     pub _pad: [u8; 2],
-    pub uplink_ifindex: u32,
     pub gateway_ipv4: [u8; 4],
 }
 
@@ -469,7 +468,7 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
 const _: () = assert!(core::mem::size_of::<SpoofGuardKey>() == 24);
 const _: () = assert!(core::mem::size_of::<SpoofGuardEntry>() == 8);
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 20);
 const _: () = assert!(core::mem::size_of::<RemoteNode>() == 20);
 
 /// Declares a `#[repr(u32)]` enum with a stable name for every variant, the number of variants

@@ -66,8 +66,7 @@ pub fn harness(setup: Setup) -> Harness {
                     tunnel_ifindex,
                     gateway_mac: GW_MAC,
                     _pad: [0; 2],
-                    uplink_ifindex: 0,
-                    gateway_ipv4: [0; 4],
+                    gateway_ipv4: GW_V4,
                 },
                 0,
             )

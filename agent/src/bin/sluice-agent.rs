@@ -17,8 +17,14 @@ use sluice_agent::{
     datapath::ebpf::EbpfDatapath,
     health,
     k8s::{self, ClusterStore},
-    model::policy::{self, Allocator, PolicyError, PolicyTables},
+    model::{
+        policy::{self, Allocator, PolicyError, PolicyTables},
+        service::{self, ServiceError, ServiceInputs, SetAllocator},
+        Mac,
+    },
+    service_health::HealthCheckServers,
 };
+use sluice_common::IpKey;
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::Mutex,
@@ -92,6 +98,11 @@ async fn main() -> Result<()> {
             state_dir: config.state_dir.clone(),
             alloc: Allocator::new(),
             errors: Vec::new(),
+            settings: settings.clone(),
+            sets: SetAllocator::new(),
+            service_errors: Vec::new(),
+            uplink: None,
+            health_checks: HealthCheckServers::default(),
         };
         follower.program().await?;
         tokio::spawn(follower.run());
@@ -102,7 +113,7 @@ async fn main() -> Result<()> {
 }
 
 /// Reprograms what the cluster store drives after every change of it: routes to the other
-/// nodes and NetworkPolicy. Each step diffs, so an unchanged part costs no map write.
+/// nodes, NetworkPolicy and Services. Each step diffs, so an unchanged part costs no map write.
 struct Follower {
     cluster: ClusterStore,
     own: String,
@@ -110,6 +121,12 @@ struct Follower {
     state_dir: PathBuf,
     alloc: Allocator,
     errors: Vec<PolicyError>,
+    settings: Settings,
+    sets: SetAllocator,
+    service_errors: Vec<ServiceError>,
+    /// The uplink (name, MAC), once the Node's addresses have shown which interface it is.
+    uplink: Option<(String, Mac)>,
+    health_checks: HealthCheckServers,
 }
 
 impl Follower {
@@ -145,7 +162,47 @@ impl Follower {
             self.errors = tables.errors.clone();
         }
         pods.set_policy(&tables)?;
+        let node_addresses = k8s::node_addresses(&nodes, &self.own);
+        if self.uplink.is_none() && !node_addresses.is_empty() {
+            let uplink = pods.attach_uplink(&node_addresses).await?;
+            info!(uplink = %uplink.0, "Services from outside: program attached to the uplink");
+            self.uplink = Some(uplink);
+        }
+        let services: Vec<_> = self
+            .cluster
+            .services
+            .state()
+            .iter()
+            .map(|s| (**s).clone())
+            .collect();
+        let slices: Vec<_> = self
+            .cluster
+            .endpoint_slices
+            .state()
+            .iter()
+            .map(|s| (**s).clone())
+            .collect();
+        let node_ports = self.settings.node_port_addresses(&node_addresses);
+        let services = service::compile(
+            &ServiceInputs {
+                services: &services,
+                slices: &slices,
+                node_name: &self.own,
+                node_port_addresses: &node_ports,
+            },
+            &mut self.sets,
+        );
+        if services.errors != self.service_errors {
+            for error in &services.errors {
+                warn!("{error}: that part of the Service is not programmed until fixed");
+            }
+            self.service_errors = services.errors.clone();
+        }
+        pods.set_services(&services, &live_endpoints(&slices))?;
         drop(pods);
+        for error in self.health_checks.update(&services.health_checks).await {
+            warn!("{error:#}");
+        }
         write_names(&self.state_dir, &tables, &all_pods, revision)
     }
 
@@ -157,6 +214,23 @@ impl Follower {
             }
         }
     }
+}
+
+/// Every endpoint address in an EndpointSlice, whatever its conditions: connections to those
+/// keep their endpoint (a terminating pod still finishes its connections).
+fn live_endpoints(
+    slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+) -> std::collections::BTreeSet<IpKey> {
+    slices
+        .iter()
+        .flat_map(|slice| slice.endpoints.iter().flatten())
+        .flat_map(|endpoint| endpoint.addresses.iter())
+        .filter_map(|address| address.parse::<std::net::IpAddr>().ok())
+        .map(|ip| match ip {
+            std::net::IpAddr::V4(v4) => IpKey::v4(v4.octets()),
+            std::net::IpAddr::V6(v6) => IpKey::v6(v6.octets()),
+        })
+        .collect()
 }
 
 /// Names for `sluicectl` (rule ids → policy rules, pod addresses → pods) and how far the

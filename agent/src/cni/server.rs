@@ -114,8 +114,12 @@ impl PodNetwork {
             nl,
             remotes: Vec::new(),
         };
+        let IpAddr::V4(gateway_ip) = pods.node.gateway_ip else {
+            unreachable!("validated as IPv4")
+        };
         let wiring = NodeWiring {
             gateway: pods.gateway.clone(),
+            gateway_ip,
             tunnel,
         };
         pods.datapath
@@ -183,6 +187,40 @@ impl PodNetwork {
     pub fn set_policy(&mut self, tables: &crate::model::policy::PolicyTables) -> Result<()> {
         self.datapath.sync_policy(tables)?;
         Ok(())
+    }
+
+    /// Programs the Service frontends and backends (see `Datapath::sync_services`).
+    pub fn set_services(
+        &mut self,
+        tables: &crate::model::service::ServiceTables,
+        live: &std::collections::BTreeSet<sluice_common::IpKey>,
+    ) -> Result<crate::datapath::SyncReport> {
+        self.datapath.sync_services(tables, live)
+    }
+
+    /// The LoadBalancer IPs this node answers ARP for.
+    pub fn set_external_ips(
+        &mut self,
+        owned: &std::collections::BTreeMap<sluice_common::IpKey, sluice_common::ExternalIp>,
+    ) -> Result<()> {
+        self.datapath.sync_external_ips(owned)
+    }
+
+    /// Attaches the uplink program to the interface holding one of the node's addresses;
+    /// returns its name and MAC.
+    pub async fn attach_uplink(&mut self, node_addresses: &[IpAddr]) -> Result<(String, Mac)> {
+        let (name, link) = self
+            .nl
+            .interface_with_address(node_addresses)
+            .await?
+            .with_context(|| {
+                format!("no interface holds one of the node's addresses {node_addresses:?}")
+            })?;
+        self.datapath.attach_uplink(&name)?;
+        let mac = link
+            .mac
+            .with_context(|| format!("the uplink {name} has no MAC address"))?;
+        Ok((name, mac))
     }
 
     pub fn gateway_ip(&self) -> IpAddr {

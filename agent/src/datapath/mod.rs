@@ -3,10 +3,16 @@
 
 pub mod ebpf;
 
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
 use anyhow::Result;
+use sluice_common::{ExternalIp, IpKey};
 
 use crate::{
-    model::{policy::PolicyTables, Pipeline},
+    model::{policy::PolicyTables, service::ServiceTables, Pipeline},
     net::Gateway,
 };
 
@@ -14,6 +20,9 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct NodeWiring {
     pub gateway: Gateway,
+    /// The gateway's address: the source of Service traffic SNATed to come back through this
+    /// node.
+    pub gateway_ip: Ipv4Addr,
     /// The tunnel device (encap mode): name and ifindex.
     pub tunnel: Option<(String, u32)>,
 }
@@ -32,6 +41,17 @@ pub trait Datapath: Send {
     fn current(&self) -> Result<Pipeline>;
     /// Makes the NetworkPolicy entries equal to `desired`, touching only what differs.
     fn sync_policy(&mut self, desired: &PolicyTables) -> Result<SyncReport>;
+    /// Starts processing what arrives on the node's uplink: Services from outside the cluster.
+    fn attach_uplink(&mut self, ifname: &str) -> Result<()>;
+    /// Makes the Service frontends and backends equal to `desired`; connections to endpoints
+    /// not in `live` (gone from every EndpointSlice) are forgotten.
+    fn sync_services(
+        &mut self,
+        desired: &ServiceTables,
+        live: &BTreeSet<IpKey>,
+    ) -> Result<SyncReport>;
+    /// The LoadBalancer IPs this node answers ARP for, with the MAC it answers with.
+    fn sync_external_ips(&mut self, owned: &BTreeMap<IpKey, ExternalIp>) -> Result<()>;
 }
 
 /// What a sync changed.

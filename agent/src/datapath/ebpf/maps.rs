@@ -1,7 +1,10 @@
 //! The pinned maps of the eBPF datapath, typed. The agent takes them from the loaded object;
 //! `sluicectl` and tests open the same maps from their pins.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{
@@ -9,9 +12,10 @@ use aya::maps::{
     Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf,
 };
 use sluice_common::{
-    map_names, CtEntry, CtKey, DropReason, Endpoint, EndpointPolicy, Identity, IpKey, NodeConfig,
-    PolicyKey, PolicyRule, RemoteNode, RuleStats, SpoofGuardEntry, SpoofGuardKey, Stage,
-    POLICY_ANY_PORT, POLICY_KEY_EXACT_BITS, PROTO_ANY,
+    map_names, nat_flags, AffinityEntry, AffinityKey, BackendKey, CtEntry, CtKey, DropReason,
+    Endpoint, EndpointPolicy, ExternalIp, FlowKey, Identity, IpKey, NatEntry, NatTarget,
+    NodeConfig, PolicyKey, PolicyRule, RemoteNode, RuleStats, Service, ServiceKey, SpoofGuardEntry,
+    SpoofGuardKey, Stage, POLICY_ANY_PORT, POLICY_KEY_EXACT_BITS, PROTO_ANY,
 };
 
 use crate::{
@@ -19,6 +23,7 @@ use crate::{
     model::{
         diff,
         policy::{PolicyLpmKey, PolicyTables},
+        service::ServiceTables,
         CidrKey, Pipeline,
     },
 };
@@ -32,6 +37,11 @@ pub struct Maps {
     pub policy: LpmTrie<MapData, PolicyKey, PolicyRule>,
     pub policy_exact: HashMap<MapData, PolicyKey, PolicyRule>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub services: HashMap<MapData, ServiceKey, Service>,
+    pub backends: HashMap<MapData, BackendKey, NatTarget>,
+    pub service_nat: HashMap<MapData, FlowKey, NatEntry>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    pub external_ips: HashMap<MapData, IpKey, ExternalIp>,
     pub rule_stats: PerCpuArray<MapData, RuleStats>,
     pub policy_events: RingBuf<MapData>,
     pub node_config: Array<MapData, NodeConfig>,
@@ -93,6 +103,11 @@ impl Maps {
             policy: typed(map(map_names::POLICY)?)?,
             policy_exact: typed(map(map_names::POLICY_EXACT)?)?,
             conntrack: typed(map(map_names::CONNTRACK)?)?,
+            services: typed(map(map_names::SERVICES)?)?,
+            backends: typed(map(map_names::BACKENDS)?)?,
+            service_nat: typed(map(map_names::SERVICE_NAT)?)?,
+            affinity: typed(map(map_names::AFFINITY)?)?,
+            external_ips: typed(map(map_names::EXTERNAL_IPS)?)?,
             rule_stats: typed(map(map_names::RULE_STATS)?)?,
             policy_events: typed(map(map_names::POLICY_EVENTS)?)?,
             node_config: typed(map(map_names::NODE_CONFIG)?)?,
@@ -272,6 +287,103 @@ impl Maps {
                 .insert(&Key::new(key.prefix_len, key.key), rule, 0)
                 .map_err(|e| full(e, map_names::POLICY)),
         }
+    }
+
+    /// The Service entries the kernel holds now: frontends and backends.
+    pub fn service_entries(
+        &self,
+    ) -> Result<(
+        BTreeMap<ServiceKey, Service>,
+        BTreeMap<BackendKey, NatTarget>,
+    )> {
+        Ok((
+            self.services.iter().collect::<Result<_, _>>()?,
+            self.backends.iter().collect::<Result<_, _>>()?,
+        ))
+    }
+
+    /// Makes SERVICES and BACKENDS equal to `desired`. A set's new endpoints are written before
+    /// the frontend's count grows, and dropped only after it shrank, so no packet picks an
+    /// index that is not there. Connections to endpoints no longer `live` (in no EndpointSlice)
+    /// lose their NAT and affinity entries: their next packet is balanced anew, and a TCP
+    /// endpoint that never saw the connection resets it instead of it hanging.
+    pub fn sync_services(
+        &mut self,
+        desired: &ServiceTables,
+        live: &BTreeSet<IpKey>,
+    ) -> Result<SyncReport> {
+        let (frontends, backends) = self.service_entries()?;
+        let frontends = diff(&frontends, &desired.frontends);
+        let backends = diff(&backends, &desired.backends);
+        for (key, value) in &backends.upserts {
+            self.backends
+                .insert(key, value, 0)
+                .map_err(|e| full(e, map_names::BACKENDS))?;
+        }
+        for (key, value) in &frontends.upserts {
+            self.services
+                .insert(key, value, 0)
+                .map_err(|e| full(e, map_names::SERVICES))?;
+        }
+        for key in &frontends.deletes {
+            remove(&mut self.services, key, map_names::SERVICES)?;
+        }
+        for key in &backends.deletes {
+            remove(&mut self.backends, key, map_names::BACKENDS)?;
+        }
+        let flushed = self.flush_connections(live)?;
+        Ok(SyncReport {
+            written: frontends.upserts.len() + backends.upserts.len(),
+            deleted: frontends.deletes.len() + backends.deletes.len() + flushed,
+        })
+    }
+
+    /// Deletes the NAT and affinity entries of endpoints that are gone.
+    fn flush_connections(&mut self, live: &BTreeSet<IpKey>) -> Result<usize> {
+        let dead_nat: Vec<FlowKey> = self
+            .service_nat
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(key, entry)| {
+                let endpoint = if entry.flags & nat_flags::REVERSE != 0 {
+                    key.src
+                } else {
+                    entry.dst
+                };
+                !live.contains(&endpoint)
+            })
+            .map(|(key, _)| key)
+            .collect();
+        let dead_affinity: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(_, entry)| !live.contains(&entry.endpoint.addr))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &dead_nat {
+            remove(&mut self.service_nat, key, map_names::SERVICE_NAT)?;
+        }
+        for key in &dead_affinity {
+            remove(&mut self.affinity, key, map_names::AFFINITY)?;
+        }
+        Ok(dead_nat.len() + dead_affinity.len())
+    }
+
+    /// Makes EXTERNAL_IPS (the LoadBalancer IPs this node answers ARP for) equal to `desired`.
+    pub fn sync_external_ips(&mut self, desired: &BTreeMap<IpKey, ExternalIp>) -> Result<()> {
+        let current: BTreeMap<IpKey, ExternalIp> =
+            self.external_ips.iter().collect::<Result<_, _>>()?;
+        let changes = diff(&current, desired);
+        for key in &changes.deletes {
+            remove(&mut self.external_ips, key, map_names::EXTERNAL_IPS)?;
+        }
+        for (key, value) in &changes.upserts {
+            self.external_ips
+                .insert(key, value, 0)
+                .map_err(|e| full(e, map_names::EXTERNAL_IPS))?;
+        }
+        Ok(())
     }
 
     /// Packets and bytes per rule id, summed over CPUs; rules with no traffic are left out.

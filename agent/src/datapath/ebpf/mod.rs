@@ -7,7 +7,10 @@
 
 mod maps;
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
@@ -20,12 +23,12 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 pub use maps::{Counters, Maps};
-use sluice_common::{map_names, program_names, NodeConfig};
+use sluice_common::{map_names, program_names, ExternalIp, IpKey, NodeConfig};
 
 use crate::{
     config::TcAttachMode,
     datapath::{Datapath, NodeWiring, SyncReport},
-    model::{policy::PolicyTables, Pipeline},
+    model::{policy::PolicyTables, service::ServiceTables, Pipeline},
 };
 
 /// The compiled TC programs, built by `cargo xtask build` and embedded at compile time.
@@ -113,6 +116,7 @@ impl EbpfDatapath {
             program_names::FROM_POD,
             program_names::FROM_GATEWAY,
             program_names::FROM_TUNNEL,
+            program_names::FROM_UPLINK,
         ] {
             let program: &mut SchedClassifier = bpf
                 .program_mut(name)
@@ -222,8 +226,7 @@ impl Datapath for EbpfDatapath {
             tunnel_ifindex: wiring.tunnel.as_ref().map_or(0, |(_, index)| *index),
             gateway_mac: wiring.gateway.mac.0,
             _pad: [0; 2],
-            uplink_ifindex: 0,
-            gateway_ipv4: [0; 4],
+            gateway_ipv4: wiring.gateway_ip.octets(),
         };
         self.maps
             .node_config
@@ -272,5 +275,21 @@ impl Datapath for EbpfDatapath {
 
     fn sync_policy(&mut self, desired: &PolicyTables) -> Result<SyncReport> {
         self.maps.sync_policy(desired)
+    }
+
+    fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
+        self.attach_ingress(program_names::FROM_UPLINK, ifname)
+    }
+
+    fn sync_services(
+        &mut self,
+        desired: &ServiceTables,
+        live: &BTreeSet<IpKey>,
+    ) -> Result<SyncReport> {
+        self.maps.sync_services(desired, live)
+    }
+
+    fn sync_external_ips(&mut self, owned: &BTreeMap<IpKey, ExternalIp>) -> Result<()> {
+        self.maps.sync_external_ips(owned)
     }
 }
