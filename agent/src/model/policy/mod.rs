@@ -40,10 +40,12 @@ use sluice_common::{EndpointPolicy, Identity, IpKey, PolicyKey, PolicyRule, MAX_
 use super::{ip_key, CidrKey};
 pub use allocator::Allocator;
 use cluster::{Cluster, PodEndpoint};
+pub(crate) use parse::FieldError;
 use parse::{parse_policy, ParsedPolicy};
 use ports::named_ports;
 pub use ports::port_prefixes;
 use rules::{ingress_named_ports, needs_peer_pods, shared_allows};
+pub(crate) use selector::Selector;
 
 /// The label the API server puts on every namespace, holding its name.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
