@@ -68,6 +68,18 @@ impl TunnelType {
     }
 }
 
+/// Optional features, by Antrea's feature gate names. Unknown names are rejected like any other
+/// unknown field.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureGates {
+    /// LoadBalancer Service IPs from Antrea ExternalIPPools (`crate::external_ip`). On: the agent
+    /// watches `externalippools.crd.antrea.io` (the CRD must be installed: the agent waits for its
+    /// first list) and may write Service and pool statuses.
+    #[serde(rename = "ServiceExternalIP", default)]
+    pub service_external_ip: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
@@ -111,6 +123,8 @@ pub struct Config {
     /// every address of the Node object.
     #[serde(default)]
     pub node_port_addresses: Vec<String>,
+    #[serde(default)]
+    pub feature_gates: FeatureGates,
 }
 
 fn default_gateway() -> String {
@@ -163,6 +177,7 @@ pub struct Settings {
     pub masquerade: bool,
     pub health_address: Option<std::net::SocketAddr>,
     pub node_port_addresses: Vec<IpNetwork>,
+    pub feature_gates: FeatureGates,
 }
 
 impl Settings {
@@ -349,6 +364,7 @@ impl Config {
             tc_attach_mode: self.tc_attach_mode,
             masquerade: self.masquerade,
             health_address,
+            feature_gates: self.feature_gates,
         })
     }
 }
@@ -509,6 +525,26 @@ mod tests {
             settings.health_address,
             Some("0.0.0.0:9421".parse().unwrap())
         );
+        assert_eq!(settings.feature_gates, FeatureGates::default());
+    }
+
+    #[test]
+    fn feature_gates_default_off_and_unknown_gates_are_rejected() {
+        let base = "datapath: ebpf\npodCIDR: 10.0.0.0/24\n";
+        let gates = |extra: &str| {
+            Config::parse(&format!("{base}{extra}"))
+                .and_then(|c| c.validate(None))
+                .map(|s| s.feature_gates)
+        };
+        assert!(!gates("").unwrap().service_external_ip);
+        assert!(!gates("featureGates: {}").unwrap().service_external_ip);
+        assert!(
+            gates("featureGates:\n  ServiceExternalIP: true")
+                .unwrap()
+                .service_external_ip
+        );
+        let err = gates("featureGates:\n  Egress: true").unwrap_err();
+        assert!(err.to_string().contains("unknown field `Egress`"), "{err}");
     }
 
     #[test]

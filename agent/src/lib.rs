@@ -4,6 +4,7 @@ pub mod cni;
 pub mod config;
 pub mod datapath;
 pub mod endpoints;
+pub mod external_ip;
 pub mod health;
 pub mod ipam;
 pub mod k8s;

@@ -68,7 +68,7 @@ async fn main() -> Result<()> {
     let cluster = match &settings.kubernetes {
         Some(kube) => {
             let client = k8s::client(kube.kubeconfig.as_deref()).await?;
-            let cluster = ClusterStore::start(client);
+            let cluster = ClusterStore::start(client, settings.feature_gates);
             cluster
                 .wait_until_ready()
                 .await

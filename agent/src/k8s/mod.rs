@@ -21,9 +21,10 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 use kube::{
+    api::DynamicObject,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
-        reflector::{self, Store},
+        reflector::{self, store::Writer, Store},
         watcher, WatchStreamExt,
     },
     Api, Client, Resource,
@@ -32,7 +33,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tracing::warn;
 
-use crate::model::RemoteRoute;
+use crate::{config::FeatureGates, external_ip, model::RemoteRoute};
 
 /// The cluster as this node's agent sees it.
 #[derive(Clone)]
@@ -44,6 +45,10 @@ pub struct ClusterStore {
     pub services: Store<Service>,
     pub endpoint_slices: Store<EndpointSlice>,
     pub network_policies: Store<NetworkPolicy>,
+    /// Antrea ExternalIPPools (`crd.antrea.io/v1beta1`); watched only with the ServiceExternalIP
+    /// feature gate. Kept as JSON: a malformed pool must not break the watch, `external_ip`
+    /// checks each pool and reports it.
+    pub external_ip_pools: Option<Store<DynamicObject>>,
     /// Signalled after every watch event of any kind.
     pub changed: Arc<Notify>,
     /// The highest resourceVersion any watch event carried: what the store has seen.
@@ -74,8 +79,24 @@ where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    let (reader, writer) = reflector::store();
-    let kind = K::kind(&Default::default()).into_owned();
+    watch_with(api, Default::default(), config, changed, observed)
+}
+
+/// As [`watch`], for kinds known only at run time (`DynamicObject` with its `ApiResource`).
+fn watch_with<K>(
+    api: Api<K>,
+    dyntype: K::DynamicType,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+    observed: Arc<AtomicU64>,
+) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let kind = K::kind(&dyntype).into_owned();
+    let writer = Writer::new(dyntype);
+    let reader = writer.as_reader();
     let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -104,10 +125,20 @@ where
 }
 
 impl ClusterStore {
-    pub fn start(client: Client) -> ClusterStore {
+    pub fn start(client: Client, gates: FeatureGates) -> ClusterStore {
         let changed = Arc::new(Notify::new());
         let observed = Arc::new(AtomicU64::new(0));
         let all = watcher::Config::default;
+        let external_ip_pools = gates.service_external_ip.then(|| {
+            let pools = external_ip::pool_resource();
+            watch_with(
+                Api::<DynamicObject>::all_with(client.clone(), &pools),
+                pools,
+                all(),
+                changed.clone(),
+                observed.clone(),
+            )
+        });
         ClusterStore {
             nodes: watch(
                 Api::<Node>::all(client.clone()),
@@ -145,6 +176,7 @@ impl ClusterStore {
                 changed.clone(),
                 observed.clone(),
             ),
+            external_ip_pools,
             changed,
             observed,
         }
@@ -158,6 +190,9 @@ impl ClusterStore {
         self.services.wait_until_ready().await?;
         self.endpoint_slices.wait_until_ready().await?;
         self.network_policies.wait_until_ready().await?;
+        if let Some(pools) = &self.external_ip_pools {
+            pools.wait_until_ready().await?;
+        }
         Ok(())
     }
 

@@ -41,11 +41,13 @@ use super::{ip_key, CidrKey};
 pub use allocator::Allocator;
 pub(in crate::model) use allocator::Pool;
 use cluster::{Cluster, PodEndpoint};
+pub(crate) use parse::FieldError;
 use parse::{parse_policy, ParsedPolicy};
 use ports::named_ports;
 pub use ports::port_prefixes;
 pub(in crate::model) use ports::{protocol_name, protocol_number, valid_port};
 use rules::{ingress_named_ports, needs_peer_pods, shared_allows};
+pub(crate) use selector::Selector;
 
 /// The label the API server puts on every namespace, holding its name.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";

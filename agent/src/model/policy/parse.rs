@@ -14,16 +14,17 @@ use super::{
     Direction, PolicyError,
 };
 
-/// A problem in one field of a policy (the policy's name is added by the caller).
+/// A problem in one field of a policy (the policy's name is added by the caller). ExternalIPPool
+/// checks (`crate::external_ip`) use it too: they share the label selector checks.
 #[derive(Clone, Debug)]
-pub(super) struct FieldError {
-    field: String,
-    value: String,
-    reason: String,
+pub(crate) struct FieldError {
+    pub(crate) field: String,
+    pub(crate) value: String,
+    pub(crate) reason: String,
 }
 
 impl FieldError {
-    pub(super) fn new(
+    pub(crate) fn new(
         field: impl Into<String>,
         value: impl Into<String>,
         reason: impl Into<String>,

@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use super::parse::FieldError;
 
 #[derive(Clone, Debug, Default)]
-pub(super) struct Selector {
+pub(crate) struct Selector {
     equal: Vec<(String, String)>,
     exprs: Vec<(String, Op)>,
 }
@@ -28,7 +28,7 @@ impl Selector {
 
     /// `None` (and the problems in `errors`) when any requirement is malformed: a selector that
     /// is half understood must not select anything by accident.
-    pub(super) fn parse(
+    pub(crate) fn parse(
         sel: &LabelSelector,
         field: &str,
         errors: &mut Vec<FieldError>,
@@ -79,7 +79,7 @@ impl Selector {
         (errors.len() == before).then_some(Selector { equal, exprs })
     }
 
-    pub(super) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub(crate) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.equal.iter().all(|(k, v)| labels.get(k) == Some(v))
             && self.exprs.iter().all(|(key, op)| {
                 let value = labels.get(key);
