@@ -47,7 +47,7 @@ pub enum Setup {
 pub fn harness(setup: Setup) -> Harness {
     require_root();
     let mut bpf = Ebpf::load(EBPF_OBJECT).expect("load the eBPF object");
-    for name in ["from_pod", "from_gateway", "from_tunnel"] {
+    for name in ["from_pod", "from_gateway", "from_tunnel", "from_uplink"] {
         let prog: &mut SchedClassifier = bpf.program_mut(name).unwrap().try_into().unwrap();
         prog.load().expect("verifier accepts the program");
     }
