@@ -2,6 +2,8 @@
 //! left, follows the other nodes through the Kubernetes API, and serves the CNI plugin.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -15,6 +17,7 @@ use sluice_agent::{
     cni::server::{serve, PodNetwork},
     config::{Config, Settings},
     datapath::ebpf::EbpfDatapath,
+    external_ip::{self, ExternalIpError},
     health,
     k8s::{self, ClusterStore},
     model::{
@@ -24,7 +27,7 @@ use sluice_agent::{
     },
     service_health::HealthCheckServers,
 };
-use sluice_common::IpKey;
+use sluice_common::{ExternalIp, IpKey};
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::Mutex,
@@ -68,18 +71,18 @@ async fn main() -> Result<()> {
     let cluster = match &settings.kubernetes {
         Some(kube) => {
             let client = k8s::client(kube.kubeconfig.as_deref()).await?;
-            let cluster = ClusterStore::start(client, settings.feature_gates);
+            let cluster = ClusterStore::start(client.clone(), settings.feature_gates);
             cluster
                 .wait_until_ready()
                 .await
                 .context("waiting for the first list of every watched kind")?;
-            Some((cluster, kube.node_name.clone()))
+            Some((cluster, kube.node_name.clone(), client))
         }
         None => None,
     };
     let pod_cidr = match (settings.pod_cidr, &cluster) {
         (Some(cidr), _) => cidr,
-        (None, Some((cluster, name))) => cluster.own_pod_cidr(name).await,
+        (None, Some((cluster, name, _))) => cluster.own_pod_cidr(name).await,
         (None, None) => unreachable!("validated: standalone mode has a podCIDR"),
     };
     let node = settings
@@ -90,9 +93,12 @@ async fn main() -> Result<()> {
     let pods = Arc::new(Mutex::new(
         PodNetwork::start(node, Box::new(datapath), &config.state_dir).await?,
     ));
-    if let Some((cluster, own)) = cluster {
+    if let Some((cluster, own, client)) = cluster {
         let mut follower = Follower {
             cluster,
+            client,
+            owned: BTreeSet::new(),
+            external_ip_errors: Vec::new(),
             own,
             pods: pods.clone(),
             state_dir: config.state_dir.clone(),
@@ -116,6 +122,10 @@ async fn main() -> Result<()> {
 /// nodes, NetworkPolicy and Services. Each step diffs, so an unchanged part costs no map write.
 struct Follower {
     cluster: ClusterStore,
+    client: kube::Client,
+    /// The LoadBalancer IPs this node answers for (ServiceExternalIP).
+    owned: BTreeSet<IpAddr>,
+    external_ip_errors: Vec<ExternalIpError>,
     own: String,
     pods: Arc<Mutex<PodNetwork>>,
     state_dir: PathBuf,
@@ -203,7 +213,64 @@ impl Follower {
         for error in self.health_checks.update(&services.health_checks).await {
             warn!("{error:#}");
         }
+        self.external_ips(&nodes).await?;
         write_names(&self.state_dir, &tables, &all_pods, revision)
+    }
+
+    /// ServiceExternalIP: LoadBalancer IPs handed out from the pools (by one agent), and the
+    /// ones this node owns answered for on its uplink, announced when they arrive.
+    async fn external_ips(
+        &mut self,
+        nodes: &[Arc<k8s_openapi::api::core::v1::Node>],
+    ) -> Result<()> {
+        let Some(pools) = &self.cluster.external_ip_pools else {
+            return Ok(());
+        };
+        let pools = pools.state();
+        let services = self.cluster.services.state();
+        let plan = external_ip::plan(
+            pools.iter().map(|p| p.as_ref()),
+            services.iter().map(|s| s.as_ref()),
+            nodes.iter().map(|n| n.as_ref()),
+            &self.own,
+        );
+        if plan.errors != self.external_ip_errors {
+            for error in &plan.errors {
+                warn!("{error}");
+            }
+            self.external_ip_errors = plan.errors.clone();
+        }
+        if let Err(e) = external_ip::apply_writes(&self.client, &plan.writes).await {
+            warn!("ServiceExternalIP: {e} (retried on the next change)");
+        }
+        let Some((uplink, mac)) = &self.uplink else {
+            return Ok(());
+        };
+        let entries: BTreeMap<IpKey, ExternalIp> = plan
+            .owned
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some((
+                    IpKey::v4(v4.octets()),
+                    ExternalIp {
+                        mac: mac.0,
+                        _pad: [0; 2],
+                    },
+                )),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        self.pods.lock().await.set_external_ips(&entries)?;
+        for ip in plan.owned.difference(&self.owned) {
+            info!(%ip, "ServiceExternalIP: this node now answers for the address");
+            if let IpAddr::V4(v4) = ip {
+                if let Err(e) = external_ip::announce(uplink, *v4) {
+                    warn!("announcing {ip}: {e:#}");
+                }
+            }
+        }
+        self.owned = plan.owned;
+        Ok(())
     }
 
     async fn run(mut self) {
