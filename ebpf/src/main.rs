@@ -99,6 +99,10 @@ static META: PerCpuArray<pipeline::IpMeta> = PerCpuArray::with_max_entries(1, 0)
 #[map]
 static NAT_SCRATCH: PerCpuArray<pipeline::NatScratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// The reject answer being built (one slot per CPU).
+#[map]
+static REJECT_SCRATCH: PerCpuArray<pipeline::RejectScratch> = PerCpuArray::with_max_entries(1, 0);
+
 /// Packets that passed each stage, per CPU, indexed by `Stage`.
 #[map]
 static STAGE_PACKETS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stage::COUNT, 0);

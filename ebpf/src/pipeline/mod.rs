@@ -8,6 +8,7 @@ mod l3_forwarding;
 mod metrics;
 mod network_policy;
 mod output;
+mod reject;
 mod service_lb;
 mod spoof_guard;
 
@@ -21,6 +22,7 @@ use crate::{ENDPOINT_POLICY, NODE_CONFIG};
 pub use classifier::IpMeta;
 use classifier::Packet;
 use l3_forwarding::Next;
+pub use reject::Scratch as RejectScratch;
 use service_lb::Lb;
 pub use service_lb::Scratch as NatScratch;
 
@@ -50,6 +52,9 @@ pub fn from_pod(ctx: &TcContext) -> StageResult {
         Packet::Ip(meta) => {
             spoof_guard::check_ip(port, meta)?;
             let lb = service_lb::balance(ctx, meta, Some(scope::INTERNAL), node)?;
+            if matches!(lb, Lb::Reject) {
+                return reject::answer(ctx, meta);
+            }
             security(meta, true)?;
             forward(ctx, meta, lb, node)
         }
@@ -65,6 +70,9 @@ pub fn from_gateway(ctx: &TcContext) -> StageResult {
         Packet::Arp(_) => Err(DropReason::UnsupportedArp),
         Packet::Ip(meta) => {
             let lb = service_lb::balance(ctx, meta, Some(scope::INTERNAL), node)?;
+            if matches!(lb, Lb::Reject) {
+                return reject::answer(ctx, meta);
+            }
             security(meta, false)?;
             match lb {
                 // A host-network endpoint answering.
@@ -109,8 +117,10 @@ pub fn from_uplink(ctx: &TcContext) -> StageResult {
         Packet::Arp(arp) => arp_responder::reply_external(ctx, ingress_ifindex(ctx), &arp),
         Packet::Ip(meta) => {
             let lb = service_lb::balance(ctx, meta, Some(scope::EXTERNAL), node)?;
-            if matches!(lb, Lb::Pass) {
-                return Ok(TC_ACT_OK);
+            match lb {
+                Lb::Pass => return Ok(TC_ACT_OK),
+                Lb::Reject => return reject::answer(ctx, meta),
+                Lb::Forward | Lb::Reverse => {}
             }
             security(meta, false)?;
             match lb {

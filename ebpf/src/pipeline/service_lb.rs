@@ -28,6 +28,8 @@ pub enum Lb {
     /// A reply: `reverse` rewrites it after the security stages, which know the connection by
     /// its endpoint tuple.
     Reverse,
+    /// To a Service without endpoints: the client gets a reset or an ICMP unreachable.
+    Reject,
 }
 
 /// ServiceLB's keys and entries: in a per-CPU slot rather than on the 512-byte BPF stack.
@@ -52,6 +54,7 @@ fn scratch() -> Option<&'static mut Scratch> {
 const PASS: u32 = 0;
 const FORWARD: u32 = 1;
 const REVERSE: u32 = 2;
+const REJECT: u32 = 3;
 const OK: u32 = 0;
 /// Added to a `DropReason` to tell it apart from a success value.
 const FAILED: u32 = 1 << 16;
@@ -80,6 +83,7 @@ pub fn balance(
         PASS => Ok(Lb::Pass),
         FORWARD => Ok(Lb::Forward),
         REVERSE => Ok(Lb::Reverse),
+        REJECT => Ok(Lb::Reject),
         code => Err(reason(code)),
     }
 }
@@ -125,6 +129,16 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
     };
     // SAFETY: as above.
     let service = unsafe { &*service };
+    if service.count == 0 {
+        // externalTrafficPolicy Local on a node without endpoints: dropped as kube-proxy does;
+        // the load balancer's health check keeps traffic away from such nodes.
+        let etp_local = scope == scope::EXTERNAL && service.flags & service_flags::SNAT == 0;
+        return if etp_local {
+            failed(DropReason::NoEndpoints)
+        } else {
+            REJECT
+        };
+    }
     if !pick(meta, service, s) {
         return failed(DropReason::NoEndpoints);
     }
