@@ -1,5 +1,6 @@
-//! Servers that answer with their pod's name and the client address they saw, TCP and UDP
-//! connect probes with a 1 s deadline, and a long-lived TCP flow that measures its own stalls.
+//! Servers that answer with their pod's name, the client address they saw and the port they were
+//! reached on, TCP and UDP connect probes with a 1 s deadline, and a long-lived TCP flow that
+//! measures its own stalls.
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -18,11 +19,13 @@ use crate::in_netns;
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const POLL: Duration = Duration::from_millis(20);
 
-/// What a server answered: who it is and the client address it saw.
+/// What a server answered: who it is, the client address it saw and the port it was reached on
+/// (behind a Service: the target port).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
     pub server: String,
     pub client: IpAddr,
+    pub port: u16,
 }
 
 fn parse_reply(text: &str) -> Option<Reply> {
@@ -30,6 +33,7 @@ fn parse_reply(text: &str) -> Option<Reply> {
     Some(Reply {
         server: parts.next()?.to_string(),
         client: parts.next()?.parse().ok()?,
+        port: parts.next()?.parse().ok()?,
     })
 }
 
@@ -58,8 +62,8 @@ impl Servers {
                 while !stop_tcp.load(Ordering::Relaxed) {
                     match tcp.accept() {
                         Ok((mut conn, peer)) => {
-                            let _ =
-                                conn.write_all(format!("{name_tcp} {}\n", peer.ip()).as_bytes());
+                            let reply = format!("{name_tcp} {} {port}\n", peer.ip());
+                            let _ = conn.write_all(reply.as_bytes());
                         }
                         Err(_) => std::thread::sleep(POLL),
                     }
@@ -69,7 +73,8 @@ impl Servers {
                 let mut buf = [0u8; 64];
                 while !stop_udp.load(Ordering::Relaxed) {
                     if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                        let _ = udp.send_to(format!("{name_udp} {}\n", peer.ip()).as_bytes(), peer);
+                        let reply = format!("{name_udp} {} {port}\n", peer.ip());
+                        let _ = udp.send_to(reply.as_bytes(), peer);
                     }
                 }
             }));
@@ -149,7 +154,9 @@ fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> Option<TcpStream> {
     Some(stream)
 }
 
-/// UDP probe: one datagram, one answer within the deadline.
+/// UDP probe: one datagram, one answer within the deadline. The socket is connected, as a real
+/// client's: an answer from another address than the one probed (a Service reply that missed its
+/// reverse translation) is no answer.
 pub fn udp(netns: &Path, dst: Ipv4Addr, port: u16) -> Option<Reply> {
     udp_within(netns, dst, port, PROBE_TIMEOUT)
 }
@@ -158,9 +165,10 @@ pub fn udp_within(netns: &Path, dst: Ipv4Addr, port: u16, timeout: Duration) -> 
     in_netns(netns, move || {
         let socket = UdpSocket::bind(("0.0.0.0", 0)).ok()?;
         socket.set_read_timeout(Some(timeout)).ok()?;
-        socket.send_to(b"probe", (dst, port)).ok()?;
+        socket.connect((dst, port)).ok()?;
+        socket.send(b"probe").ok()?;
         let mut buf = [0u8; 128];
-        let (n, _) = socket.recv_from(&mut buf).ok()?;
+        let n = socket.recv(&mut buf).ok()?;
         parse_reply(std::str::from_utf8(&buf[..n]).ok()?)
     })
 }

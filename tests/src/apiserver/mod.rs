@@ -4,14 +4,17 @@
 //!
 //! Served: core `v1` nodes, namespaces, pods, services; `discovery.k8s.io/v1` endpointslices;
 //! `networking.k8s.io/v1` networkpolicies; `crd.antrea.io/v1beta1` externalippools. Objects are
-//! kept as JSON with any fields. For robustness tests it can drop every watch, forget its event
+//! kept as JSON with any fields; Services get kube-apiserver's defaults, cluster IPs and node
+//! ports (see [`ServiceRanges`]). For robustness tests it can drop every watch, forget its event
 //! history, and stop and restart with its state (see [`ApiServer::drop_watches`],
 //! [`ApiServer::compact`], [`ApiServer::stop`]).
 
+mod allocator;
 mod http;
 mod patch;
 mod resources;
 mod selector;
+mod services;
 mod store;
 mod watch;
 
@@ -25,6 +28,7 @@ use std::{
 
 use serde_json::Value;
 
+pub use allocator::{ServiceRanges, NODE_PORT_RANGE, SERVICE_CIDR};
 pub use resources::ApiError;
 use resources::RESOURCES;
 use store::Part;
@@ -79,7 +83,8 @@ pub struct ApiServer {
 impl ApiServer {
     /// Serves on an already-bound listener (the lab binds it inside a network namespace). Runs on
     /// its own thread with its own tokio runtime, so it is usable from sync code and from inside
-    /// other runtimes. Panics if the listener is unusable (a lab setup error).
+    /// other runtimes. Panics if the listener is unusable (a lab setup error). Services get cluster
+    /// IPs from [`SERVICE_CIDR`]; [`ApiState::with_service_ranges`] serves other ranges.
     pub fn start(listener: TcpListener) -> ApiServer {
         ApiServer::start_with_state(listener, ApiState::default())
     }

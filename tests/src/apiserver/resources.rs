@@ -83,6 +83,7 @@ pub(crate) const RESOURCES: &[Resource] = &[
 ];
 
 pub(crate) const NAMESPACES: usize = 1;
+pub(crate) const SERVICES: usize = 3;
 
 pub(crate) fn by_path(group: &str, version: &str, plural: &str) -> Option<usize> {
     RESOURCES
@@ -145,6 +146,23 @@ impl ApiError {
         )
     }
 
+    /// 422 Invalid listing field errors, as kube-apiserver's `NewInvalid` words it.
+    pub(crate) fn invalid_fields(kind: &str, name: &str, errors: &[String]) -> ApiError {
+        let body = match errors {
+            [one] => one.clone(),
+            many => format!("[{}]", many.join(", ")),
+        };
+        ApiError::invalid(format!("{kind} {} is invalid: {body}", go_quoted(name)))
+    }
+
+    pub(crate) fn internal(message: impl std::fmt::Display) -> ApiError {
+        ApiError::new(
+            500,
+            "InternalError",
+            format!("Internal error occurred: {message}"),
+        )
+    }
+
     pub(crate) fn expired(requested: u64, oldest: u64) -> ApiError {
         ApiError::new(
             410,
@@ -195,4 +213,62 @@ pub(crate) fn check_type(r: &Resource, obj: &Value) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+/// A string as Go's `%q` prints it (the lab's values need no escapes beyond Rust's).
+pub(crate) fn go_quoted(s: &str) -> String {
+    format!("{s:?}")
+}
+
+/// A `[]string` as Go's `%#v` prints it.
+pub(crate) fn go_strings(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| go_quoted(s)).collect();
+    format!("[]string{{{}}}", quoted.join(", "))
+}
+
+/// A `field.Invalid` error; `value` as kube-apiserver prints it (numbers bare, strings quoted).
+pub(crate) fn invalid_value(path: &str, value: impl fmt::Display, detail: &str) -> String {
+    format!("{path}: Invalid value: {value}: {detail}")
+}
+
+/// A `field.NotSupported` error.
+pub(crate) fn unsupported_value(path: &str, value: &str, supported: &[&str]) -> String {
+    let supported: Vec<String> = supported.iter().map(|s| go_quoted(s)).collect();
+    format!(
+        "{path}: Unsupported value: {}: supported values: {}",
+        go_quoted(value),
+        supported.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_errors_are_worded_as_kube_apiserver_words_them() {
+        let one = ApiError::invalid_fields(
+            "Service",
+            "web",
+            &[invalid_value("spec.ports[0].nodePort", 80, "x")],
+        );
+        assert_eq!(
+            one.message,
+            "Service \"web\" is invalid: spec.ports[0].nodePort: Invalid value: 80: x"
+        );
+        let ips = ["10.96.0.10".to_string()];
+        let two = ApiError::invalid_fields(
+            "Service",
+            "web",
+            &[
+                invalid_value("spec.clusterIPs", go_strings(&ips), "y"),
+                unsupported_value("spec.type", "Foo", &["ClusterIP", "NodePort"]),
+            ],
+        );
+        assert_eq!(
+            two.message,
+            "Service \"web\" is invalid: [spec.clusterIPs: Invalid value: []string{\"10.96.0.10\"}: y, \
+             spec.type: Unsupported value: \"Foo\": supported values: \"ClusterIP\", \"NodePort\"]"
+        );
+    }
 }

@@ -11,8 +11,10 @@ use std::{
 use serde_json::{json, Map, Value};
 
 use super::{
-    resources::{check_type, ApiError, NAMESPACES, RESOURCES},
+    allocator::ServiceRanges,
+    resources::{check_type, ApiError, NAMESPACES, RESOURCES, SERVICES},
     selector::Filter,
+    services,
 };
 
 /// How many events a watch can resume across before it must relist (kube-apiserver's watch cache
@@ -58,10 +60,21 @@ pub struct ApiState {
     oldest_resumable: u64,
     uid_seed: u64,
     next_uid: u64,
+    /// Kept with the objects, so a restarted server allocates from the same ranges.
+    service_ranges: ServiceRanges,
 }
 
 impl Default for ApiState {
     fn default() -> ApiState {
+        ApiState::with_service_ranges(ServiceRanges::default())
+    }
+}
+
+impl ApiState {
+    /// An empty state whose Services get their cluster IPs and node ports from `ranges`
+    /// (kube-apiserver's `--service-cluster-ip-range` and `--service-node-port-range`); start a
+    /// server on it with [`super::ApiServer::start_with_state`].
+    pub fn with_service_ranges(service_ranges: ServiceRanges) -> ApiState {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -74,6 +87,7 @@ impl Default for ApiState {
             oldest_resumable: 1,
             uid_seed: (now.as_nanos() as u64) ^ u64::from(std::process::id()),
             next_uid: 0,
+            service_ranges,
         }
     }
 }
@@ -115,6 +129,14 @@ fn without_meta_and_status(v: &Value) -> Value {
 impl ApiState {
     pub fn resource_version(&self) -> u64 {
         self.rv
+    }
+
+    /// Every stored object of `res` but the one at `key`.
+    fn others<'a>(&'a self, res: usize, key: &'a Key) -> impl Iterator<Item = &'a Value> {
+        self.objects[res]
+            .iter()
+            .filter(move |(k, _)| *k != key)
+            .map(|(_, o)| o.as_ref())
     }
 
     fn key(&self, res: usize, ns: Option<&str>, name: &str) -> Key {
@@ -303,6 +325,11 @@ impl ApiState {
                 format!("{} \"{name}\" already exists", r.qualified()),
             ));
         }
+        // After the existence check (kube-apiserver allocates first): re-creating a Service that
+        // requests its own cluster IP must get 409 AlreadyExists, which callers turn into a replace.
+        if res == SERVICES {
+            services::admit(&self.service_ranges, &mut obj, None, self.others(res, &key))?;
+        }
         let uid = self.uid();
         let meta = &mut obj["metadata"];
         meta["uid"] = Value::String(uid);
@@ -386,6 +413,10 @@ impl ApiState {
             "resourceVersion",
         ] {
             copy_field(meta, &old, field);
+        }
+        if res == SERVICES && part == Part::Main {
+            let others = self.others(res, &key);
+            services::admit(&self.service_ranges, &mut new, Some(&old), others)?;
         }
         if part == Part::Main && without_meta_and_status(&old) != without_meta_and_status(&new) {
             let generation = old.pointer("/metadata/generation").and_then(Value::as_i64);

@@ -5,8 +5,15 @@
 //!       [--protocols TCP,UDP] [--datapath ebpf] [--encap vxlan|noencap] --json OUT.json
 //!   sluice-lab up [--nodes N] [--encap vxlan|noencap]   (foreground; Ctrl-C or `down` ends it)
 //!   sluice-lab apply -f FILE | status | down
+//!   sluice-lab probe-service NS/NAME [--port N] [--udp] [--from NS/POD|NODE|external]
+//!       [--frontend cluster-ip|node-port|load-balancer|external-ip] [--node NODE] [--count N]
+//!
+//! `apply` and `probe-service` hand their request to the running `up` through files under
+//! `/run/sluice-lab/requests/`: the pods' namespaces and the API server live in that process.
 
 use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -17,9 +24,12 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sluice_tests::lab::{
     manifests,
     report::{probe_all, truth_table, Protocol, Report, Step},
+    services::{Frontend, Source},
     Encap, Lab, LabOptions,
 };
 
@@ -67,10 +77,40 @@ enum Cmd {
         #[arg(short = 'f')]
         file: PathBuf,
     },
-    /// Nodes and pods of the running cluster.
+    /// Nodes, pods and Services of the running cluster.
     Status,
     /// Stop the running cluster.
     Down,
+    /// Probe a Service of the running cluster: which endpoint answered each probe and the client
+    /// address it saw.
+    ProbeService(ProbeArgs),
+}
+
+/// `probe-service`'s arguments, and the request the running lab gets.
+#[derive(clap::Args, Serialize, Deserialize)]
+struct ProbeArgs {
+    /// The Service, as namespace/name.
+    service: String,
+    /// The Service port [default: the Service's first port of the protocol].
+    #[arg(long)]
+    port: Option<u16>,
+    /// Probe over UDP instead of TCP.
+    #[arg(long)]
+    udp: bool,
+    /// Where probes start: namespace/pod, a node name, or `external` (the external client)
+    /// [default: the first running pod the Service does not select].
+    #[arg(long)]
+    from: Option<String>,
+    /// Which address: cluster-ip, node-port, load-balancer or external-ip.
+    #[arg(long, default_value = "cluster-ip")]
+    frontend: String,
+    /// The node whose address node-port probes go to; external-ip probes from the external
+    /// client are routed through it.
+    #[arg(long, default_value = "node-1")]
+    node: String,
+    /// How many probes, one after the other (each a new connection).
+    #[arg(long, default_value_t = 10)]
+    count: usize,
 }
 
 fn main() -> Result<()> {
@@ -131,6 +171,12 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Down => down(),
+        Cmd::ProbeService(args) => {
+            // Each probe waits at most 1 s to connect and 1 s for the answer.
+            let timeout = Duration::from_secs(30 + 2 * args.count as u64);
+            print!("{}", ask("probe", &serde_json::to_vec(&args)?, timeout)?);
+            Ok(())
+        }
     }
 }
 
@@ -212,7 +258,8 @@ fn up(options: LabOptions, stop: &AtomicBool) -> Result<()> {
             state.join("pid").display()
         );
     }
-    std::fs::create_dir_all(state.join("apply"))?;
+    let requests = state.join("requests");
+    std::fs::create_dir_all(&requests)?;
     std::fs::write(state.join("pid"), std::process::id().to_string())?;
     let result = (|| {
         let mut lab = Lab::up(options)?;
@@ -224,19 +271,21 @@ fn up(options: LabOptions, stop: &AtomicBool) -> Result<()> {
         );
         println!("apply manifests with `sluice-lab apply -f FILE`, stop with Ctrl-C or `sluice-lab down`");
         while !stop.load(Ordering::SeqCst) {
-            for request in
-                std::fs::read_dir(state.join("apply"))?.filter_map(|e| e.ok().map(|e| e.path()))
-            {
-                if request.extension().is_some_and(|e| e == "yaml") {
-                    let outcome =
-                        manifests::load_file(&request).and_then(|objects| lab.apply(objects));
-                    let answer = match outcome {
-                        Ok(()) => "ok".to_string(),
-                        Err(e) => format!("error: {e:#}"),
-                    };
-                    std::fs::write(request.with_extension("done"), answer)?;
-                    std::fs::remove_file(&request)?;
-                }
+            for request in std::fs::read_dir(&requests)?.filter_map(|e| e.ok().map(|e| e.path())) {
+                let outcome = match request.extension().and_then(|e| e.to_str()) {
+                    Some("yaml") => manifests::load_file(&request)
+                        .and_then(|objects| lab.apply(objects))
+                        .map(|()| String::new()),
+                    Some("probe") => probe_request(&lab, &request),
+                    // Requests being written, answers being read.
+                    _ => continue,
+                };
+                let answer = outcome.unwrap_or_else(|e| format!("error: {e:#}"));
+                // Renamed into place: the requester reads the answer once it exists.
+                let written = request.with_extension("answer");
+                std::fs::write(&written, answer)?;
+                std::fs::rename(&written, request.with_extension("done"))?;
+                std::fs::remove_file(&request)?;
             }
             lab.sync()?;
             std::fs::write(state.join("status.txt"), status_text(&lab))?;
@@ -261,26 +310,157 @@ fn status_text(lab: &Lab) -> String {
     for (pod, ip) in lab.pod_ips() {
         out.push_str(&format!("{pod:<30} {ip}\n"));
     }
+    out.push_str(
+        "\nSERVICE                        TYPE          CLUSTER-IP      EXTERNAL-IP       PORTS\n",
+    );
+    for svc in lab.api.list("services", None) {
+        let text = |v: &Value| v.as_str().unwrap_or("-").to_string();
+        let name = format!(
+            "{}/{}",
+            text(&svc["metadata"]["namespace"]),
+            text(&svc["metadata"]["name"])
+        );
+        let external: Vec<String> = svc["status"]["loadBalancer"]["ingress"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| text(&i["ip"]))
+            .chain(
+                svc["spec"]["externalIPs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(text),
+            )
+            .collect();
+        // As kubectl prints them: port[:nodePort]/protocol.
+        let ports: Vec<String> = svc["spec"]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| match p["nodePort"].as_u64() {
+                Some(np) => format!("{}:{np}/{}", p["port"], text(&p["protocol"])),
+                None => format!("{}/{}", p["port"], text(&p["protocol"])),
+            })
+            .collect();
+        out.push_str(&format!(
+            "{name:<30} {:<13} {:<15} {:<17} {}\n",
+            text(&svc["spec"]["type"]),
+            text(&svc["spec"]["clusterIP"]),
+            if external.is_empty() {
+                "-".into()
+            } else {
+                external.join(",")
+            },
+            ports.join(",")
+        ));
+    }
     out
+}
+
+fn probe_request(lab: &Lab, request: &Path) -> Result<String> {
+    let args: ProbeArgs = serde_json::from_slice(&std::fs::read(request)?)?;
+    probe_service(lab, &args)
+}
+
+/// Runs `probe-service` in the `up` process and words its outcome.
+fn probe_service(lab: &Lab, args: &ProbeArgs) -> Result<String> {
+    let (ns, name) = args
+        .service
+        .split_once('/')
+        .context("the Service is namespace/name")?;
+    let protocol = if args.udp {
+        Protocol::Udp
+    } else {
+        Protocol::Tcp
+    };
+    let port = match args.port {
+        Some(port) => port,
+        None => lab.service(ns, name)?["spec"]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["protocol"] == protocol.to_string())
+            .and_then(|p| p["port"].as_u64()?.try_into().ok())
+            .with_context(|| format!("Service {ns}/{name} has no {protocol} port"))?,
+    };
+    let frontend = Frontend::parse(&args.frontend, &args.node)?;
+    let from: Source = match &args.from {
+        Some(from) => from.parse()?,
+        None => lab.default_client(ns, name)?,
+    };
+    let to = lab.frontend(ns, name, &frontend, port, protocol)?;
+    if frontend == Frontend::ExternalIp && from == Source::External {
+        lab.route_from_external(*to.ip(), &args.node)?;
+    }
+    let mut out = String::new();
+    // Manifests applied just before: give the agents time to program them.
+    if let Err(e) = lab.wait_programmed(Duration::from_secs(10)) {
+        writeln!(out, "warning: {e:#}")?;
+    }
+    writeln!(out, "{ns}/{name} {to}/{protocol} ({frontend}) from {from}")?;
+    writeln!(
+        out,
+        "PROBE  ANSWERED-BY                    PORT   CLIENT-SEEN"
+    )?;
+    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 1..=args.count {
+        match lab.probe(&from, to, protocol)? {
+            Some(reply) => {
+                writeln!(
+                    out,
+                    "{i:<6} {:<30} {:<6} {}",
+                    reply.server, reply.port, reply.client
+                )?;
+                *answers.entry(reply.server).or_default() += 1;
+            }
+            None => writeln!(
+                out,
+                "{i:<6} {:<30} {:<6} -",
+                "- (no answer within 1 s)", "-"
+            )?,
+        }
+    }
+    let spread: Vec<String> = answers
+        .iter()
+        .map(|(pod, n)| format!("{pod} {n}"))
+        .collect();
+    writeln!(
+        out,
+        "{}/{} answered{}{}",
+        answers.values().sum::<usize>(),
+        args.count,
+        if spread.is_empty() { "" } else { ": " },
+        spread.join(", ")
+    )?;
+    Ok(out)
 }
 
 fn apply(file: &Path) -> Result<()> {
     manifests::load_file(file)?;
-    let spool = Path::new(STATE_DIR).join("apply");
+    let manifest = std::fs::read(file)?;
+    ask("yaml", &manifest, Duration::from_secs(60))
+        .with_context(|| format!("applying {}", file.display()))?;
+    println!("applied {}", file.display());
+    Ok(())
+}
+
+/// Hands a request to the running `up` and returns its answer.
+fn ask(kind: &str, body: &[u8], timeout: Duration) -> Result<String> {
+    let spool = Path::new(STATE_DIR).join("requests");
     if !spool.is_dir() {
         bail!("no running lab (start one with `sluice-lab up`)");
     }
-    let request = spool.join(format!("{}.yaml", std::process::id()));
-    std::fs::copy(file, request.with_extension("tmp"))?;
+    let request = spool.join(format!("{}.{kind}", std::process::id()));
+    // Renamed into place: the lab reads a request once it exists.
+    std::fs::write(request.with_extension("tmp"), body)?;
     std::fs::rename(request.with_extension("tmp"), &request)?;
     let done = request.with_extension("done");
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + timeout;
     while !done.exists() {
         if Instant::now() > deadline {
-            bail!(
-                "the running lab did not take {} within 60 s",
-                file.display()
-            );
+            let _ = std::fs::remove_file(&request);
+            bail!("the running lab did not answer within {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -288,10 +468,7 @@ fn apply(file: &Path) -> Result<()> {
     let _ = std::fs::remove_file(&done);
     match answer.strip_prefix("error: ") {
         Some(e) => bail!("{e}"),
-        None => {
-            println!("applied {}", file.display());
-            Ok(())
-        }
+        None => Ok(answer),
     }
 }
 

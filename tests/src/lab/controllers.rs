@@ -8,7 +8,7 @@ use crate::apiserver::ApiServer;
 
 const MANAGED_BY: &str = "endpointslice-controller.sluice-lab";
 
-fn selects(selector: &serde_json::Map<String, Value>, pod: &Value) -> bool {
+pub(super) fn selects(selector: &serde_json::Map<String, Value>, pod: &Value) -> bool {
     selector
         .iter()
         .all(|(k, v)| pod["metadata"]["labels"][k] == *v)

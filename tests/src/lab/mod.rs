@@ -1,13 +1,14 @@
 //! The lab: a multi-node cluster on one machine. A lab namespace holds the lab switch (a bridge)
 //! and the embedded API server; each node is a network namespace with its own agent process and
 //! bpffs directory, wired to the switch. A kubelet simulator wires pods through the real
-//! `sluice-cni`; an EndpointSlice controller derives slices from Services. Everything is deleted
-//! when the `Lab` drops.
+//! `sluice-cni`; an EndpointSlice controller derives slices from Services. An external client on
+//! the switch plays a host outside the cluster. Everything is deleted when the `Lab` drops.
 
 pub mod controllers;
 pub mod kubelet;
 pub mod manifests;
 pub mod report;
+pub mod services;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -31,6 +32,8 @@ pub const SWITCH_IP: &str = "192.168.77.254";
 pub const API_PORT: u16 = 6443;
 /// The cluster CIDR; node i gets 10.244.i.0/24 (the lab plays NodeIPAM).
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The external client's address, on the switch's subnet with the nodes (192.168.77.i).
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 200);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Encap {
@@ -76,13 +79,14 @@ pub struct LabNode {
 }
 
 /// Fields drop in order: pods, then agents and node namespaces, then the API server, then the
-/// switch they were linked to.
+/// external client and the switch they were linked to.
 pub struct Lab {
     pub kubelet: Kubelet,
     pub nodes: Vec<LabNode>,
     pub api: ApiServer,
     pub options: LabOptions,
     pub dir: PathBuf,
+    external: Netns,
     pub switch: Netns,
 }
 
@@ -106,6 +110,8 @@ impl Lab {
             "br0",
         ])?;
         switch.exec(&["ip", "link", "set", "br0", "up"])?;
+        let external = Netns::new("slx")?;
+        plug(&switch, "px", &external, EXTERNAL_IP)?;
         let api = ApiServer::start(bind_api(&switch)?);
         let dir = std::env::temp_dir().join(&switch.name);
         std::fs::create_dir_all(&dir)?;
@@ -116,6 +122,7 @@ impl Lab {
             api,
             options: options.clone(),
             dir,
+            external,
             switch,
         };
         lab.create(
@@ -125,6 +132,13 @@ impl Lab {
             lab.add_node(index)?;
         }
         Ok(lab)
+    }
+
+    /// A host outside the cluster at [`EXTERNAL_IP`], on the switch with the nodes. Its default
+    /// route is the switch, which does not forward: it reaches addresses on the switch's subnet
+    /// (nodes, load-balancer IPs there) and what [`Lab::route_from_external`] routes to a node.
+    pub fn external(&self) -> &Netns {
+        &self.external
     }
 
     pub fn kubeconfig_path(&self) -> PathBuf {
@@ -137,15 +151,7 @@ impl Lab {
         let ip = Ipv4Addr::new(192, 168, 77, index as u8 + 1);
         let pod_cidr: IpNetwork = format!("10.244.{index}.0/24").parse()?;
         let ns = Netns::new("sln")?;
-        let port = format!("p{index}");
-        self.switch.exec(&[
-            "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-        ])?;
-        self.switch
-            .exec(&["ip", "link", "set", &port, "master", "br0", "up"])?;
-        ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-        ns.exec(&["ip", "link", "set", "eth0", "up"])?;
-        ns.exec(&["ip", "route", "add", "default", "via", SWITCH_IP])?;
+        plug(&self.switch, &format!("p{index}"), &ns, ip)?;
         self.create(json!({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
@@ -354,6 +360,19 @@ impl Lab {
     pub fn pod_ips(&self) -> BTreeMap<String, Ipv4Addr> {
         self.kubelet.pod_ips()
     }
+}
+
+/// Links `ns` to the switch through port `port` of the bridge, as `eth0` with `ip`/24 and a
+/// default route via the switch.
+fn plug(switch: &Netns, port: &str, ns: &Netns, ip: Ipv4Addr) -> Result<()> {
+    switch.exec(&[
+        "ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+    ])?;
+    switch.exec(&["ip", "link", "set", port, "master", "br0", "up"])?;
+    ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    ns.exec(&["ip", "link", "set", "eth0", "up"])?;
+    ns.exec(&["ip", "route", "add", "default", "via", SWITCH_IP])?;
+    Ok(())
 }
 
 fn bind_api(switch: &Netns) -> Result<TcpListener> {

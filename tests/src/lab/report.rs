@@ -1,7 +1,7 @@
 //! The probe matrix: every ordered pair of pods (self included) on each port and protocol, probed
 //! from inside the source pod; written as JSON and printed as a truth table.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{fmt, net::Ipv4Addr, time::Duration};
 
 use serde::Serialize;
 
@@ -23,6 +23,16 @@ impl Protocol {
             "UDP" | "udp" => Ok(Protocol::Udp),
             other => anyhow::bail!("protocol {other:?}: expected TCP or UDP"),
         }
+    }
+}
+
+/// As Kubernetes spells it (`spec.ports[].protocol`).
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
     }
 }
 

@@ -1,0 +1,262 @@
+//! Reaching Services in the lab: where a probe starts (a pod, a node, the external client), which
+//! address of a Service it goes to (cluster IP, a node's node port, load-balancer IP, external
+//! IP), and the probe itself, which reports the pod that answered, the client address that pod
+//! saw and the port it was reached on.
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    str::FromStr,
+};
+
+use anyhow::{anyhow, bail, Result};
+use serde_json::Value;
+
+use super::{controllers::selects, report::Protocol, Lab};
+use crate::probe::{self, Reply};
+
+/// Where a probe starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A running pod, `namespace/name`.
+    Pod(String),
+    /// A node's own network namespace (host network), by node name.
+    Node(String),
+    /// The external client, [`Lab::external`].
+    External,
+}
+
+impl FromStr for Source {
+    type Err = anyhow::Error;
+
+    /// `namespace/pod`, a node name, or `external`.
+    fn from_str(text: &str) -> Result<Source> {
+        Ok(match text {
+            "" => bail!("a probe source is namespace/pod, a node name or external"),
+            "external" => Source::External,
+            pod if pod.contains('/') => Source::Pod(pod.into()),
+            node => Source::Node(node.into()),
+        })
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Pod(name) | Source::Node(name) => f.write_str(name),
+            Source::External => f.write_str("external"),
+        }
+    }
+}
+
+/// Which address of a Service a probe goes to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frontend {
+    ClusterIp,
+    /// The node port on this node's address.
+    NodePort(String),
+    /// `status.loadBalancer.ingress[0].ip`, once something has assigned it.
+    LoadBalancer,
+    /// `spec.externalIPs[0]`.
+    ExternalIp,
+}
+
+impl Frontend {
+    /// `cluster-ip`, `node-port` (on `node`), `load-balancer` or `external-ip`.
+    pub fn parse(kind: &str, node: &str) -> Result<Frontend> {
+        Ok(match kind {
+            "cluster-ip" => Frontend::ClusterIp,
+            "node-port" => Frontend::NodePort(node.into()),
+            "load-balancer" => Frontend::LoadBalancer,
+            "external-ip" => Frontend::ExternalIp,
+            other => bail!(
+                "frontend {other:?}: expected cluster-ip, node-port, load-balancer or external-ip"
+            ),
+        })
+    }
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Frontend::ClusterIp => f.write_str("cluster-ip"),
+            Frontend::NodePort(node) => write!(f, "node-port on {node}"),
+            Frontend::LoadBalancer => f.write_str("load-balancer"),
+            Frontend::ExternalIp => f.write_str("external-ip"),
+        }
+    }
+}
+
+/// The entry of `spec.ports` for `port` and `protocol`.
+fn service_port(svc: &Value, port: u16, protocol: Protocol) -> Result<&Value> {
+    svc["spec"]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["port"] == port && p["protocol"] == protocol.to_string())
+        .ok_or_else(|| {
+            let meta = |field: &str| svc["metadata"][field].as_str().unwrap_or_default();
+            let (ns, name) = (meta("namespace"), meta("name"));
+            anyhow!("Service {ns}/{name} has no port {port}/{protocol}")
+        })
+}
+
+fn address(v: &Value, what: &str) -> Result<Ipv4Addr> {
+    v.as_str()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| anyhow!("{what}"))
+}
+
+impl Lab {
+    /// The Service `ns/name` as stored, with what the API server allocated.
+    pub fn service(&self, ns: &str, name: &str) -> Result<Value> {
+        self.api
+            .get("services", Some(ns), name)
+            .ok_or_else(|| anyhow!("no Service {ns}/{name}"))
+    }
+
+    pub fn service_ip(&self, ns: &str, name: &str) -> Result<Ipv4Addr> {
+        let svc = self.service(ns, name)?;
+        let what = format!("Service {ns}/{name} has no cluster IP");
+        address(&svc["spec"]["clusterIP"], &what)
+    }
+
+    /// The node port of the Service's `port` and `protocol` (TCP and UDP of one port number
+    /// usually share one).
+    pub fn node_port(&self, ns: &str, name: &str, port: u16, protocol: Protocol) -> Result<u16> {
+        let svc = self.service(ns, name)?;
+        service_port(&svc, port, protocol)?["nodePort"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or_else(|| anyhow!("Service {ns}/{name} has no node port for port {port}"))
+    }
+
+    /// Where a probe of the Service's `port` and `protocol` through `frontend` goes.
+    pub fn frontend(
+        &self,
+        ns: &str,
+        name: &str,
+        frontend: &Frontend,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<SocketAddrV4> {
+        let svc = self.service(ns, name)?;
+        service_port(&svc, port, protocol)?;
+        let at = |ip| Ok(SocketAddrV4::new(ip, port));
+        match frontend {
+            Frontend::ClusterIp => at(self.service_ip(ns, name)?),
+            Frontend::NodePort(node) => {
+                let node = self
+                    .node(node)
+                    .ok_or_else(|| anyhow!("no lab node {node}"))?;
+                let node_port = self.node_port(ns, name, port, protocol)?;
+                Ok(SocketAddrV4::new(node.ip, node_port))
+            }
+            Frontend::LoadBalancer => at(address(
+                &svc["status"]["loadBalancer"]["ingress"][0]["ip"],
+                &format!("Service {ns}/{name} has no load-balancer IP in its status"),
+            )?),
+            Frontend::ExternalIp => at(address(
+                &svc["spec"]["externalIPs"][0],
+                &format!("Service {ns}/{name} has no externalIPs"),
+            )?),
+        }
+    }
+
+    /// The network namespace a probe from `source` runs in.
+    pub fn netns_of(&self, source: &Source) -> Result<PathBuf> {
+        match source {
+            Source::Pod(key) => self
+                .kubelet
+                .pod(key)
+                .map(|p| p.netns.path())
+                .ok_or_else(|| anyhow!("no running pod {key}")),
+            Source::Node(name) => self
+                .node(name)
+                .map(|n| n.node.ns.path())
+                .ok_or_else(|| anyhow!("no lab node {name}")),
+            Source::External => Ok(self.external().path()),
+        }
+    }
+
+    /// One TCP connection or UDP datagram from `from` to `to`: what the server that answered
+    /// reported, or `None` when nothing answered within [`probe::PROBE_TIMEOUT`]. Each probe
+    /// comes from a fresh source port, so a Service balances probes as separate connections.
+    pub fn probe(
+        &self,
+        from: &Source,
+        to: SocketAddrV4,
+        protocol: Protocol,
+    ) -> Result<Option<Reply>> {
+        let netns = self.netns_of(from)?;
+        Ok(match protocol {
+            Protocol::Tcp => probe::tcp(&netns, None, *to.ip(), to.port()),
+            Protocol::Udp => probe::udp(&netns, *to.ip(), to.port()),
+        })
+    }
+
+    /// A client for the Service: the first running pod (in name order) it does not select, so
+    /// that answers do not come from the client itself; the first running pod if it selects all.
+    pub fn default_client(&self, ns: &str, name: &str) -> Result<Source> {
+        let svc = self.service(ns, name)?;
+        let selector = svc["spec"]["selector"].as_object();
+        let selected: BTreeSet<String> = self
+            .api
+            .list("pods", Some(ns))
+            .iter()
+            .filter(|p| selector.is_some_and(|s| selects(s, p)))
+            .map(|p| {
+                format!(
+                    "{ns}/{}",
+                    p["metadata"]["name"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        let running: Vec<&String> = self.kubelet.pods().map(|(key, _)| key).collect();
+        running
+            .iter()
+            .find(|key| !selected.contains(**key))
+            .or(running.first())
+            .map(|key| Source::Pod(key.to_string()))
+            .ok_or_else(|| anyhow!("no running pod to probe from"))
+    }
+
+    /// Routes `ip` from the external client through `node`, as the network in front of a
+    /// cluster routes a Service's external IPs to a node (Kubernetes leaves that to it).
+    pub fn route_from_external(&self, ip: Ipv4Addr, node: &str) -> Result<()> {
+        let via = self
+            .node(node)
+            .ok_or_else(|| anyhow!("no lab node {node}"))?
+            .ip
+            .to_string();
+        self.external()
+            .exec(&["ip", "route", "replace", &format!("{ip}/32"), "via", &via])?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_and_frontends_parse() {
+        assert_eq!(
+            "shop/client".parse::<Source>().unwrap(),
+            Source::Pod("shop/client".into())
+        );
+        assert_eq!(
+            "node-2".parse::<Source>().unwrap(),
+            Source::Node("node-2".into())
+        );
+        assert_eq!("external".parse::<Source>().unwrap(), Source::External);
+        assert!("".parse::<Source>().is_err());
+        assert_eq!(
+            Frontend::parse("node-port", "node-2").unwrap(),
+            Frontend::NodePort("node-2".into())
+        );
+        assert!(Frontend::parse("ingress", "node-1").is_err());
+    }
+}
