@@ -123,6 +123,10 @@ pub struct Config {
     /// every address of the Node object.
     #[serde(default)]
     pub node_port_addresses: Vec<String>,
+    /// The cluster's Service CIDR (Antrea's option): the node reaches ClusterIPs in it through
+    /// the datapath. Absent: only pods reach ClusterIPs.
+    #[serde(rename = "serviceCIDR", default)]
+    pub service_cidr: Option<String>,
     #[serde(default)]
     pub feature_gates: FeatureGates,
 }
@@ -177,6 +181,7 @@ pub struct Settings {
     pub masquerade: bool,
     pub health_address: Option<std::net::SocketAddr>,
     pub node_port_addresses: Vec<IpNetwork>,
+    pub service_cidr: Option<IpNetwork>,
     pub feature_gates: FeatureGates,
 }
 
@@ -216,6 +221,7 @@ pub struct NodeNetwork {
     pub tunnel_type: TunnelType,
     pub tc_attach_mode: TcAttachMode,
     pub masquerade: bool,
+    pub service_cidr: Option<IpNetwork>,
 }
 
 fn invalid(field: &'static str, value: &dyn ToString, reason: &str) -> ConfigError {
@@ -282,6 +288,7 @@ impl Settings {
             tunnel_type: self.tunnel_type,
             tc_attach_mode: self.tc_attach_mode,
             masquerade: self.masquerade,
+            service_cidr: self.service_cidr,
         })
     }
 }
@@ -353,7 +360,24 @@ impl Config {
                     .map_err(|e| invalid("nodePortAddresses", text, &e.to_string()))
             })
             .collect::<Result<_, _>>()?;
+        let service_cidr = match &self.service_cidr {
+            Some(text) => {
+                let cidr: IpNetwork = text
+                    .parse()
+                    .map_err(|e: ipnetwork::IpNetworkError| invalid("serviceCIDR", text, &e.to_string()))?;
+                if cidr.network() != cidr.ip() || !cidr.is_ipv4() {
+                    return Err(invalid(
+                        "serviceCIDR",
+                        text,
+                        "must be an IPv4 network address (serviceCIDRv6 is not supported yet)",
+                    ));
+                }
+                Some(cidr)
+            }
+            None => None,
+        };
         Ok(Settings {
+            service_cidr,
             node_port_addresses,
             pod_cidr,
             kubernetes,
@@ -448,6 +472,8 @@ mod tests {
             err.to_string(),
             "field `nodePortAddresses`: value \"10.0.0.0/40\" is invalid: invalid prefix"
         );
+        let err = config("serviceCIDR: 10.96.0.1/16").unwrap_err();
+        assert!(err.to_string().starts_with("field `serviceCIDR`"), "{err}");
         let err = config("tcAttachMode: clsact").unwrap_err();
         assert!(
             err.to_string().contains("unknown variant `clsact`"),

@@ -280,6 +280,9 @@ impl Netlink {
             if let Some(oif) = route.oif {
                 builder = builder.output_interface(oif);
             }
+            if let Some(src) = route.src {
+                builder = builder.pref_source(src);
+            }
             match self.handle.route().add(builder.build()).execute().await {
                 Err(e) if is_errno(&e, EEXIST) => {
                     bail!(
@@ -295,12 +298,15 @@ impl Netlink {
 }
 
 /// A route the agent owns: other nodes' pod CIDRs, via their address (noEncap) or through the
-/// gateway into the datapath (encap).
+/// gateway into the datapath (encap); the Service CIDR through the gateway, from the gateway's
+/// address (replies to it come back through the datapath on any node).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ManagedRoute {
     pub dst: IpNetwork,
     pub via: Option<Ipv4Addr>,
     pub oif: Option<u32>,
+    /// The source the node picks for it.
+    pub src: Option<Ipv4Addr>,
 }
 
 impl ManagedRoute {
@@ -309,6 +315,7 @@ impl ManagedRoute {
             dst: IpNetwork::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0).expect("0.0.0.0/0"),
             via: None,
             oif: None,
+            src: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -319,6 +326,7 @@ impl ManagedRoute {
                 }
                 RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.via = Some(*ip),
                 RouteAttribute::Oif(index) => route.oif = Some(*index),
+                RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => route.src = Some(*ip),
                 _ => {}
             }
         }
@@ -331,6 +339,7 @@ impl ManagedRoute {
         other.dst == self.dst
             && other.via == self.via
             && (self.oif.is_none() || other.oif == self.oif)
+            && other.src == self.src
     }
 }
 

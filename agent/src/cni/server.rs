@@ -223,6 +223,20 @@ impl PodNetwork {
         Ok((name, mac))
     }
 
+    /// The node reaches ClusterIPs through the datapath (`from_gateway` balances them).
+    fn service_route(&self) -> Option<ManagedRoute> {
+        let (Some(cidr), IpAddr::V4(gateway)) = (self.node.service_cidr, self.node.gateway_ip)
+        else {
+            return None;
+        };
+        Some(ManagedRoute {
+            dst: cidr,
+            via: None,
+            oif: Some(self.gateway.ifindex),
+            src: Some(gateway),
+        })
+    }
+
     pub fn gateway_ip(&self) -> IpAddr {
         self.node.gateway_ip
     }
@@ -245,14 +259,17 @@ impl PodNetwork {
                     dst: r.pod_cidr,
                     via: None,
                     oif: Some(self.gateway.ifindex),
+                    src: None,
                 }),
                 (EncapMode::NoEncap, IpAddr::V4(via)) => Some(ManagedRoute {
                     dst: r.pod_cidr,
                     via: Some(via),
                     oif: None,
+                    src: None,
                 }),
                 (EncapMode::NoEncap, IpAddr::V6(_)) => None,
             })
+            .chain(self.service_route())
             .collect();
         self.nl.sync_routes(&routes).await?;
         if self.node.masquerade {
