@@ -112,7 +112,7 @@ fn node_port_service(name: &str, node_port: u16, local: bool) -> Value {
                  "selector": {"app": "web"},
                  "externalTrafficPolicy": if local { "Local" } else { "Cluster" },
                  "ports": [{"name": "http", "port": 8080, "targetPort": PORT, "nodePort": node_port, "protocol": "TCP"},
-                           {"name": "dns", "port": 53, "targetPort": PORT, "nodePort": node_port, "protocol": "UDP"}]},
+                           {"name": "dns", "port": 8080, "targetPort": PORT, "nodePort": node_port, "protocol": "UDP"}]},
     })
 }
 
@@ -127,7 +127,7 @@ fn node_port_from_outside_and_from_pods() {
             .expect("apply");
         lab.wait_programmed(Duration::from_secs(20))
             .expect("programmed");
-        let outside = lab.switch.path();
+        let outside = lab.external().path();
         for node in 0..2 {
             let node_ip = lab.nodes[node].ip;
             let gateway: Ipv4Addr = format!("10.244.{node}.1").parse().unwrap();
@@ -166,13 +166,13 @@ fn external_traffic_policy_local_keeps_the_client_address() {
     lab.apply(vec![svc]).expect("apply");
     lab.wait_programmed(Duration::from_secs(20))
         .expect("programmed");
-    let outside = lab.switch.path();
-    let switch_ip: Ipv4Addr = sluice_tests::lab::SWITCH_IP.parse().unwrap();
+    let outside = lab.external().path();
+    let external_ip = sluice_tests::lab::EXTERNAL_IP;
     for (node, endpoint) in [(0, "default/web-1"), (1, "default/web-2")] {
         let replies = tcp_many(&outside, lab.nodes[node].ip, 30081, 10);
         for reply in &replies {
             assert_eq!(reply.server, endpoint, "only the local endpoint");
-            assert_eq!(reply.client, switch_ip, "the client address is preserved");
+            assert_eq!(reply.client, external_ip, "the client address is preserved");
         }
     }
 }

@@ -4,7 +4,7 @@
 //! place into the answer. IPv4 without IP options only; anything else is dropped.
 
 use aya_ebpf::{
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::TcContext,
 };
 use sluice_common::{DropReason, Stage, FAMILY_IPV4};
@@ -57,8 +57,7 @@ pub fn answer(ctx: &TcContext, meta: &IpMeta) -> Result<i32, DropReason> {
 /// acknowledged, or else 0 acknowledging everything the segment carried.
 #[inline(always)]
 fn tcp_reset(ctx: &TcContext, s: &mut Scratch) -> Result<(), DropReason> {
-    ctx.load_bytes(0, &mut s.frame)
-        .map_err(|_| DropReason::Truncated)?;
+    load(ctx, &mut s.frame, L4 + TCP_LEN)?;
     let frame = &s.frame;
     let ip_total = u16::from_be_bytes([frame[IP + 2], frame[IP + 3]]) as u32;
     let tcp = &frame[L4..];
@@ -95,8 +94,7 @@ fn tcp_reset(ctx: &TcContext, s: &mut Scratch) -> Result<(), DropReason> {
 /// ICMP destination unreachable (port) quoting the datagram's IP header and first 8 bytes.
 #[inline(always)]
 fn port_unreachable(ctx: &TcContext, s: &mut Scratch) -> Result<(), DropReason> {
-    ctx.load_bytes(0, &mut s.frame[..L4 + UDP_LEN])
-        .map_err(|_| DropReason::Truncated)?;
+    load(ctx, &mut s.frame, L4 + UDP_LEN)?;
     let frame = &s.frame;
     let out = &mut s.icmp;
     *out = [0; L4 + ICMP_LEN + IP_LEN + UDP_LEN];
@@ -155,6 +153,24 @@ fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
+}
+
+/// The frame's first `len` bytes (a constant: the verifier wants a known size).
+#[inline(always)]
+fn load(ctx: &TcContext, into: &mut [u8; L4 + TCP_LEN], len: usize) -> Result<(), DropReason> {
+    // SAFETY: `into` holds at least `len` bytes.
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            0,
+            into.as_mut_ptr() as *mut _,
+            len as u32,
+        )
+    };
+    if ret != 0 {
+        return Err(DropReason::Truncated);
+    }
+    Ok(())
 }
 
 /// Sizes the packet to the answer and writes it over.

@@ -34,6 +34,7 @@ pub enum Lb {
 
 /// ServiceLB's keys and entries: in a per-CPU slot rather than on the 512-byte BPF stack.
 pub struct Scratch {
+    frontend: ServiceKey,
     key: FlowKey,
     entry: NatEntry,
     reverse_key: FlowKey,
@@ -118,13 +119,13 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
         return PASS;
     }
     let scope = scope as u8;
-    let frontend = ServiceKey {
+    s.frontend = ServiceKey {
         addr: meta.dst,
         port: meta.dst_port,
         proto: meta.proto,
         scope,
     };
-    let Some(service) = SERVICES.get_ptr(&frontend) else {
+    let Some(service) = SERVICES.get_ptr(&s.frontend) else {
         return PASS;
     };
     // SAFETY: as above.
@@ -143,42 +144,35 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
         return failed(DropReason::NoEndpoints);
     }
     super::passed(Stage::ServiceLB);
-    let client = meta.src;
-    let endpoint = s.endpoint;
-    let src = if scope == scope::INTERNAL && endpoint.addr == client && client.family == FAMILY_IPV4
-    {
+    // Written field by field into the per-CPU slot: whole-struct temporaries would take stack.
+    let hairpin = scope == scope::INTERNAL && s.endpoint.addr == meta.src;
+    s.entry.src = if meta.src.family != FAMILY_IPV4 {
+        meta.src
+    } else if hairpin {
         IpKey::v4(HAIRPIN_IPV4)
-    } else if service.flags & service_flags::SNAT != 0 && client.family == FAMILY_IPV4 {
+    } else if service.flags & service_flags::SNAT != 0 {
         IpKey::v4(node.gateway_ipv4)
     } else {
-        client
+        meta.src
     };
-    s.entry = NatEntry {
-        src,
-        dst: endpoint.addr,
-        src_port: meta.src_port,
-        dst_port: endpoint.port,
-        flags: 0,
-    };
-    s.reverse_key = FlowKey {
-        src: endpoint.addr,
-        dst: src,
-        src_port: endpoint.port,
-        dst_port: meta.src_port,
-        proto: meta.proto,
-        _pad: [0; 3],
-    };
-    let to_external = if scope == scope::EXTERNAL {
-        nat_flags::TO_EXTERNAL
+    s.entry.dst = s.endpoint.addr;
+    s.entry.src_port = meta.src_port;
+    s.entry.dst_port = s.endpoint.port;
+    s.entry.flags = 0;
+    s.reverse_key.src = s.endpoint.addr;
+    s.reverse_key.dst = s.entry.src;
+    s.reverse_key.src_port = s.endpoint.port;
+    s.reverse_key.dst_port = meta.src_port;
+    s.reverse_key.proto = meta.proto;
+    s.reverse_key._pad = [0; 3];
+    s.reverse.src = meta.dst;
+    s.reverse.dst = meta.src;
+    s.reverse.src_port = meta.dst_port;
+    s.reverse.dst_port = meta.src_port;
+    s.reverse.flags = if scope == scope::EXTERNAL {
+        nat_flags::REVERSE | nat_flags::TO_EXTERNAL
     } else {
-        0
-    };
-    s.reverse = NatEntry {
-        src: meta.dst,
-        dst: client,
-        src_port: meta.dst_port,
-        dst_port: meta.src_port,
-        flags: nat_flags::REVERSE | to_external,
+        nat_flags::REVERSE
     };
     // The reverse entry first: a reply must never exist without its way back. A full LRU map
     // evicts its oldest entry; a failed insert leaves the packet to be balanced again.
