@@ -2,18 +2,24 @@
 //! maps, a small node set up in them, and builders for crafted packets. The test-run skb arrives
 //! on `lo` (ifindex 1), which plays the pod's port.
 
+use std::net::IpAddr;
+
 use crate::require_root;
 use aya::maps::lpm_trie::Key;
 use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
     Ebpf,
 };
-use sluice_agent::datapath::ebpf::{Maps, EBPF_OBJECT};
+use sluice_agent::{
+    datapath::ebpf::{Maps, EBPF_OBJECT},
+    model::ip_key,
+};
 use sluice_common::{
-    DropReason, Endpoint, IpKey, NodeConfig, RemoteNode, SpoofGuardEntry, SpoofGuardKey,
+    DropReason, Endpoint, FlowKey, IpKey, NodeConfig, RemoteNode, SpoofGuardEntry, SpoofGuardKey,
     IP_KEY_PREFIX_BITS,
 };
 
+pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 
@@ -200,4 +206,192 @@ pub fn ipv4_l4(
         0, 0, 0, 1, 0, 0, 0, 0, 0x50, tcp_flags, 0xff, 0xff, 0, 0, 0, 0,
     ]);
     p
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// What `Flow::frame` carries after its L4 header: an odd length, so that checksums cover a
+/// padded last byte.
+pub const PAYLOAD: &[u8] = b"GET /healthz\n";
+
+/// One direction of a TCP or UDP connection, as its packets carry it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+impl Flow {
+    /// The other direction of the connection.
+    pub fn reply(self) -> Flow {
+        Flow {
+            src: self.dst,
+            dst: self.src,
+            proto: self.proto,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+        }
+    }
+
+    /// The SERVICE_NAT key of a packet of this flow.
+    pub fn key(self) -> FlowKey {
+        FlowKey {
+            src: ip_key(self.src),
+            dst: ip_key(self.dst),
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// A frame of this flow carrying `PAYLOAD` (TCP: PSH|ACK), with valid IPv4 header and L4
+    /// checksums: what a rewrite must keep valid.
+    pub fn frame(self, dst_mac: [u8; 6], src_mac: [u8; 6]) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend(self.src_port.to_be_bytes());
+        l4.extend(self.dst_port.to_be_bytes());
+        match self.proto {
+            IPPROTO_TCP => l4.extend([0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]),
+            IPPROTO_UDP => {
+                l4.extend((8 + PAYLOAD.len() as u16).to_be_bytes());
+                l4.extend([0, 0]);
+            }
+            other => panic!("Flow::frame builds TCP and UDP, not protocol {other}"),
+        }
+        l4.extend(PAYLOAD);
+        let mut p = match (self.src, self.dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                let mut p = eth(dst_mac, src_mac, 0x0800);
+                p.extend([0x45, 0]);
+                p.extend((20 + l4.len() as u16).to_be_bytes());
+                p.extend([0, 1, 0x40, 0, 64, self.proto, 0, 0]);
+                p.extend(src.octets());
+                p.extend(dst.octets());
+                p
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                let mut p = eth(dst_mac, src_mac, 0x86dd);
+                p.extend([0x60, 0, 0, 0]);
+                p.extend((l4.len() as u16).to_be_bytes());
+                p.extend([self.proto, 64]);
+                p.extend(src.octets());
+                p.extend(dst.octets());
+                p
+            }
+            _ => panic!("a flow has one address family"),
+        };
+        p.extend(l4);
+        set_checksums(&mut p);
+        p
+    }
+}
+
+/// Writes the checksums computed from scratch into a TCP or UDP frame of either family (after
+/// a test changed a field).
+pub fn set_checksums(frame: &mut [u8]) {
+    if be16(frame, 12) == 0x0800 {
+        let sum = ipv4_header_checksum(frame);
+        frame[24..26].copy_from_slice(&sum.to_be_bytes());
+    }
+    let (offset, sum) = (l4_checksum_offset(frame), l4_checksum(frame));
+    frame[offset..offset + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// RFC 1071 Internet checksum: the one's complement of the one's complement sum of `data` as
+/// big-endian 16-bit words, an odd last byte padded with zero.
+pub fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|word| u32::from(u16::from_be_bytes([word[0], *word.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn be16(frame: &[u8], offset: usize) -> u16 {
+    u16::from_be_bytes([frame[offset], frame[offset + 1]])
+}
+
+/// The L4 header's offset in an Ethernet + IPv4/IPv6 frame, its protocol and its length.
+fn l4_of(frame: &[u8]) -> (usize, u8, usize) {
+    match be16(frame, 12) {
+        0x0800 => {
+            let header = usize::from(frame[14] & 0x0f) * 4;
+            (
+                14 + header,
+                frame[23],
+                usize::from(be16(frame, 16)) - header,
+            )
+        }
+        0x86dd => (54, frame[20], usize::from(be16(frame, 18))),
+        other => panic!("not an IP frame (EtherType {other:#06x})"),
+    }
+}
+
+/// Where the TCP or UDP checksum of `frame` sits.
+pub fn l4_checksum_offset(frame: &[u8]) -> usize {
+    let (l4, proto, _) = l4_of(frame);
+    match proto {
+        IPPROTO_TCP => l4 + 16,
+        IPPROTO_UDP => l4 + 6,
+        other => panic!("no TCP/UDP checksum in protocol {other}"),
+    }
+}
+
+/// The IPv4 header checksum `frame` should carry, computed from scratch.
+pub fn ipv4_header_checksum(frame: &[u8]) -> u16 {
+    let mut header = frame[14..14 + usize::from(frame[14] & 0x0f) * 4].to_vec();
+    header[10..12].fill(0);
+    checksum(&header)
+}
+
+/// The TCP or UDP checksum `frame` should carry, computed from scratch over the pseudo-header
+/// (RFC 793 / RFC 8200 8.1) and the segment. UDP sends a computed 0 as 0xffff (RFC 768).
+pub fn l4_checksum(frame: &[u8]) -> u16 {
+    let (l4, proto, len) = l4_of(frame);
+    let mut data = Vec::new();
+    if be16(frame, 12) == 0x0800 {
+        data.extend(&frame[26..34]);
+        data.extend([0, proto]);
+        data.extend((len as u16).to_be_bytes());
+    } else {
+        data.extend(&frame[22..54]);
+        data.extend((len as u32).to_be_bytes());
+        data.extend([0, 0, 0, proto]);
+    }
+    let field = l4_checksum_offset(frame) - l4;
+    let mut segment = frame[l4..l4 + len].to_vec();
+    segment[field..field + 2].fill(0);
+    data.extend(segment);
+    match checksum(&data) {
+        0 if proto == IPPROTO_UDP => 0xffff,
+        sum => sum,
+    }
+}
+
+/// Asserts that `frame` carries the checksums computed from scratch: BPF_PROG_TEST_RUN skbs are
+/// CHECKSUM_NONE, so nothing downstream would complete a partial one. A zero UDP checksum over
+/// IPv4 means "none" and is valid as it is.
+pub fn assert_checksums(frame: &[u8]) {
+    if be16(frame, 12) == 0x0800 {
+        assert_eq!(
+            be16(frame, 24),
+            ipv4_header_checksum(frame),
+            "IPv4 header checksum"
+        );
+    }
+    let offset = l4_checksum_offset(frame);
+    let carried = be16(frame, offset);
+    let (_, proto, _) = l4_of(frame);
+    if carried == 0 && proto == IPPROTO_UDP && be16(frame, 12) == 0x0800 {
+        return;
+    }
+    assert_eq!(carried, l4_checksum(frame), "L4 checksum");
 }
