@@ -165,6 +165,9 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
     s.reverse_key.dst_port = meta.src_port;
     s.reverse_key.proto = meta.proto;
     s.reverse_key._pad = [0; 3];
+    if s.entry.src != meta.src && !free_source_port(s, meta) {
+        return failed(DropReason::NatFailed);
+    }
     s.reverse.src = meta.dst;
     s.reverse.dst = meta.src;
     s.reverse.src_port = meta.dst_port;
@@ -185,6 +188,37 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
     super::passed(Stage::EndpointDNAT);
     FORWARD
 }
+
+/// With the source rewritten (SNAT), two clients may bring the same source port to the same
+/// endpoint: their replies would be indistinguishable. The client's port is kept when it is
+/// free, else a few random ones in the ephemeral range are tried, as conntrack's NAT does.
+#[inline(always)]
+fn free_source_port(s: &mut Scratch, meta: &IpMeta) -> bool {
+    for attempt in 0..SNAT_PORT_ATTEMPTS {
+        let taken = match SERVICE_NAT.get_ptr(&s.reverse_key) {
+            // SAFETY: a pointer into the map from a successful lookup, only read.
+            Some(other) => unsafe {
+                (*other).dst != meta.src || (*other).dst_port != meta.src_port
+            },
+            None => false,
+        };
+        if !taken {
+            return true;
+        }
+        if attempt + 1 < SNAT_PORT_ATTEMPTS {
+            // SAFETY: plain helper call.
+            let random = unsafe { bpf_get_prandom_u32() };
+            let port = EPHEMERAL_FIRST + (random % EPHEMERAL_COUNT) as u16;
+            s.entry.src_port = port;
+            s.reverse_key.dst_port = port;
+        }
+    }
+    false
+}
+
+const SNAT_PORT_ATTEMPTS: u32 = 8;
+const EPHEMERAL_FIRST: u16 = 32_768;
+const EPHEMERAL_COUNT: u32 = 28_232;
 
 /// EndpointDNAT undone on a reply: the source becomes the frontend the client talked to (and
 /// the destination the client, when its source was rewritten). Returns the entry's `nat_flags`.
