@@ -362,9 +362,9 @@ impl Config {
             .collect::<Result<_, _>>()?;
         let service_cidr = match &self.service_cidr {
             Some(text) => {
-                let cidr: IpNetwork = text
-                    .parse()
-                    .map_err(|e: ipnetwork::IpNetworkError| invalid("serviceCIDR", text, &e.to_string()))?;
+                let cidr: IpNetwork = text.parse().map_err(|e: ipnetwork::IpNetworkError| {
+                    invalid("serviceCIDR", text, &e.to_string())
+                })?;
                 if cidr.network() != cidr.ip() || !cidr.is_ipv4() {
                     return Err(invalid(
                         "serviceCIDR",

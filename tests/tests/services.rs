@@ -70,7 +70,13 @@ fn spread(replies: &[Reply]) -> BTreeMap<String, usize> {
 
 #[test]
 fn cluster_ip_from_pods_on_both_nodes() {
-    let lab = lab(Encap::Vxlan);
+    for encap in [Encap::Vxlan, Encap::NoEncap] {
+        cluster_ip_from_pods_on_both_nodes_with(encap);
+    }
+}
+
+fn cluster_ip_from_pods_on_both_nodes_with(encap: Encap) {
+    let lab = lab(encap);
     let vip: Ipv4Addr = "10.96.0.10".parse().unwrap();
     for client in ["client-1", "client-2"] {
         let ns = netns_of(&lab, client);
@@ -175,4 +181,261 @@ fn external_traffic_policy_local_keeps_the_client_address() {
             assert_eq!(reply.client, external_ip, "the client address is preserved");
         }
     }
+}
+
+fn cluster_ip_service(name: &str, app: &str, extra: Value) -> Value {
+    let mut svc = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"selector": {"app": app},
+                 "ports": [{"name": "http", "port": 8080, "targetPort": PORT, "protocol": "TCP"},
+                           {"name": "dns", "port": 8080, "targetPort": PORT, "protocol": "UDP"}]},
+    });
+    if let (Some(spec), Some(extra)) = (svc["spec"].as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    svc
+}
+
+/// ClientIP affinity keeps a client on one endpoint; a pod reaching itself through its
+/// Service gets the hairpin address as the source; the node reaches ClusterIPs (serviceCIDR).
+#[test]
+fn affinity_hairpin_and_the_node_itself() {
+    for encap in [Encap::Vxlan, Encap::NoEncap] {
+        affinity_hairpin_and_the_node_itself_with(encap);
+    }
+}
+
+fn affinity_hairpin_and_the_node_itself_with(encap: Encap) {
+    let mut lab = lab(encap);
+    lab.apply(vec![cluster_ip_service(
+        "sticky",
+        "web",
+        json!({"sessionAffinity": "ClientIP"}),
+    )])
+    .expect("apply");
+    lab.wait_programmed(Duration::from_secs(20))
+        .expect("programmed");
+    let sticky = lab.service_ip("default", "sticky").expect("allocated");
+    for client in ["client-1", "client-2"] {
+        let counts = spread(&tcp_many(&netns_of(&lab, client), sticky, 8080, 15));
+        assert_eq!(
+            counts.len(),
+            1,
+            "{client} sticks to one endpoint: {counts:?}"
+        );
+    }
+
+    let web: Ipv4Addr = "10.96.0.10".parse().unwrap();
+    let replies = tcp_many(&netns_of(&lab, "web-1"), web, 8080, 30);
+    let own: Vec<&Reply> = replies
+        .iter()
+        .filter(|r| r.server == "default/web-1")
+        .collect();
+    assert!(!own.is_empty(), "web-1 reached itself at least once in 30");
+    for reply in own {
+        assert_eq!(reply.client.to_string(), "169.254.0.253", "hairpin source");
+    }
+    for reply in replies.iter().filter(|r| r.server == "default/web-2") {
+        assert_eq!(reply.client, ip_of(&lab, "web-1"));
+    }
+
+    for (node, gateway) in [(0, "10.244.0.1"), (1, "10.244.1.1")] {
+        let replies = tcp_many(&lab.nodes[node].node.ns.path(), web, 8080, 20);
+        assert_eq!(
+            spread(&replies).len(),
+            2,
+            "{encap:?} node {node}: both endpoints"
+        );
+        for reply in &replies {
+            assert_eq!(
+                reply.client.to_string(),
+                gateway,
+                "from the node's gateway address"
+            );
+        }
+    }
+}
+
+/// How a connection attempt ended, seen by the client.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Answered(String),
+    Refused,
+    TimedOut,
+}
+
+fn connect(ns: &std::path::Path, ip: Ipv4Addr, port: u16) -> Outcome {
+    let addr = std::net::SocketAddr::from((ip, port));
+    sluice_tests::in_netns(ns, move || {
+        use std::io::Read;
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(mut conn) => {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+                let mut text = String::new();
+                let _ = conn.read_to_string(&mut text);
+                Outcome::Answered(text.split_whitespace().next().unwrap_or("").to_string())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
+            Err(_) => Outcome::TimedOut,
+        }
+    })
+}
+
+fn udp_refused(ns: &std::path::Path, ip: Ipv4Addr, port: u16) -> bool {
+    sluice_tests::in_netns(ns, move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.connect((ip, port)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let _ = socket.send(b"probe");
+        let mut buf = [0u8; 64];
+        matches!(socket.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
+}
+
+/// A long-lived connection through a Service: echoes lines with the name of the pod behind it.
+struct Session {
+    conn: std::net::TcpStream,
+}
+
+impl Session {
+    fn open(ns: &std::path::Path, ip: Ipv4Addr, port: u16) -> Session {
+        let addr = std::net::SocketAddr::from((ip, port));
+        let conn = sluice_tests::in_netns(ns, move || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        })
+        .expect("session through the Service");
+        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        Session { conn }
+    }
+
+    /// The pod answering, or how the exchange failed.
+    fn ask(&mut self) -> std::io::Result<String> {
+        use std::io::{BufRead, BufReader, Write};
+        self.conn.write_all(b"who\n")?;
+        let mut line = String::new();
+        let read = BufReader::new(&self.conn).read_line(&mut line)?;
+        if read == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(line.trim().to_string())
+    }
+}
+
+/// Echo servers for sessions: every line gets the pod's name back. Threads end with the test.
+fn session_server(ns: &std::path::Path, pod: &str, port: u16) {
+    let listener = sluice_tests::in_netns(ns, move || {
+        std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind session server")
+    });
+    let pod = pod.to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let pod = pod.clone();
+            std::thread::spawn(move || {
+                use std::io::{BufRead, BufReader, Write};
+                let mut writer = conn.try_clone().expect("clone");
+                for line in BufReader::new(conn).lines() {
+                    if line.is_err() || writer.write_all(format!("{pod}\n").as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// No endpoints: TCP is reset and UDP refused at once. Scaled to three, new connections spread
+/// over all; scaled down to one, connections on the survivor go on and those on removed
+/// endpoints are reset rather than left hanging.
+#[test]
+fn endpoints_scale_zero_three_one_under_traffic() {
+    const SESSION_PORT: u16 = 9000;
+    let mut lab = lab(Encap::Vxlan);
+    let mut svc = cluster_ip_service("scale", "scale", json!({}));
+    svc["spec"]["ports"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "session", "port": SESSION_PORT, "protocol": "TCP"}));
+    lab.apply(vec![svc]).expect("apply");
+    lab.wait_programmed(Duration::from_secs(20))
+        .expect("programmed");
+    let vip = lab.service_ip("default", "scale").expect("allocated");
+    let client = netns_of(&lab, "client-1");
+    let started = std::time::Instant::now();
+    assert_eq!(
+        connect(&client, vip, 8080),
+        Outcome::Refused,
+        "no endpoints: TCP reset"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "refused at once"
+    );
+    assert!(
+        udp_refused(&client, vip, 8080),
+        "no endpoints: ICMP port unreachable"
+    );
+
+    lab.apply(vec![
+        pod("scale-1", 1, "scale"),
+        pod("scale-2", 2, "scale"),
+        pod("scale-3", 1, "scale"),
+    ])
+    .expect("scale to 3");
+    lab.wait_programmed(Duration::from_secs(20))
+        .expect("programmed");
+    let counts = spread(&tcp_many(&client, vip, 8080, 40));
+    assert_eq!(counts.len(), 3, "three endpoints: {counts:?}");
+    for name in ["scale-1", "scale-2", "scale-3"] {
+        session_server(&netns_of(&lab, name), name, SESSION_PORT);
+    }
+    let mut sessions: Vec<(String, Session)> = (0..24)
+        .map(|_| {
+            let mut session = Session::open(&client, vip, SESSION_PORT);
+            let pod = session.ask().expect("session answers");
+            (pod, session)
+        })
+        .collect();
+    assert!(
+        sessions.iter().any(|(pod, _)| pod == "scale-1"),
+        "a session on the survivor"
+    );
+
+    for name in ["scale-2", "scale-3"] {
+        lab.api
+            .delete("pods", Some("default"), name)
+            .expect("delete pod");
+    }
+    lab.sync().expect("kubelet and EndpointSlice controller");
+    lab.wait_programmed(Duration::from_secs(20))
+        .expect("programmed");
+    for (pod, session) in &mut sessions {
+        match session.ask() {
+            Ok(answer) => assert_eq!(
+                (pod.as_str(), answer.as_str()),
+                ("scale-1", "scale-1"),
+                "only sessions on the survivor go on, on the same endpoint"
+            ),
+            Err(e) => {
+                assert_ne!(pod, "scale-1", "the survivor's session broke: {e}");
+                assert!(
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::UnexpectedEof
+                            | std::io::ErrorKind::BrokenPipe
+                    ),
+                    "a session on a removed endpoint is reset, not left hanging: {e}"
+                );
+            }
+        }
+    }
+    let counts = spread(&tcp_many(&client, vip, 8080, 20));
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["default/scale-1"],
+        "{counts:?}"
+    );
 }

@@ -80,6 +80,9 @@ pub fn from_gateway(ctx: &TcContext) -> StageResult {
                 _ => match l3_forwarding::lookup(meta, node) {
                     Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
                     Next::RemoteNode(remote) => output::to_tunnel(ctx, &remote, node),
+                    // noEncap: a ClusterIP's endpoint on another node, through the node's routes
+                    // (its own stack would refuse the gateway's address coming back in).
+                    Next::Node if matches!(lb, Lb::Forward) => output::to_fib(ctx, meta),
                     Next::Node => Err(DropReason::UnknownDestination),
                 },
             }
@@ -124,10 +127,8 @@ pub fn from_uplink(ctx: &TcContext) -> StageResult {
             }
             security(meta, false)?;
             match lb {
-                Lb::Reverse => {
-                    service_lb::reverse(ctx, meta)?;
-                    output::to_fib(ctx, meta)
-                }
+                // noEncap: replies from another node's endpoint arrive here.
+                Lb::Reverse => reply(ctx, meta, node),
                 _ => match l3_forwarding::lookup(meta, node) {
                     Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
                     Next::RemoteNode(remote) => output::to_tunnel(ctx, &remote, node),

@@ -162,10 +162,12 @@ impl Lab {
             },
         }))?;
         let config = format!(
-            "nodeName: {name}\nkubeconfig: {}\n{}tcAttachMode: {}\nhealthAddress: 127.0.0.1:9421\n",
+            "nodeName: {name}\nkubeconfig: {}\n{}tcAttachMode: {}\nhealthAddress: 127.0.0.1:9421\n\
+             serviceCIDR: {}\nfeatureGates: {{ServiceExternalIP: true}}\n",
             self.kubeconfig_path().display(),
             self.options.encap.config(),
-            self.options.attach_mode
+            self.options.attach_mode,
+            crate::apiserver::SERVICE_CIDR,
         );
         let node = Node::start_in(ns, config, vec![("NODE_NAME".into(), name.clone())])
             .with_context(|| format!("starting the agent of {name}"))?;
@@ -316,10 +318,15 @@ impl Lab {
                     .ns
                     .exec(&["ip", "-o", "route", "show", "proto", "200"])
                     .map_err(|e| e.to_string())?;
-                let routed: BTreeSet<IpNetwork> = routes
+                let mut routed: BTreeSet<IpNetwork> = routes
                     .lines()
                     .filter_map(|l| l.split_whitespace().next()?.parse().ok())
                     .collect();
+                // The Service CIDR's route (through the gateway) is the agent's too.
+                let services: IpNetwork = crate::apiserver::SERVICE_CIDR.parse().expect("a CIDR");
+                if !routed.remove(&services) {
+                    return Err(format!("{}: no route to the Service CIDR", node.name));
+                }
                 if routed != others {
                     return Err(format!(
                         "{}: routes to {routed:?}, expected {others:?}",
