@@ -439,3 +439,164 @@ fn endpoints_scale_zero_three_one_under_traffic() {
         "{counts:?}"
     );
 }
+
+/// Polls `check` every 100 ms until it holds or `timeout` passes.
+fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check()
+}
+
+fn owns(lab: &Lab, node: usize, ip: Ipv4Addr) -> bool {
+    let key = sluice_common::IpKey::v4(ip.octets());
+    lab.nodes[node]
+        .node
+        .maps()
+        .external_ips
+        .get(&key, 0)
+        .is_ok()
+}
+
+/// ServiceExternalIP: a LoadBalancer Service gets an IP from an ExternalIPPool, one node answers
+/// ARP for it, and when that node goes away the other takes the IP over (gratuitous ARP) and
+/// outside clients reach the Service again.
+#[test]
+fn load_balancer_ip_from_a_pool_fails_over() {
+    let mut lab = lab(Encap::Vxlan);
+    let mut svc = cluster_ip_service("shop", "web", json!({"type": "LoadBalancer"}));
+    svc["metadata"]["annotations"] = json!({"service.antrea.io/external-ip-pool": "lab-pool"});
+    lab.apply(vec![
+        json!({
+            "apiVersion": "crd.antrea.io/v1beta1", "kind": "ExternalIPPool",
+            "metadata": {"name": "lab-pool"},
+            "spec": {"ipRanges": [{"start": "192.168.77.100", "end": "192.168.77.109"}],
+                     "nodeSelector": {}},
+        }),
+        svc,
+    ])
+    .expect("apply");
+    let mut ip = None;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            ip = lab.service("default", "shop").ok().and_then(|s| {
+                s["status"]["loadBalancer"]["ingress"][0]["ip"]
+                    .as_str()?
+                    .parse()
+                    .ok()
+            });
+            ip.is_some()
+        }),
+        "the Service gets an IP from the pool"
+    );
+    let ip: Ipv4Addr = ip.unwrap();
+    assert_eq!(
+        ip,
+        "192.168.77.100".parse::<Ipv4Addr>().unwrap(),
+        "the pool's first address"
+    );
+    lab.wait_programmed(Duration::from_secs(20))
+        .expect("programmed");
+    let outside = lab.external().path();
+    let counts = spread(&tcp_many(&outside, ip, 8080, 20));
+    assert_eq!(
+        counts.len(),
+        2,
+        "both endpoints behind the LoadBalancer IP: {counts:?}"
+    );
+    assert!(
+        probe::udp(&outside, ip, 8080).is_some(),
+        "UDP through the LoadBalancer IP"
+    );
+    let owners: Vec<usize> = (0..2).filter(|&n| owns(&lab, n, ip)).collect();
+    assert_eq!(owners.len(), 1, "exactly one node answers for {ip}");
+    let (gone, survivor) = (owners[0], 1 - owners[0]);
+
+    // The node goes away: its link drops, its agent dies, the node controller deletes it and
+    // marks its pods not ready.
+    lab.nodes[gone]
+        .node
+        .ns
+        .exec(&["ip", "link", "set", "eth0", "down"])
+        .expect("link down");
+    lab.nodes[gone].node.kill_agent();
+    let gone_name = lab.nodes[gone].name.clone();
+    lab.api
+        .delete("nodes", None, &gone_name)
+        .expect("delete node");
+    for pod in lab.api.list("pods", Some("default")) {
+        if pod["spec"]["nodeName"] == gone_name.as_str() {
+            let name = pod["metadata"]["name"].as_str().unwrap().to_string();
+            let not_ready =
+                json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}});
+            lab.api
+                .merge_patch_status("pods", Some("default"), &name, &not_ready)
+                .expect("pod not ready");
+        }
+    }
+    sluice_tests::lab::controllers::sync_endpoint_slices(&lab.api).expect("endpoint slices");
+    assert!(
+        eventually(Duration::from_secs(10), || owns(&lab, survivor, ip)),
+        "the surviving node takes the IP over"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || probe::tcp(
+            &outside, None, ip, 8080
+        )
+        .is_some()),
+        "outside clients reach the Service again"
+    );
+    let survivor_pod = format!("default/web-{}", survivor + 1);
+    for reply in tcp_many(&outside, ip, 8080, 10) {
+        assert_eq!(
+            reply.server, survivor_pod,
+            "served by the surviving endpoint"
+        );
+    }
+}
+
+/// externalIPs routed to a node by the network in front of the cluster; the health-check node
+/// port of a LoadBalancer Service with externalTrafficPolicy Local reports local endpoints.
+#[test]
+fn external_ips_and_health_check_node_port() {
+    let mut lab = lab(Encap::Vxlan);
+    let external_ip: Ipv4Addr = "192.168.77.150".parse().unwrap();
+    lab.apply(vec![
+        pod("solo", 1, "solo"),
+        cluster_ip_service(
+            "web-ext",
+            "web",
+            json!({"externalIPs": [external_ip.to_string()]}),
+        ),
+        cluster_ip_service(
+            "solo-lb",
+            "solo",
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local"}),
+        ),
+    ])
+    .expect("apply");
+    lab.wait_programmed(Duration::from_secs(20))
+        .expect("programmed");
+    let outside = lab.external().path();
+    for node in ["node-1", "node-2"] {
+        lab.route_from_external(external_ip, node).expect("route");
+        let replies = tcp_many(&outside, external_ip, 8080, 20);
+        assert_eq!(spread(&replies).len(), 2, "through {node}: both endpoints");
+    }
+    let port = lab.service("default", "solo-lb").expect("service")["spec"]["healthCheckNodePort"]
+        .as_u64()
+        .expect("allocated health check node port");
+    for (node, status, local) in [(0, 200, 1), (1, 503, 0)] {
+        let address = format!("{}:{port}", lab.nodes[node].ip);
+        let (code, body) = sluice_tests::in_netns(&outside, move || probe::http_get(&address, "/"))
+            .expect("health check answers");
+        assert_eq!(code, status, "node {node}: {body}");
+        let body: Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(body["localEndpoints"], local, "{body}");
+        assert_eq!(body["service"]["name"], "solo-lb");
+    }
+}
