@@ -600,3 +600,49 @@ fn external_ips_and_health_check_node_port() {
         assert_eq!(body["service"]["name"], "solo-lb");
     }
 }
+
+/// SessionAffinity, ServiceLB and EndpointDNAT run before the egress rules, so NetworkPolicy
+/// judges the endpoint (pod, target port), never the frontend.
+#[test]
+fn network_policy_sees_the_endpoint() {
+    let mut lab = lab(Encap::Vxlan);
+    let policy = |port: u16| {
+        json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "clients-reach-web", "namespace": "default"},
+            "spec": {"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"],
+                     "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                                 "ports": [{"protocol": "TCP", "port": port}]}]},
+        })
+    };
+    lab.apply(vec![policy(PORT)]).expect("apply");
+    lab.wait_programmed(Duration::from_secs(20))
+        .expect("programmed");
+    let vip: Ipv4Addr = "10.96.0.10".parse().unwrap();
+    for client in ["client-1", "client-2"] {
+        let ns = netns_of(&lab, client);
+        let counts = spread(&tcp_many(&ns, vip, 8080, 20));
+        assert_eq!(
+            counts.len(),
+            2,
+            "{client}: allowed to both endpoints: {counts:?}"
+        );
+        let other = if client == "client-1" {
+            "client-2"
+        } else {
+            "client-1"
+        };
+        assert!(
+            probe::tcp(&ns, None, ip_of(&lab, other), PORT).is_none(),
+            "{client}: the policy isolates it otherwise"
+        );
+    }
+    // Allowing the Service port instead of the target port allows nothing through the Service.
+    lab.apply(vec![policy(8080)]).expect("apply");
+    lab.wait_programmed(Duration::from_secs(20))
+        .expect("programmed");
+    assert!(
+        probe::tcp(&netns_of(&lab, "client-1"), None, vip, 8080).is_none(),
+        "the Service port is not what the policy sees"
+    );
+}
