@@ -470,7 +470,7 @@ mod tests {
         let err = config("nodePortAddresses: [192.168.77.0/24, 10.0.0.0/40]").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "field `nodePortAddresses`: value \"10.0.0.0/40\" is invalid: invalid prefix"
+            "field `nodePortAddresses`: value \"10.0.0.0/40\" is invalid: invalid address: 10.0.0.0/40"
         );
         let err = config("serviceCIDR: 10.96.0.1/16").unwrap_err();
         assert!(err.to_string().starts_with("field `serviceCIDR`"), "{err}");

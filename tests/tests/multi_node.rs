@@ -113,15 +113,18 @@ fn remote_cidrs(lab: &Lab, node: usize) -> BTreeSet<IpNetwork> {
         .collect()
 }
 
+/// The other nodes' pod CIDRs the node routes (the Service CIDR's route left aside).
 fn routed_cidrs(lab: &Lab, node: usize) -> BTreeSet<IpNetwork> {
     let routes = lab.nodes[node]
         .node
         .ns
         .exec(&["ip", "-o", "route", "show", "proto", "200"])
         .unwrap();
+    let services: IpNetwork = sluice_tests::apiserver::SERVICE_CIDR.parse().unwrap();
     routes
         .lines()
         .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .filter(|cidr| *cidr != services)
         .collect()
 }
 
