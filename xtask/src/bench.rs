@@ -1,4 +1,5 @@
-//! `cargo xtask bench [forward|cross-node|control-plane]`: release builds, then `sluice-bench`.
+//! `cargo xtask bench [forward|cross-node|control-plane|policy|service]`: release builds, then
+//! `sluice-bench`.
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -15,6 +16,9 @@ pub enum Which {
     ControlPlane,
     /// NetworkPolicy cost with 0 to 10,000 rules, against the same rules in iptables.
     Policy,
+    /// Services: per-packet cost, connection rate against kube-proxy's iptables rules,
+    /// programming time and agent memory with 1 to 10,000 Services.
+    Service,
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -23,11 +27,18 @@ pub fn run(which: Which) -> Result<()> {
     crate::require_root("the benchmarks")?;
     crate::run(crate::cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     let names: &[&str] = match which {
-        Which::All => &["forward", "cross-node", "control-plane", "policy"],
+        Which::All => &[
+            "forward",
+            "cross-node",
+            "control-plane",
+            "policy",
+            "service",
+        ],
         Which::Forward => &["forward"],
         Which::CrossNode => &["cross-node"],
         Which::ControlPlane => &["control-plane"],
         Which::Policy => &["policy"],
+        Which::Service => &["service"],
     };
     for name in names {
         println!("== sluice-bench {name}");

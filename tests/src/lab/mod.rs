@@ -78,6 +78,18 @@ pub struct LabNode {
     pub node: Node,
 }
 
+impl LabNode {
+    /// The resourceVersion up to which the agent reports the API state programmed (in
+    /// `names.json`); 0 before its first report.
+    pub fn programmed_revision(&self) -> u64 {
+        let names = std::fs::read(self.node.dir.join("state/names.json")).unwrap_or_default();
+        serde_json::from_slice::<Value>(&names)
+            .ok()
+            .and_then(|v| v["programmedResourceVersion"].as_u64())
+            .unwrap_or(0)
+    }
+}
+
 /// Fields drop in order: pods, then agents and node namespaces, then the API server, then the
 /// external client and the switch they were linked to.
 pub struct Lab {
@@ -263,11 +275,7 @@ impl Lab {
     /// What `node`'s agent has not programmed yet: API objects up to `target` (it reports how
     /// far it got in `names.json`), its pods, the other nodes' pod CIDRs.
     fn unprogrammed(&self, node: &LabNode, target: u64) -> Result<(), String> {
-        let names = std::fs::read(node.node.dir.join("state/names.json")).unwrap_or_default();
-        let reported = serde_json::from_slice::<Value>(&names)
-            .ok()
-            .and_then(|v| v["programmedResourceVersion"].as_u64())
-            .unwrap_or(0);
+        let reported = node.programmed_revision();
         if reported < target {
             return Err(format!(
                 "{}: programmed up to resourceVersion {reported} of {target}",

@@ -6,6 +6,9 @@
 //!   plain routing between the same node namespaces.
 //! - `control-plane`: time from an API change (node added, pod created) to its map entry.
 //! - `policy`: per-packet cost and connection rate with 0 to 10,000 rules, against iptables.
+//! - `service [--quick]`: per-packet cost, connection rate, programming time and agent memory
+//!   with 1 to 10,000 Services, against kube-proxy's iptables rules; `--quick` (fewer Services
+//!   and samples) checks the benchmark itself.
 //!
 //! Rounds interleave the contenders so drift hits all of them alike.
 
@@ -21,7 +24,12 @@ use anyhow::{bail, Context, Result};
 use sluice_tests::{in_netns, require_root, Netns, Node};
 
 mod cross_node;
+mod heap;
 mod policy;
+mod service;
+
+#[global_allocator]
+static HEAP: heap::Counting = heap::Counting;
 
 const ROUNDS: usize = 3;
 const IPERF_SECONDS: &str = "5";
@@ -52,7 +60,14 @@ fn main() -> Result<()> {
         Some("cross-node") => cross_node::throughput_and_latency(),
         Some("control-plane") => cross_node::control_plane(),
         Some("policy") => policy::run(),
-        _ => bail!("usage: sluice-bench forward | cross-node | control-plane | policy"),
+        Some("service") => match std::env::args().nth(2).as_deref() {
+            None => service::run(false),
+            Some("--quick") => service::run(true),
+            Some(other) => bail!("sluice-bench service: unknown argument {other:?}"),
+        },
+        _ => bail!(
+            "usage: sluice-bench forward | cross-node | control-plane | policy | service [--quick]"
+        ),
     }
 }
 

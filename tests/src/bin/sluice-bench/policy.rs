@@ -35,7 +35,7 @@ const CONNECT_SECONDS: Duration = Duration::from_secs(1);
 /// Interleaved rounds per figure; the median is reported.
 const ROUNDS: usize = 5;
 /// The connection-rate server's port (the lab's pod servers keep 80).
-const ACCEPT_PORT: u16 = 7070;
+pub const ACCEPT_PORT: u16 = 7070;
 
 /// The n-th rule's peer: 10.100.0.0 + n, a distinct /32 each.
 fn rule_peer(n: u32) -> Ipv4Addr {
@@ -139,6 +139,19 @@ fn allow_tcp_80(h: &mut Harness, peer: Ipv4Addr, id: u32, rule: u32) -> Result<(
 /// Connections per second of a connect/close loop from `client` to a plain accept loop in
 /// `server`, bounded in time.
 fn connect_rate(client: &Path, server: &Path, dst: Ipv4Addr) -> f64 {
+    with_acceptor(client, server, dst, || {
+        connect_loop(client, dst, ACCEPT_PORT)
+    })
+}
+
+/// Runs `client_loop` while a plain accept loop serves ACCEPT_PORT in `server`; `server_ip` is
+/// the acceptor's own address, reachable from `client`.
+pub fn with_acceptor<T>(
+    client: &Path,
+    server: &Path,
+    server_ip: Ipv4Addr,
+    client_loop: impl FnOnce() -> T,
+) -> T {
     let listener = in_netns(server, || TcpListener::bind(("0.0.0.0", ACCEPT_PORT)))
         .expect("bind the accept loop");
     // std listens with a backlog of 128; a burst the acceptor has not drained yet would drop
@@ -155,17 +168,17 @@ fn connect_rate(client: &Path, server: &Path, dst: Ipv4Addr) -> f64 {
             drop(listener.accept());
         }
     });
-    let rate = connect_loop(client, dst, ACCEPT_PORT);
+    let out = client_loop();
     stop.store(true, Ordering::Relaxed);
     // Wake the blocked accept; the loop then sees the flag.
     let _ = in_netns(client, move || {
         TcpStream::connect_timeout(
-            &SocketAddr::from((dst, ACCEPT_PORT)),
+            &SocketAddr::from((server_ip, ACCEPT_PORT)),
             Duration::from_secs(1),
         )
     });
     let _ = acceptor.join();
-    rate
+    out
 }
 
 fn connect_loop(netns: &Path, dst: Ipv4Addr, port: u16) -> f64 {
@@ -319,7 +332,7 @@ fn restore(ns: &Netns, rules: &str) -> Result<()> {
     Ok(())
 }
 
-fn pod(name: &str) -> Value {
+pub fn pod(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default", "labels": {"app": name}},
            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "x"}]}})
 }
@@ -376,7 +389,7 @@ fn programming_time() -> Result<()> {
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }

@@ -1,0 +1,150 @@
+//! New connections per second through a ClusterIP in real network namespaces: Sluice on a
+//! one-node lab against kube-proxy's rules (`kube_proxy.rs`), rounds interleaved.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsRawFd, OwnedFd},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context, Result};
+use sluice_agent::datapath::ebpf::Maps;
+use sluice_common::FlowKey;
+use sluice_tests::{
+    in_netns,
+    lab::{Encap, Lab, LabOptions},
+};
+
+use super::{
+    allocated_ip, create, kube_proxy::KubeProxy, wait_reported, Scale, ENDPOINTS_PER_SERVICE,
+    FIRST_PORT, SERVICE_PORT,
+};
+use crate::policy::{median, pod, with_acceptor};
+
+const CONNECT_TIME: Duration = Duration::from_secs(1);
+
+/// Connections per second through a ClusterIP with each count of Services installed, Sluice
+/// (one lab node, client and server pods) against kube-proxy's rules (`KubeProxy`), rounds
+/// interleaved.
+pub fn run(scale: &Scale) -> Result<()> {
+    let kube_proxy = KubeProxy::up(scale)?;
+    let mut lab = Lab::up(LabOptions {
+        nodes: 1,
+        encap: Encap::Vxlan,
+        attach_mode: "auto".into(),
+        ports: vec![],
+    })?;
+    lab.apply(vec![pod("client"), pod("server")])?;
+    lab.wait_programmed(Duration::from_secs(20))?;
+    let client = lab.kubelet.pod("default/client").context("client pod")?;
+    let server = lab.kubelet.pod("default/server").context("server pod")?;
+    let (client_ns, client_ip) = (client.netns.path(), client.ip);
+    let (server_ns, server_ip) = (server.netns.path(), server.ip);
+    let mut maps = Maps::from_pins(&lab.nodes[0].node.bpffs)?;
+
+    println!(
+        "\nnew connections per second through a ClusterIP (connect/close loop, fresh source port per connection, median of {} interleaved rounds of {} s after a warm-up round)",
+        scale.rate_rounds,
+        CONNECT_TIME.as_secs()
+    );
+    println!(
+        "kube-proxy baseline: {} (iptables-restore, nat table, mode iptables)",
+        kube_proxy.version()?
+    );
+    println!("| Services × {ENDPOINTS_PER_SERVICE} endpoints | Sluice conn/s | iptables conn/s | Sluice vs iptables | iptables-restore of the rules |");
+    println!("|---|---|---|---|---|");
+    let mut installed = 0;
+    for (c, &n) in scale.counts.iter().enumerate() {
+        create(&lab, installed..n, &[server_ip])?;
+        installed = n;
+        let vip = SocketAddrV4::new(allocated_ip(&lab, 0)?, SERVICE_PORT);
+        wait_reported(&lab.nodes[0], lab.api.resource_version())?;
+        lab.wait_programmed(Duration::from_secs(60))?;
+        ensure!(
+            maps.service_entries()?.0.len() == n as usize,
+            "SERVICES does not hold {n} frontends"
+        );
+        let restore = kube_proxy.install(n)?;
+        let (mut sluice, mut iptables) = (Vec::new(), Vec::new());
+        for round in 0..=scale.rate_rounds {
+            forget_connections(&mut maps)?;
+            let s = with_acceptor(&client_ns, &server_ns, server_ip, || {
+                connect_loop(&client_ns, client_ip, vip)
+            });
+            let i = kube_proxy.rate(c * (scale.rate_rounds + 1) + round);
+            // Round 0 warms up: the first connections of a path pay for neighbour entries and
+            // socket caches.
+            if round > 0 {
+                sluice.push(s);
+                iptables.push(i);
+            }
+        }
+        let (sluice, iptables) = (median(sluice), median(iptables));
+        println!(
+            "| {n} | {sluice:.0} | {iptables:.0} | {:.2} | {:.1} s |",
+            sluice / iptables,
+            restore.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Empties SERVICE_NAT before a round. Its entries stay until the LRU needs room or their
+/// endpoint goes away, so a source port reused from an earlier round would find its old entry
+/// and skip the frontend lookup, pick and insert that a new connection pays.
+fn forget_connections(maps: &mut Maps) -> Result<()> {
+    let keys: Vec<FlowKey> = maps.service_nat.keys().collect::<Result<_, _>>()?;
+    for key in &keys {
+        maps.service_nat.remove(key)?;
+    }
+    Ok(())
+}
+
+/// Connections per second from `src` to `dst` over one round, each from a source port of its
+/// own, closed with a reset so that no TIME_WAIT holds the port.
+pub fn connect_loop(client: &Path, src: Ipv4Addr, dst: SocketAddrV4) -> f64 {
+    in_netns(client, move || {
+        let start = Instant::now();
+        let (mut n, mut failed) = (0u64, 0u64);
+        for port in FIRST_PORT..=u16::MAX {
+            if start.elapsed() >= CONNECT_TIME {
+                break;
+            }
+            match connect_from(SocketAddrV4::new(src, port), dst) {
+                Ok(_) => n += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        if failed > 0 {
+            eprintln!("  ({failed} connects failed)");
+        }
+        n as f64 / start.elapsed().as_secs_f64()
+    })
+}
+
+fn connect_from(src: SocketAddrV4, dst: SocketAddrV4) -> nix::Result<OwnedFd> {
+    use nix::sys::{
+        socket::{
+            bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType,
+            SockaddrIn,
+        },
+        time::{TimeVal, TimeValLike},
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // Bounds the blocking connect: a lost SYN costs 200 ms, not a minute of retransmissions.
+    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::milliseconds(200))?;
+    bind(fd.as_raw_fd(), &SockaddrIn::from(src))?;
+    connect(fd.as_raw_fd(), &SockaddrIn::from(dst))?;
+    let reset = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    setsockopt(&fd, sockopt::Linger, &reset)?;
+    Ok(fd)
+}

@@ -1,0 +1,137 @@
+//! `sluice-bench service`: what Services cost with 1 to 10,000 of them (one TCP port and 10
+//! endpoints each), one file per measurement; the connection rate is measured against
+//! kube-proxy's iptables rules for the same Services in the same run (`kube_proxy.rs`).
+
+mod connection_rate;
+mod kube_proxy;
+mod per_packet;
+mod programming;
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use sluice_tests::lab::{Lab, LabNode};
+
+use crate::policy::ACCEPT_PORT;
+
+const ENDPOINTS_PER_SERVICE: u32 = 10;
+const SERVICE_PORT: u16 = 80;
+/// The first source port the benchmark's clients use; each packet or connection of a round takes
+/// the next one, so none of them belongs to an earlier connection.
+const FIRST_PORT: u16 = 1024;
+
+/// How much to measure. `--quick` checks that the benchmark works; its figures mean little.
+struct Scale {
+    /// Services installed, smallest first: the figures compare the last with the first.
+    counts: &'static [u32],
+    /// Single test runs per packet kind and round.
+    samples: u16,
+    /// Rounds of the per-packet measurement; the least is reported (other work only adds time).
+    packet_rounds: usize,
+    /// Rounds of the connection rate, after a discarded warm-up round; the median is reported.
+    rate_rounds: usize,
+}
+
+const FULL: Scale = Scale {
+    counts: &[1, 100, 10_000],
+    samples: 20_000,
+    packet_rounds: 3,
+    rate_rounds: 5,
+};
+
+const QUICK: Scale = Scale {
+    counts: &[1, 100],
+    samples: 2_000,
+    packet_rounds: 1,
+    rate_rounds: 1,
+};
+
+pub fn run(quick: bool) -> Result<()> {
+    let scale = if quick { &QUICK } else { &FULL };
+    per_packet::run(scale)?;
+    connection_rate::run(scale)?;
+    programming::run(scale)
+}
+
+/// Service `i`'s ClusterIP where no API server allocates one (the test-run harness, the
+/// kube-proxy baseline): 10.96.0.16 onwards.
+fn cluster_ip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 16)) + i)
+}
+
+/// Service 0 is the one measured, with `measured` endpoints; the others' endpoints do not exist
+/// (10.128.0.0 onwards), and no packet goes to them.
+fn endpoints_of(i: u32, measured: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+    if i == 0 {
+        return measured.to_vec();
+    }
+    let first = u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * ENDPOINTS_PER_SERVICE;
+    (first..first + ENDPOINTS_PER_SERVICE)
+        .map(Ipv4Addr::from)
+        .collect()
+}
+
+/// Service `i` (no selector: the benchmark writes its EndpointSlice) and that slice. Without
+/// `cluster_ip` the API server allocates one, as kube-apiserver does.
+fn objects(i: u32, measured: &[Ipv4Addr], cluster_ip: Option<Ipv4Addr>) -> (Value, Value) {
+    let name = format!("svc-{i}");
+    let mut service = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": ACCEPT_PORT, "protocol": "TCP"}]}});
+    if let Some(ip) = cluster_ip {
+        service["spec"]["clusterIP"] = json!(ip.to_string());
+    }
+    let endpoints: Vec<Value> = endpoints_of(i, measured)
+        .iter()
+        .map(|ip| json!({"addresses": [ip.to_string()], "conditions": {"ready": true, "serving": true, "terminating": false}}))
+        .collect();
+    let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-1"), "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "port": ACCEPT_PORT, "protocol": "TCP"}]});
+    (service, slice)
+}
+
+/// Creates Services `range` and their slices through the lab's API server, which allocates
+/// their ClusterIPs.
+fn create(lab: &Lab, range: std::ops::Range<u32>, measured: &[Ipv4Addr]) -> Result<()> {
+    for i in range {
+        let (service, slice) = objects(i, measured, None);
+        lab.create(service)?;
+        lab.create(slice)?;
+    }
+    Ok(())
+}
+
+/// The ClusterIP the API server gave Service `i`.
+fn allocated_ip(lab: &Lab, i: u32) -> Result<Ipv4Addr> {
+    let service = lab
+        .api
+        .get("services", Some("default"), &format!("svc-{i}"))
+        .with_context(|| format!("Service svc-{i}"))?;
+    service["spec"]["clusterIP"]
+        .as_str()
+        .and_then(|ip| ip.parse().ok())
+        .with_context(|| format!("svc-{i} has no IPv4 ClusterIP"))
+}
+
+/// Waits until `node`'s agent reports resourceVersion `target` programmed; the time it took.
+fn wait_reported(node: &LabNode, target: u64) -> Result<Duration> {
+    let start = Instant::now();
+    while node.programmed_revision() < target {
+        if start.elapsed() > Duration::from_secs(300) {
+            bail!(
+                "{} did not report resourceVersion {target} programmed within 300 s",
+                node.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(start.elapsed())
+}
