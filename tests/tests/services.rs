@@ -99,6 +99,28 @@ fn cluster_ip_from_pods_on_both_nodes_with(encap: Encap) {
         let udp = probe::udp(&ns, vip, 53).expect("UDP through the ClusterIP");
         assert!(udp.server.contains("/web-"), "{udp:?}");
     }
+    let node = &lab.nodes[0].node;
+    let out = std::process::Command::new(sluice_tests::bin("sluicectl"))
+        .arg("--bpffs-dir")
+        .arg(&node.bpffs)
+        .arg("--state-dir")
+        .arg(node.dir.join("state"))
+        .arg("services")
+        .output()
+        .expect("sluicectl services");
+    let out = String::from_utf8_lossy(&out.stdout);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("10.96.0.10:8080/TCP"))
+        .unwrap_or_else(|| panic!("the ClusterIP frontend is listed:\n{out}"));
+    assert!(line.contains("default/web:http"), "{line}");
+    for pod in ["web-1", "web-2"] {
+        assert!(
+            line.contains(&format!("{}:80 (default/{pod})", ip_of(&lab, pod))),
+            "{line}"
+        );
+    }
+    assert!(out.contains("load-balanced connections:"), "{out}");
 }
 
 fn tcp_many(ns: &std::path::Path, ip: Ipv4Addr, port: u16, count: usize) -> Vec<Reply> {
