@@ -534,6 +534,14 @@ fn load_balancer_ip_from_a_pool_fails_over() {
         probe::udp(&outside, ip, 8080).is_some(),
         "UDP through the LoadBalancer IP"
     );
+    for client in ["client-1", "client-2"] {
+        let counts = spread(&tcp_many(&netns_of(&lab, client), ip, 8080, 20));
+        assert_eq!(
+            counts.len(),
+            2,
+            "{client} through the LoadBalancer IP: {counts:?}"
+        );
+    }
     let owners: Vec<usize> = (0..2).filter(|&n| owns(&lab, n, ip)).collect();
     assert_eq!(owners.len(), 1, "exactly one node answers for {ip}");
     let (gone, survivor) = (owners[0], 1 - owners[0]);
@@ -608,6 +616,14 @@ fn external_ips_and_health_check_node_port() {
         lab.route_from_external(external_ip, node).expect("route");
         let replies = tcp_many(&outside, external_ip, 8080, 20);
         assert_eq!(spread(&replies).len(), 2, "through {node}: both endpoints");
+    }
+    for client in ["client-1", "client-2"] {
+        let counts = spread(&tcp_many(&netns_of(&lab, client), external_ip, 8080, 20));
+        assert_eq!(
+            counts.len(),
+            2,
+            "{client} through the external IP: {counts:?}"
+        );
     }
     let port = lab.service("default", "solo-lb").expect("service")["spec"]["healthCheckNodePort"]
         .as_u64()
