@@ -684,3 +684,46 @@ fn network_policy_sees_the_endpoint() {
         "the Service port is not what the policy sees"
     );
 }
+
+/// The agent dying and coming back changes nothing for Services: the pinned maps keep balancing
+/// while it is gone, a session through a ClusterIP keeps its endpoint across the restart, and the
+/// restarted agent finds its frontends as they are.
+#[test]
+fn services_survive_an_agent_restart() {
+    const SESSION_PORT: u16 = 9000;
+    let mut lab = lab(Encap::Vxlan);
+    let mut svc = cluster_ip_service("steady", "web", json!({}));
+    svc["spec"]["ports"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "session", "port": SESSION_PORT, "protocol": "TCP"}));
+    lab.apply(vec![svc]).expect("apply");
+    lab.wait_programmed(Duration::from_secs(20))
+        .expect("programmed");
+    for name in ["web-1", "web-2"] {
+        session_server(&netns_of(&lab, name), name, SESSION_PORT);
+    }
+    let vip = lab.service_ip("default", "steady").expect("allocated");
+    let client = netns_of(&lab, "client-1");
+    let mut session = Session::open(&client, vip, SESSION_PORT);
+    let endpoint = session.ask().expect("session answers");
+    let before = lab.nodes[0].node.maps().service_entries().expect("entries");
+
+    lab.nodes[0].node.kill_agent();
+    assert_eq!(
+        session.ask().expect("session while the agent is down"),
+        endpoint
+    );
+    assert_eq!(
+        spread(&tcp_many(&client, vip, 8080, 20)).len(),
+        2,
+        "new connections too"
+    );
+    lab.nodes[0].node.start_agent().expect("restart the agent");
+    lab.wait_programmed(Duration::from_secs(20))
+        .expect("programmed after the restart");
+    assert_eq!(session.ask().expect("session after the restart"), endpoint);
+    let after = lab.nodes[0].node.maps().service_entries().expect("entries");
+    assert_eq!(before.0.len(), after.0.len(), "the same frontends");
+    assert_eq!(before.1.len(), after.1.len(), "the same endpoints");
+}
