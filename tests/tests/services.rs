@@ -346,6 +346,21 @@ impl Session {
     }
 }
 
+const SESSION_PORT: u16 = 9000;
+
+/// A ClusterIP Service with the pod servers' ports and a session port; returns its address.
+fn session_service(lab: &mut Lab, name: &str, app: &str) -> Ipv4Addr {
+    let mut svc = cluster_ip_service(name, app, json!({}));
+    svc["spec"]["ports"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "session", "port": SESSION_PORT, "protocol": "TCP"}));
+    lab.apply(vec![svc]).expect("apply");
+    lab.wait_programmed(Duration::from_secs(20))
+        .expect("programmed");
+    lab.service_ip("default", name).expect("allocated")
+}
+
 /// Echo servers for sessions: every line gets the pod's name back. Threads end with the test.
 fn session_server(ns: &std::path::Path, pod: &str, port: u16) {
     let listener = sluice_tests::in_netns(ns, move || {
@@ -373,17 +388,8 @@ fn session_server(ns: &std::path::Path, pod: &str, port: u16) {
 /// endpoints are reset rather than left hanging.
 #[test]
 fn endpoints_scale_zero_three_one_under_traffic() {
-    const SESSION_PORT: u16 = 9000;
     let mut lab = lab(Encap::Vxlan);
-    let mut svc = cluster_ip_service("scale", "scale", json!({}));
-    svc["spec"]["ports"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"name": "session", "port": SESSION_PORT, "protocol": "TCP"}));
-    lab.apply(vec![svc]).expect("apply");
-    lab.wait_programmed(Duration::from_secs(20))
-        .expect("programmed");
-    let vip = lab.service_ip("default", "scale").expect("allocated");
+    let vip = session_service(&mut lab, "scale", "scale");
     let client = netns_of(&lab, "client-1");
     let started = std::time::Instant::now();
     assert_eq!(
@@ -690,20 +696,11 @@ fn network_policy_sees_the_endpoint() {
 /// restarted agent finds its frontends as they are.
 #[test]
 fn services_survive_an_agent_restart() {
-    const SESSION_PORT: u16 = 9000;
     let mut lab = lab(Encap::Vxlan);
-    let mut svc = cluster_ip_service("steady", "web", json!({}));
-    svc["spec"]["ports"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"name": "session", "port": SESSION_PORT, "protocol": "TCP"}));
-    lab.apply(vec![svc]).expect("apply");
-    lab.wait_programmed(Duration::from_secs(20))
-        .expect("programmed");
+    let vip = session_service(&mut lab, "steady", "web");
     for name in ["web-1", "web-2"] {
         session_server(&netns_of(&lab, name), name, SESSION_PORT);
     }
-    let vip = lab.service_ip("default", "steady").expect("allocated");
     let client = netns_of(&lab, "client-1");
     let mut session = Session::open(&client, vip, SESSION_PORT);
     let endpoint = session.ask().expect("session answers");
