@@ -806,3 +806,38 @@ fn sctp_reaches_its_endpoint_with_its_crc_intact() {
     assert_eq!(crc32c(&sctp), sent, "the CRC32c still verifies");
     assert_eq!(nat_entries(&h).len(), 2, "the DNAT and its reverse");
 }
+
+/// Affinity lasts `timeoutSeconds` after the client's last connection: an entry older than that
+/// is ignored, and the client is balanced again (and remembered anew).
+#[test]
+fn an_affinity_entry_past_its_timeout_is_ignored() {
+    let mut h = harness(Setup::Encap);
+    let (set, _) = three_endpoints(&mut h, service_flags::AFFINITY);
+    let frontends: Vec<(ServiceKey, Service)> =
+        h.maps.services.iter().map(Result::unwrap).collect();
+    for (frontend, mut service) in frontends {
+        service.affinity_timeout = 1;
+        h.maps.services.insert(frontend, service, 0).unwrap();
+    }
+    let key = AffinityKey {
+        backend_set: set,
+        client: IpKey::v4(POD_V4),
+    };
+    let mut seen = BTreeSet::new();
+    for i in 0..30 {
+        seen.insert(destination(&connect(&mut h, CLIENT_PORT + i)));
+        // Last used at boot: more than the 1 s timeout ago.
+        let mut entry = affinity_entries(&h)[&key];
+        entry.last_used = 0;
+        h.maps.affinity.insert(key, entry, 0).unwrap();
+    }
+    assert!(
+        seen.len() > 1,
+        "expired affinity lets the client move: {seen:?}"
+    );
+    connect(&mut h, CLIENT_PORT + 30);
+    assert!(
+        affinity_entries(&h)[&key].last_used > 0,
+        "the new pick is remembered"
+    );
+}

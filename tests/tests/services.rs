@@ -99,6 +99,28 @@ fn cluster_ip_from_pods_on_both_nodes_with(encap: Encap) {
         let udp = probe::udp(&ns, vip, 53).expect("UDP through the ClusterIP");
         assert!(udp.server.contains("/web-"), "{udp:?}");
     }
+    let node = &lab.nodes[0].node;
+    let out = std::process::Command::new(sluice_tests::bin("sluicectl"))
+        .arg("--bpffs-dir")
+        .arg(&node.bpffs)
+        .arg("--state-dir")
+        .arg(node.dir.join("state"))
+        .arg("services")
+        .output()
+        .expect("sluicectl services");
+    let out = String::from_utf8_lossy(&out.stdout);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("10.96.0.10:8080/TCP"))
+        .unwrap_or_else(|| panic!("the ClusterIP frontend is listed:\n{out}"));
+    assert!(line.contains("default/web:http"), "{line}");
+    for pod in ["web-1", "web-2"] {
+        assert!(
+            line.contains(&format!("{}:80 (default/{pod})", ip_of(&lab, pod))),
+            "{line}"
+        );
+    }
+    assert!(out.contains("load-balanced connections:"), "{out}");
 }
 
 fn tcp_many(ns: &std::path::Path, ip: Ipv4Addr, port: u16, count: usize) -> Vec<Reply> {
@@ -324,6 +346,21 @@ impl Session {
     }
 }
 
+const SESSION_PORT: u16 = 9000;
+
+/// A ClusterIP Service with the pod servers' ports and a session port; returns its address.
+fn session_service(lab: &mut Lab, name: &str, app: &str) -> Ipv4Addr {
+    let mut svc = cluster_ip_service(name, app, json!({}));
+    svc["spec"]["ports"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "session", "port": SESSION_PORT, "protocol": "TCP"}));
+    lab.apply(vec![svc]).expect("apply");
+    lab.wait_programmed(Duration::from_secs(20))
+        .expect("programmed");
+    lab.service_ip("default", name).expect("allocated")
+}
+
 /// Echo servers for sessions: every line gets the pod's name back. Threads end with the test.
 fn session_server(ns: &std::path::Path, pod: &str, port: u16) {
     let listener = sluice_tests::in_netns(ns, move || {
@@ -351,17 +388,8 @@ fn session_server(ns: &std::path::Path, pod: &str, port: u16) {
 /// endpoints are reset rather than left hanging.
 #[test]
 fn endpoints_scale_zero_three_one_under_traffic() {
-    const SESSION_PORT: u16 = 9000;
     let mut lab = lab(Encap::Vxlan);
-    let mut svc = cluster_ip_service("scale", "scale", json!({}));
-    svc["spec"]["ports"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"name": "session", "port": SESSION_PORT, "protocol": "TCP"}));
-    lab.apply(vec![svc]).expect("apply");
-    lab.wait_programmed(Duration::from_secs(20))
-        .expect("programmed");
-    let vip = lab.service_ip("default", "scale").expect("allocated");
+    let vip = session_service(&mut lab, "scale", "scale");
     let client = netns_of(&lab, "client-1");
     let started = std::time::Instant::now();
     assert_eq!(
@@ -512,6 +540,14 @@ fn load_balancer_ip_from_a_pool_fails_over() {
         probe::udp(&outside, ip, 8080).is_some(),
         "UDP through the LoadBalancer IP"
     );
+    for client in ["client-1", "client-2"] {
+        let counts = spread(&tcp_many(&netns_of(&lab, client), ip, 8080, 20));
+        assert_eq!(
+            counts.len(),
+            2,
+            "{client} through the LoadBalancer IP: {counts:?}"
+        );
+    }
     let owners: Vec<usize> = (0..2).filter(|&n| owns(&lab, n, ip)).collect();
     assert_eq!(owners.len(), 1, "exactly one node answers for {ip}");
     let (gone, survivor) = (owners[0], 1 - owners[0]);
@@ -587,6 +623,14 @@ fn external_ips_and_health_check_node_port() {
         let replies = tcp_many(&outside, external_ip, 8080, 20);
         assert_eq!(spread(&replies).len(), 2, "through {node}: both endpoints");
     }
+    for client in ["client-1", "client-2"] {
+        let counts = spread(&tcp_many(&netns_of(&lab, client), external_ip, 8080, 20));
+        assert_eq!(
+            counts.len(),
+            2,
+            "{client} through the external IP: {counts:?}"
+        );
+    }
     let port = lab.service("default", "solo-lb").expect("service")["spec"]["healthCheckNodePort"]
         .as_u64()
         .expect("allocated health check node port");
@@ -645,4 +689,38 @@ fn network_policy_sees_the_endpoint() {
         probe::tcp(&netns_of(&lab, "client-1"), None, vip, 8080).is_none(),
         "the Service port is not what the policy sees"
     );
+}
+
+/// The agent dying and coming back changes nothing for Services: the pinned maps keep balancing
+/// while it is gone, a session through a ClusterIP keeps its endpoint across the restart, and the
+/// restarted agent finds its frontends as they are.
+#[test]
+fn services_survive_an_agent_restart() {
+    let mut lab = lab(Encap::Vxlan);
+    let vip = session_service(&mut lab, "steady", "web");
+    for name in ["web-1", "web-2"] {
+        session_server(&netns_of(&lab, name), name, SESSION_PORT);
+    }
+    let client = netns_of(&lab, "client-1");
+    let mut session = Session::open(&client, vip, SESSION_PORT);
+    let endpoint = session.ask().expect("session answers");
+    let before = lab.nodes[0].node.maps().service_entries().expect("entries");
+
+    lab.nodes[0].node.kill_agent();
+    assert_eq!(
+        session.ask().expect("session while the agent is down"),
+        endpoint
+    );
+    assert_eq!(
+        spread(&tcp_many(&client, vip, 8080, 20)).len(),
+        2,
+        "new connections too"
+    );
+    lab.nodes[0].node.start_agent().expect("restart the agent");
+    lab.wait_programmed(Duration::from_secs(20))
+        .expect("programmed after the restart");
+    assert_eq!(session.ask().expect("session after the restart"), endpoint);
+    let after = lab.nodes[0].node.maps().service_entries().expect("entries");
+    assert_eq!(before.0.len(), after.0.len(), "the same frontends");
+    assert_eq!(before.1.len(), after.1.len(), "the same endpoints");
 }

@@ -214,7 +214,13 @@ impl Follower {
             warn!("{error:#}");
         }
         self.external_ips(&nodes).await?;
-        write_names(&self.state_dir, &tables, &all_pods, revision)
+        write_names(
+            &self.state_dir,
+            &tables,
+            &services.names,
+            &all_pods,
+            revision,
+        )
     }
 
     /// ServiceExternalIP: LoadBalancer IPs handed out from the pools (by one agent), and the
@@ -300,11 +306,13 @@ fn live_endpoints(
         .collect()
 }
 
-/// Names for `sluicectl` (rule ids → policy rules, pod addresses → pods) and how far the
+/// Names for `sluicectl` (rule ids → policy rules, pod addresses → pods, backend sets →
+/// Services) and how far the
 /// programmed state has caught up with the API server.
 fn write_names(
     state_dir: &std::path::Path,
     tables: &PolicyTables,
+    services: &BTreeMap<u32, String>,
     pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
     revision: u64,
 ) -> Result<()> {
@@ -326,7 +334,12 @@ fn write_names(
     }
     // `programmedResourceVersion` tells the lab (and operators) how far the datapath has caught
     // up with the API server.
-    let names = serde_json::json!({"rules": rules, "pods": addresses, "programmedResourceVersion": revision});
+    let names = serde_json::json!({
+        "rules": rules,
+        "pods": addresses,
+        "services": services,
+        "programmedResourceVersion": revision,
+    });
     let path = state_dir.join("names.json");
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&names)?)

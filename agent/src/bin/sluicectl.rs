@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use sluice_agent::{datapath::ebpf::Maps, model::key_ip};
-use sluice_common::{PolicyEvent, DIRECTION_INGRESS, VERDICT_ALLOW};
+use sluice_common::{nat_flags, scope, BackendKey, PolicyEvent, DIRECTION_INGRESS, VERDICT_ALLOW};
 
 #[derive(Parser)]
 #[command(version, about = "Inspect the Sluice datapath of this node")]
@@ -39,6 +39,8 @@ enum Cmd {
     Pipeline,
     /// Per-rule packet and byte counters (EgressMetric / IngressMetric), by policy and rule.
     Policy,
+    /// Service frontends with their Service and endpoints, and the load-balanced connections.
+    Services,
     /// Stream policy verdicts (new connections allowed, drops) with pod names; Ctrl-C ends it.
     Events {
         /// Stop after this many events.
@@ -55,6 +57,9 @@ enum Cmd {
 struct Names {
     rules: BTreeMap<u32, String>,
     pods: BTreeMap<String, String>,
+    /// Backend set id → "namespace/name:port".
+    #[serde(default)]
+    services: BTreeMap<u32, String>,
 }
 
 impl Names {
@@ -116,6 +121,55 @@ fn main() -> Result<()> {
                 );
             }
         }
+        Cmd::Services => {
+            let names = Names::load(&args.state_dir);
+            let (frontends, backends) = maps.service_entries()?;
+            println!(
+                "{:<28} {:<8} {:<40} ENDPOINTS",
+                "FRONTEND", "SCOPE", "SERVICE"
+            );
+            for (key, service) in &frontends {
+                let frontend = names.endpoint(key_ip(&key.addr), key.port);
+                let scope = if key.scope == scope::EXTERNAL {
+                    "external"
+                } else {
+                    "internal"
+                };
+                let endpoints: Vec<String> = (0..service.count)
+                    .filter_map(|index| {
+                        backends.get(&BackendKey {
+                            set: service.backend_set,
+                            index,
+                        })
+                    })
+                    .map(|e| names.endpoint(key_ip(&e.addr), e.port))
+                    .collect();
+                let endpoints = if endpoints.is_empty() {
+                    "none (rejected)".to_string()
+                } else {
+                    endpoints.join(", ")
+                };
+                let service_name = names
+                    .services
+                    .get(&service.backend_set)
+                    .cloned()
+                    .unwrap_or_else(|| format!("set {}", service.backend_set));
+                println!(
+                    "{:<28} {:<8} {:<40} {endpoints}",
+                    format!("{frontend}/{}", protocol(key.proto)),
+                    scope,
+                    service_name
+                );
+            }
+            let connections = maps
+                .service_nat
+                .iter()
+                .filter_map(|e| e.ok())
+                .filter(|(_, entry)| entry.flags & nat_flags::REVERSE == 0)
+                .count();
+            println!();
+            println!("load-balanced connections: {connections}");
+        }
         Cmd::Events { count, no_follow } => {
             let mut seen = 0;
             loop {
@@ -157,4 +211,13 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn protocol(number: u8) -> String {
+    match number {
+        6 => "TCP".into(),
+        17 => "UDP".into(),
+        132 => "SCTP".into(),
+        other => other.to_string(),
+    }
 }
