@@ -111,6 +111,7 @@ async fn main() -> Result<()> {
             health_checks: HealthCheckServers::default(),
         };
         follower.program().await?;
+        release_freed_memory();
         tokio::spawn(follower.run());
     }
     ready.store(true, Ordering::Release);
@@ -178,20 +179,12 @@ impl Follower {
             info!(uplink = %uplink.0, "Services from outside: program attached to the uplink");
             self.uplink = Some(uplink);
         }
-        let services: Vec<_> = self
-            .cluster
-            .services
-            .state()
-            .iter()
-            .map(|s| (**s).clone())
-            .collect();
-        let slices: Vec<_> = self
-            .cluster
-            .endpoint_slices
-            .state()
-            .iter()
-            .map(|s| (**s).clone())
-            .collect();
+        // Compiled from references into the watch stores: copying 10,000 Services and their
+        // slices on every change would double the agent's memory.
+        let service_store = self.cluster.services.state();
+        let slice_store = self.cluster.endpoint_slices.state();
+        let services: Vec<_> = service_store.iter().map(AsRef::as_ref).collect();
+        let slices: Vec<_> = slice_store.iter().map(AsRef::as_ref).collect();
         let node_ports = self.settings.node_port_addresses(&node_addresses);
         let services = service::compile(
             &ServiceInputs {
@@ -285,14 +278,24 @@ impl Follower {
             if let Err(e) = self.program().await {
                 warn!("programming the cluster state failed (retried on the next change): {e:#}");
             }
+            release_freed_memory();
         }
+    }
+}
+
+/// A program round allocates and frees tens of MiB with thousands of Services (the compiled
+/// tables, the map diffs); glibc keeps freed memory mapped unless asked to hand it back.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only returns unused heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
 /// Every endpoint address in an EndpointSlice, whatever its conditions: connections to those
 /// keep their endpoint (a terminating pod still finishes its connections).
 fn live_endpoints(
-    slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+    slices: &[&k8s_openapi::api::discovery::v1::EndpointSlice],
 ) -> std::collections::BTreeSet<IpKey> {
     slices
         .iter()

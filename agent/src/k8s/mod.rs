@@ -97,7 +97,11 @@ where
     let kind = K::kind(&dyntype).into_owned();
     let writer = Writer::new(dyntype);
     let reader = writer.as_reader();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    // managedFields are never read and are often the bulk of an object: not kept.
+    let objects = watcher(api, config)
+        .default_backoff()
+        .modify(|obj| obj.meta_mut().managed_fields = None);
+    let stream = reflector::reflector(writer, objects);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {

@@ -13,11 +13,11 @@ use crate::model::policy::{protocol_number, valid_port};
 
 /// Slices by (namespace, Service name), each list in slice-name order so that duplicates are
 /// resolved the same way on every compile.
-pub(super) fn slices_by_service(
-    slices: &[EndpointSlice],
-) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
+pub(super) fn slices_by_service<'a>(
+    slices: &[&'a EndpointSlice],
+) -> BTreeMap<(&'a str, &'a str), Vec<&'a EndpointSlice>> {
     let mut by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in slices {
+    for &slice in slices {
         let labels = slice.metadata.labels.as_ref();
         let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
             continue;

@@ -41,8 +41,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
 pub struct ServiceInputs<'a> {
-    pub services: &'a [K8sService],
-    pub slices: &'a [EndpointSlice],
+    /// References, not copies: the agent compiles straight from its watch stores.
+    pub services: &'a [&'a K8sService],
+    pub slices: &'a [&'a EndpointSlice],
     /// This node's name, as endpoints carry it in `nodeName`.
     pub node_name: &'a str,
     /// This node's addresses that NodePorts listen on.
@@ -121,7 +122,7 @@ struct SetKey {
 /// same across calls for them to stay stable. Never fails: what cannot be applied is in
 /// `errors` and gets no frontend.
 pub fn compile(inputs: &ServiceInputs, sets: &mut SetAllocator) -> ServiceTables {
-    let mut services: Vec<&K8sService> = inputs.services.iter().collect();
+    let mut services: Vec<&K8sService> = inputs.services.to_vec();
     services.sort_by_key(|svc| (namespace_of(svc), svc.metadata.name.as_deref()));
     let slices = slices_by_service(inputs.slices);
     let mut compiler = Compiler {

@@ -64,9 +64,11 @@ fn compile_on(
     node_port_addresses: &[IpAddr],
     sets: &mut SetAllocator,
 ) -> ServiceTables {
+    let services: Vec<&K8sService> = services.iter().collect();
+    let slices: Vec<&EndpointSlice> = slices.iter().collect();
     let inputs = ServiceInputs {
-        services,
-        slices,
+        services: &services,
+        slices: &slices,
         node_name: NODE,
         node_port_addresses,
     };

@@ -184,8 +184,8 @@ fn packet_round(n: u32, samples: u16) -> Result<(PacketCosts, SyncTimes)> {
     let start = Instant::now();
     let tables = service::compile(
         &ServiceInputs {
-            services: &services,
-            slices: &slices,
+            services: &services.iter().collect::<Vec<_>>(),
+            slices: &slices.iter().collect::<Vec<_>>(),
             node_name: "node-1",
             node_port_addresses: &[],
         },

@@ -53,8 +53,8 @@ fn weigh(lab: &Lab) -> Result<(usize, usize)> {
     let mut sets = SetAllocator::new();
     let tables = service::compile(
         &ServiceInputs {
-            services: &services,
-            slices: &slices,
+            services: &services.iter().collect::<Vec<_>>(),
+            slices: &slices.iter().collect::<Vec<_>>(),
             node_name: "node-1",
             node_port_addresses: &[],
         },
