@@ -294,9 +294,7 @@ fn release_freed_memory() {
 
 /// Every endpoint address in an EndpointSlice, whatever its conditions: connections to those
 /// keep their endpoint (a terminating pod still finishes its connections).
-fn live_endpoints(
-    slices: &[&k8s_openapi::api::discovery::v1::EndpointSlice],
-) -> std::collections::BTreeSet<IpKey> {
+fn live_endpoints(slices: &[&k8s::EndpointSlice]) -> std::collections::BTreeSet<IpKey> {
     slices
         .iter()
         .flat_map(|slice| slice.endpoints.iter().flatten())

@@ -2,6 +2,10 @@
 //! reflector stores — the cluster store. Nothing here touches the kernel: `remote_routes` turns the
 //! store into plain data for the pipeline.
 
+mod slice;
+
+pub use slice::{Endpoint, EndpointSlice};
+
 use std::{
     net::IpAddr,
     path::Path,
@@ -17,7 +21,6 @@ use futures::StreamExt;
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
-    discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 use kube::{

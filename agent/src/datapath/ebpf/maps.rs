@@ -313,6 +313,13 @@ impl Maps {
         live: &BTreeSet<IpKey>,
     ) -> Result<SyncReport> {
         let (frontends, backends) = self.service_entries()?;
+        // Endpoints leaving the kernel's sets for good: only then is SERVICE_NAT walked (its
+        // size is the node's connection count, not the Services').
+        let gone: BTreeSet<IpKey> = backends
+            .values()
+            .map(|endpoint| endpoint.addr)
+            .filter(|addr| !live.contains(addr))
+            .collect();
         let frontends = diff(&frontends, &desired.frontends);
         let backends = diff(&backends, &desired.backends);
         for (key, value) in &backends.upserts {
@@ -331,15 +338,19 @@ impl Maps {
         for key in &backends.deletes {
             remove(&mut self.backends, key, map_names::BACKENDS)?;
         }
-        let flushed = self.flush_connections(live)?;
+        let flushed = if gone.is_empty() {
+            0
+        } else {
+            self.flush_connections(&gone)?
+        };
         Ok(SyncReport {
             written: frontends.upserts.len() + backends.upserts.len(),
             deleted: frontends.deletes.len() + backends.deletes.len() + flushed,
         })
     }
 
-    /// Deletes the NAT and affinity entries of endpoints that are gone.
-    fn flush_connections(&mut self, live: &BTreeSet<IpKey>) -> Result<usize> {
+    /// Deletes the NAT and affinity entries of the `gone` endpoints.
+    fn flush_connections(&mut self, gone: &BTreeSet<IpKey>) -> Result<usize> {
         let dead_nat: Vec<FlowKey> = self
             .service_nat
             .iter()
@@ -350,7 +361,7 @@ impl Maps {
                 } else {
                     entry.dst
                 };
-                !live.contains(&endpoint)
+                gone.contains(&endpoint)
             })
             .map(|(key, _)| key)
             .collect();
@@ -358,7 +369,7 @@ impl Maps {
             .affinity
             .iter()
             .filter_map(|entry| entry.ok())
-            .filter(|(_, entry)| !live.contains(&entry.endpoint.addr))
+            .filter(|(_, entry)| gone.contains(&entry.endpoint.addr))
             .map(|(key, _)| key)
             .collect();
         for key in &dead_nat {

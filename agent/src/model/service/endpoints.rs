@@ -6,7 +6,7 @@ use std::{
     net::IpAddr,
 };
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use crate::k8s::EndpointSlice;
 
 use super::{parse::Port, SERVICE_NAME_LABEL};
 use crate::model::policy::{protocol_number, valid_port};

@@ -25,7 +25,9 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use k8s_openapi::api::{core::v1::Service as K8sService, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service as K8sService;
+
+use crate::k8s::EndpointSlice;
 use sluice_common::{scope, service_flags, BackendKey, IpKey, NatTarget, Service, ServiceKey};
 
 use super::{

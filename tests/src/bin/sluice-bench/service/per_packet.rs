@@ -5,7 +5,8 @@ use std::{collections::BTreeSet, net::Ipv4Addr, time::Instant};
 
 use anyhow::{ensure, Context, Result};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use k8s_openapi::api::{core::v1::Service as K8sService, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service as K8sService;
+use sluice_agent::k8s::EndpointSlice;
 use sluice_agent::{
     datapath::ebpf::Maps,
     model::service::{self, ServiceInputs, SetAllocator},

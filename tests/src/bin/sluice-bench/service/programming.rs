@@ -3,8 +3,9 @@
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use k8s_openapi::api::{core::v1::Service as K8sService, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service as K8sService;
 use serde::Deserialize;
+use sluice_agent::k8s::EndpointSlice;
 use sluice_agent::model::service::{self, ServiceInputs, SetAllocator};
 use sluice_tests::lab::{Encap, Lab, LabNode, LabOptions};
 
