@@ -128,7 +128,7 @@ pub fn run(scale: &Scale) -> Result<()> {
         println!("| {what} | {rss:.1} MiB | {hwm:.1} MiB |");
     }
     println!(
-        "heap of the {n} Services and EndpointSlices as the agent's types: {:.1} MiB (its watch stores hold one copy; each program() run clones them all); compiled ServiceTables: {:.1} MiB",
+        "heap of the {n} Services and EndpointSlices as the agent's types: {:.1} MiB (its watch stores hold them; program() compiles from references into them); compiled ServiceTables: {:.1} MiB",
         mib(objects),
         mib(tables)
     );
