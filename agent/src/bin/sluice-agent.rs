@@ -125,6 +125,8 @@ async fn agent() -> Result<()> {
             service_errors: Vec::new(),
             uplink: None,
             health_checks: HealthCheckServers::default(),
+            services_compiled_at: None,
+            service_names: BTreeMap::new(),
         };
         follower.program().await?;
         release_freed_memory();
@@ -154,6 +156,10 @@ struct Follower {
     /// The uplink (name, MAC), once the Node's addresses have shown which interface it is.
     uplink: Option<(String, Mac)>,
     health_checks: HealthCheckServers,
+    /// `service_events` when the Service tables were last programmed: a change of anything
+    /// else (a pod, a policy) does not recompile them.
+    services_compiled_at: Option<u64>,
+    service_names: BTreeMap<u32, String>,
 }
 
 impl Follower {
@@ -163,8 +169,13 @@ impl Follower {
             .cluster
             .observed
             .load(std::sync::atomic::Ordering::Acquire);
+        let service_events = self
+            .cluster
+            .service_events
+            .load(std::sync::atomic::Ordering::Acquire);
         let nodes = self.cluster.nodes.state();
-        let mut pods = self.pods.lock().await;
+        let pod_network = self.pods.clone();
+        let mut pods = pod_network.lock().await;
         pods.set_remote_routes(k8s::remote_routes(&nodes, &self.own))
             .await?;
         let mut host = k8s::node_addresses(&nodes, &self.own);
@@ -195,14 +206,35 @@ impl Follower {
             info!(uplink = %uplink.0, "Services from outside: program attached to the uplink");
             self.uplink = Some(uplink);
         }
+        if self.services_compiled_at != Some(service_events) {
+            self.program_services(&mut pods, &node_addresses).await?;
+            self.services_compiled_at = Some(service_events);
+        }
+        drop(pods);
+        self.external_ips(&nodes).await?;
+        write_names(
+            &self.state_dir,
+            &tables,
+            &self.service_names,
+            &all_pods,
+            revision,
+        )
+    }
+
+    /// Services: compiled, synced, health-check ports served.
+    async fn program_services(
+        &mut self,
+        pods: &mut PodNetwork,
+        node_addresses: &[IpAddr],
+    ) -> Result<()> {
         // Compiled from references into the watch stores: copying 10,000 Services and their
         // slices on every change would double the agent's memory.
         let service_store = self.cluster.services.state();
         let slice_store = self.cluster.endpoint_slices.state();
         let services: Vec<_> = service_store.iter().map(AsRef::as_ref).collect();
         let slices: Vec<_> = slice_store.iter().map(AsRef::as_ref).collect();
-        let node_ports = self.settings.node_port_addresses(&node_addresses);
-        let services = service::compile(
+        let node_ports = self.settings.node_port_addresses(node_addresses);
+        let tables = service::compile(
             &ServiceInputs {
                 services: &services,
                 slices: &slices,
@@ -211,25 +243,18 @@ impl Follower {
             },
             &mut self.sets,
         );
-        if services.errors != self.service_errors {
-            for error in &services.errors {
+        if tables.errors != self.service_errors {
+            for error in &tables.errors {
                 warn!("{error}: that part of the Service is not programmed until fixed");
             }
-            self.service_errors = services.errors.clone();
+            self.service_errors = tables.errors.clone();
         }
-        pods.set_services(&services, &live_endpoints(&slices))?;
-        drop(pods);
-        for error in self.health_checks.update(&services.health_checks).await {
+        pods.set_services(&tables, &live_endpoints(&slices))?;
+        for error in self.health_checks.update(&tables.health_checks).await {
             warn!("{error:#}");
         }
-        self.external_ips(&nodes).await?;
-        write_names(
-            &self.state_dir,
-            &tables,
-            &services.names,
-            &all_pods,
-            revision,
-        )
+        self.service_names = tables.names;
+        Ok(())
     }
 
     /// ServiceExternalIP: LoadBalancer IPs handed out from the pools (by one agent), and the

@@ -56,6 +56,9 @@ pub struct ClusterStore {
     pub changed: Arc<Notify>,
     /// The highest resourceVersion any watch event carried: what the store has seen.
     pub observed: Arc<AtomicU64>,
+    /// Events of the kinds the Service tables are compiled from (Node, Service,
+    /// EndpointSlice): unchanged, the tables need no recompiling.
+    pub service_events: Arc<AtomicU64>,
 }
 
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
@@ -72,17 +75,30 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-fn watch<K>(
-    api: Api<K>,
-    config: watcher::Config,
+/// What every watch event touches: the shared "something changed" signal and highest
+/// resourceVersion, and a counter of the events of this kind's group.
+#[derive(Clone)]
+struct Signals {
     changed: Arc<Notify>,
     observed: Arc<AtomicU64>,
-) -> Store<K>
+    events: Arc<AtomicU64>,
+}
+
+impl Signals {
+    fn counting(&self, events: &Arc<AtomicU64>) -> Signals {
+        Signals {
+            events: events.clone(),
+            ..self.clone()
+        }
+    }
+}
+
+fn watch<K>(api: Api<K>, config: watcher::Config, signals: Signals) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    watch_with(api, Default::default(), config, changed, observed)
+    watch_with(api, Default::default(), config, signals)
 }
 
 /// As [`watch`], for kinds known only at run time (`DynamicObject` with its `ApiResource`).
@@ -90,8 +106,7 @@ fn watch_with<K>(
     api: Api<K>,
     dyntype: K::DynamicType,
     config: watcher::Config,
-    changed: Arc<Notify>,
-    observed: Arc<AtomicU64>,
+    signals: Signals,
 ) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
@@ -119,9 +134,12 @@ where
                             .resource_version
                             .as_deref()
                             .and_then(|rv| rv.parse().ok());
-                        observed.fetch_max(rv.unwrap_or(0), Ordering::AcqRel);
+                        signals
+                            .observed
+                            .fetch_max(rv.unwrap_or(0), Ordering::AcqRel);
                     }
-                    changed.notify_one()
+                    signals.events.fetch_add(1, Ordering::AcqRel);
+                    signals.changed.notify_one()
                 }
                 // The backoff retries; a 410 Gone makes the watcher relist.
                 Err(e) => warn!(%kind, "watch failed, retrying: {e}"),
@@ -133,8 +151,12 @@ where
 
 impl ClusterStore {
     pub fn start(client: Client, gates: FeatureGates) -> ClusterStore {
-        let changed = Arc::new(Notify::new());
-        let observed = Arc::new(AtomicU64::new(0));
+        let signals = Signals {
+            changed: Arc::new(Notify::new()),
+            observed: Arc::new(AtomicU64::new(0)),
+            events: Arc::default(),
+        };
+        let service_events = Arc::new(AtomicU64::new(0));
         let all = watcher::Config::default;
         let external_ip_pools = gates.service_external_ip.then(|| {
             let pools = external_ip::pool_resource();
@@ -142,50 +164,36 @@ impl ClusterStore {
                 Api::<DynamicObject>::all_with(client.clone(), &pools),
                 pools,
                 all(),
-                changed.clone(),
-                observed.clone(),
+                signals.clone(),
             )
         });
         ClusterStore {
             nodes: watch(
                 Api::<Node>::all(client.clone()),
                 all(),
-                changed.clone(),
-                observed.clone(),
+                signals.counting(&service_events),
             ),
             namespaces: watch(
                 Api::<Namespace>::all(client.clone()),
                 all(),
-                changed.clone(),
-                observed.clone(),
+                signals.clone(),
             ),
-            pods: watch(
-                Api::<Pod>::all(client.clone()),
-                all(),
-                changed.clone(),
-                observed.clone(),
-            ),
+            pods: watch(Api::<Pod>::all(client.clone()), all(), signals.clone()),
             services: watch(
                 Api::<Service>::all(client.clone()),
                 all(),
-                changed.clone(),
-                observed.clone(),
+                signals.counting(&service_events),
             ),
             endpoint_slices: watch(
                 Api::<EndpointSlice>::all(client.clone()),
                 all(),
-                changed.clone(),
-                observed.clone(),
+                signals.counting(&service_events),
             ),
-            network_policies: watch(
-                Api::<NetworkPolicy>::all(client),
-                all(),
-                changed.clone(),
-                observed.clone(),
-            ),
+            network_policies: watch(Api::<NetworkPolicy>::all(client), all(), signals.clone()),
             external_ip_pools,
-            changed,
-            observed,
+            changed: signals.changed,
+            observed: signals.observed,
+            service_events,
         }
     }
 

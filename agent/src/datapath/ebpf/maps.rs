@@ -42,12 +42,21 @@ pub struct Maps {
     pub service_nat: HashMap<MapData, FlowKey, NatEntry>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub external_ips: HashMap<MapData, IpKey, ExternalIp>,
+    /// SERVICES and BACKENDS as the last sync left them: the next one diffs against this
+    /// instead of reading 100,000 entries back (a failed sync forgets it).
+    services_written: Option<ServiceEntries>,
     pub rule_stats: PerCpuArray<MapData, RuleStats>,
     pub policy_events: RingBuf<MapData>,
     pub node_config: Array<MapData, NodeConfig>,
     pub stage_packets: PerCpuArray<MapData, u64>,
     pub drops: PerCpuArray<MapData, u64>,
 }
+
+/// SERVICES and BACKENDS entries.
+pub type ServiceEntries = (
+    BTreeMap<ServiceKey, Service>,
+    BTreeMap<BackendKey, NatTarget>,
+);
 
 /// Counter totals over all CPUs, by name.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -108,6 +117,7 @@ impl Maps {
             service_nat: typed(map(map_names::SERVICE_NAT)?)?,
             affinity: typed(map(map_names::AFFINITY)?)?,
             external_ips: typed(map(map_names::EXTERNAL_IPS)?)?,
+            services_written: None,
             rule_stats: typed(map(map_names::RULE_STATS)?)?,
             policy_events: typed(map(map_names::POLICY_EVENTS)?)?,
             node_config: typed(map(map_names::NODE_CONFIG)?)?,
@@ -312,7 +322,21 @@ impl Maps {
         desired: &ServiceTables,
         live: &BTreeSet<IpKey>,
     ) -> Result<SyncReport> {
-        let (frontends, backends) = self.service_entries()?;
+        let current = match self.services_written.take() {
+            Some(written) => written,
+            None => self.service_entries()?,
+        };
+        let report = self.write_services(&current, desired, live)?;
+        self.services_written = Some((desired.frontends.clone(), desired.backends.clone()));
+        Ok(report)
+    }
+
+    fn write_services(
+        &mut self,
+        (frontends, backends): &ServiceEntries,
+        desired: &ServiceTables,
+        live: &BTreeSet<IpKey>,
+    ) -> Result<SyncReport> {
         // Endpoints leaving the kernel's sets for good: only then is SERVICE_NAT walked (its
         // size is the node's connection count, not the Services').
         let gone: BTreeSet<IpKey> = backends
@@ -320,8 +344,8 @@ impl Maps {
             .map(|endpoint| endpoint.addr)
             .filter(|addr| !live.contains(addr))
             .collect();
-        let frontends = diff(&frontends, &desired.frontends);
-        let backends = diff(&backends, &desired.backends);
+        let frontends = diff(frontends, &desired.frontends);
+        let backends = diff(backends, &desired.backends);
         for (key, value) in &backends.upserts {
             self.backends
                 .insert(key, value, 0)
