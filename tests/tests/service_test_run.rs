@@ -841,3 +841,34 @@ fn an_affinity_entry_past_its_timeout_is_ignored() {
         "the new pick is remembered"
     );
 }
+
+/// The uplink carries all of the node's traffic: what the programs cannot parse (a VLAN tag, an
+/// IPv4 header announcing options it lacks) goes on to the node rather than being dropped, and
+/// so does everything on a node whose datapath is not configured yet.
+#[test]
+fn uplink_never_drops_what_it_cannot_parse() {
+    let inner = ipv4_tcp(ROUTER_MAC, OUTSIDE_V4, NODE_V4);
+    let mut tagged = eth(UPLINK_MAC, ROUTER_MAC, 0x8100);
+    tagged.extend([0, 100, 0x08, 0x00]);
+    tagged.extend(&inner[14..]);
+    let mut bad_ihl = inner.clone();
+    bad_ihl[14] = 0x4f;
+    let mut h = harness(Setup::Encap);
+    for frame in [&tagged, &bad_ihl] {
+        assert_eq!(h.run("from_uplink", frame), (TC_ACT_OK, frame.clone()));
+    }
+    let mut unconfigured = harness(Setup::Unconfigured);
+    assert_eq!(
+        unconfigured.run("from_uplink", &inner),
+        (TC_ACT_OK, inner.clone())
+    );
+    let drops: u64 = h
+        .maps
+        .counters()
+        .unwrap()
+        .drops
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(drops, 0, "nothing counted as dropped");
+}

@@ -115,8 +115,15 @@ pub fn from_tunnel(ctx: &TcContext) -> StageResult {
 /// IngressRule → L3Forwarding → Output) for Services reached from outside the cluster. Anything
 /// that is not theirs goes on to the node untouched, having cost two hash lookups.
 pub fn from_uplink(ctx: &TcContext) -> StageResult {
-    let node = node_config()?;
-    match classifier::classify(ctx)? {
+    // The node's own traffic crosses this program: what it cannot parse (VLAN tags, LLDP, other
+    // protocols) or a node not configured yet is none of its business, never a drop.
+    let Ok(node) = node_config() else {
+        return Ok(TC_ACT_OK);
+    };
+    let Ok(packet) = classifier::classify(ctx) else {
+        return Ok(TC_ACT_OK);
+    };
+    match packet {
         Packet::Arp(arp) => arp_responder::reply_external(ctx, ingress_ifindex(ctx), &arp),
         Packet::Ip(meta) => {
             let lb = service_lb::balance(ctx, meta, Some(scope::EXTERNAL), node)?;
