@@ -147,6 +147,24 @@ impl Harness {
     }
 }
 
+impl Harness {
+    /// Lets POD send from the gateway's MAC. Repeats of a test run run on the packet the
+    /// previous repeat left, and a forwarded packet leaves with the gateway's source MAC: with
+    /// this, the rewrite is a no-op and every repeat is the same packet (otherwise all but the
+    /// first would be SpoofGuard drops).
+    pub fn pod_sends_from_gateway_mac(&mut self) {
+        let pod = SpoofGuardKey {
+            ifindex: PORT,
+            addr: IpKey::v4(POD_V4),
+        };
+        let mac = SpoofGuardEntry {
+            mac: GW_MAC,
+            _pad: [0; 2],
+        };
+        self.maps.spoof_guard.insert(pod, mac, 0).unwrap();
+    }
+}
+
 pub fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {
     let mut p = Vec::new();
     p.extend(dst);

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use serde_json::{json, Value};
 use sluice_tests::{
-    lab::{Encap, Lab, LabOptions},
+    lab::{services::Source, Encap, Lab, LabOptions},
     probe::{self, Reply},
     require_root,
 };
@@ -49,15 +49,12 @@ fn lab(encap: Encap) -> Lab {
 }
 
 fn netns_of(lab: &Lab, pod: &str) -> std::path::PathBuf {
-    lab.kubelet
-        .pod(&format!("default/{pod}"))
+    lab.netns_of(&Source::Pod(format!("default/{pod}")))
         .expect("pod")
-        .netns
-        .path()
 }
 
 fn ip_of(lab: &Lab, pod: &str) -> Ipv4Addr {
-    lab.kubelet.pod(&format!("default/{pod}")).expect("pod").ip
+    lab.pod_ips()[&format!("default/{pod}")]
 }
 
 fn spread(replies: &[Reply]) -> BTreeMap<String, usize> {
@@ -133,15 +130,16 @@ fn tcp_many(ns: &std::path::Path, ip: Ipv4Addr, port: u16, count: usize) -> Vec<
 }
 
 fn node_port_service(name: &str, node_port: u16, local: bool) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"type": "NodePort", "clusterIP": if local { "10.96.0.12" } else { "10.96.0.11" },
-                 "selector": {"app": "web"},
-                 "externalTrafficPolicy": if local { "Local" } else { "Cluster" },
-                 "ports": [{"name": "http", "port": 8080, "targetPort": PORT, "nodePort": node_port, "protocol": "TCP"},
-                           {"name": "dns", "port": 8080, "targetPort": PORT, "nodePort": node_port, "protocol": "UDP"}]},
-    })
+    let policy = if local { "Local" } else { "Cluster" };
+    let mut svc = cluster_ip_service(
+        name,
+        "web",
+        json!({"type": "NodePort", "externalTrafficPolicy": policy}),
+    );
+    for port in svc["spec"]["ports"].as_array_mut().unwrap() {
+        port["nodePort"] = json!(node_port);
+    }
+    svc
 }
 
 /// NodePort with externalTrafficPolicy Cluster: from outside, every node balances over every

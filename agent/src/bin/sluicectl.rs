@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use sluice_agent::{datapath::ebpf::Maps, model::key_ip};
+use sluice_agent::{
+    datapath::ebpf::Maps,
+    model::{key_ip, policy::protocol_name},
+};
 use sluice_common::{nat_flags, scope, BackendKey, PolicyEvent, DIRECTION_INGRESS, VERDICT_ALLOW};
 
 #[derive(Parser)]
@@ -156,7 +159,7 @@ fn main() -> Result<()> {
                     .unwrap_or_else(|| format!("set {}", service.backend_set));
                 println!(
                     "{:<28} {:<8} {:<40} {endpoints}",
-                    format!("{frontend}/{}", protocol(key.proto)),
+                    format!("{frontend}/{}", protocol_name(key.proto)),
                     scope,
                     service_name
                 );
@@ -211,13 +214,4 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn protocol(number: u8) -> String {
-    match number {
-        6 => "TCP".into(),
-        17 => "UDP".into(),
-        132 => "SCTP".into(),
-        other => other.to_string(),
-    }
 }

@@ -45,7 +45,8 @@ pub(crate) use parse::FieldError;
 use parse::{parse_policy, ParsedPolicy};
 use ports::named_ports;
 pub use ports::port_prefixes;
-pub(in crate::model) use ports::{protocol_name, protocol_number, valid_port};
+pub use ports::protocol_name;
+pub(in crate::model) use ports::{protocol_number, valid_port};
 use rules::{ingress_named_ports, needs_peer_pods, shared_allows};
 pub(crate) use selector::Selector;
 

@@ -24,7 +24,8 @@ pub(in crate::model) fn protocol_number(name: &str) -> Option<u8> {
     }
 }
 
-pub(in crate::model) fn protocol_name(proto: u8) -> String {
+/// The name Kubernetes gives a protocol number (`proto<n>` for one it has no name for).
+pub fn protocol_name(proto: u8) -> String {
     match proto {
         TCP => "TCP".into(),
         UDP => "UDP".into(),

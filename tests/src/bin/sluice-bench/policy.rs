@@ -19,13 +19,13 @@ use aya::{
 use serde_json::{json, Value};
 use sluice_agent::model::policy::PolicyLpmKey;
 use sluice_common::{
-    DropReason, EndpointPolicy, Identity, IpKey, PolicyKey, PolicyRule, SpoofGuardEntry,
-    SpoofGuardKey, IP_KEY_PREFIX_BITS, POLICY_KEY_EXACT_BITS,
+    DropReason, EndpointPolicy, Identity, IpKey, PolicyKey, PolicyRule, IP_KEY_PREFIX_BITS,
+    POLICY_KEY_EXACT_BITS,
 };
 use sluice_tests::{
     in_netns,
     lab::{Encap, Lab, LabOptions},
-    test_run::{harness, ipv4_l4, Harness, Setup, GW_MAC, OUTSIDE_V4, PEER_V4, POD_V4, PORT},
+    test_run::{harness, ipv4_l4, Harness, Setup, GW_MAC, OUTSIDE_V4, PEER_V4, POD_V4},
     Netns,
 };
 
@@ -72,19 +72,7 @@ fn per_packet() -> Result<()> {
             // The established flow's peer is allowed by the last rule.
             allow_tcp_80(&mut h, Ipv4Addr::from(PEER_V4), 999, n + 1)?;
         }
-        // Repeats run on the packet the previous repeat left: the allowed packet is delivered
-        // with its source MAC rewritten to the gateway's, so the pod sends from the gateway MAC
-        // here, which makes the rewrite a no-op and every repeat the same established packet
-        // (otherwise all but the first would be SpoofGuard drops).
-        let pod = SpoofGuardKey {
-            ifindex: PORT,
-            addr: IpKey::v4(POD_V4),
-        };
-        let mac = SpoofGuardEntry {
-            mac: GW_MAC,
-            _pad: [0; 2],
-        };
-        h.maps.spoof_guard.insert(pod, mac, 0)?;
+        h.pod_sends_from_gateway_mac();
         let denied = ipv4_l4(GW_MAC, POD_V4, OUTSIDE_V4, 6, (40000, 80), 0x02);
         let allowed = ipv4_l4(GW_MAC, POD_V4, PEER_V4, 6, (40000, 80), 0x10);
         let prog: &mut SchedClassifier = h

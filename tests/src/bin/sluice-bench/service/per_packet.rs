@@ -11,9 +11,9 @@ use sluice_agent::{
     datapath::ebpf::Maps,
     model::service::{self, ServiceInputs, SetAllocator},
 };
-use sluice_common::{Endpoint, IpKey, SpoofGuardEntry, SpoofGuardKey};
+use sluice_common::{Endpoint, IpKey};
 use sluice_tests::test_run::{
-    harness, ipv4_l4, Harness, Setup, GW_MAC, PEER_IFINDEX, PEER_MAC, PEER_V4, POD_V4, PORT,
+    harness, ipv4_l4, Harness, Setup, GW_MAC, PEER_IFINDEX, PEER_MAC, PEER_V4, POD_V4,
     TC_ACT_REDIRECT,
 };
 
@@ -151,15 +151,7 @@ fn timed(f: impl FnOnce() -> Result<()>) -> Result<f64> {
 /// One round at one count: a fresh harness, the Service maps synced, then the packets.
 fn packet_round(n: u32, samples: u16) -> Result<(PacketCosts, SyncTimes)> {
     let mut h = harness(Setup::Encap);
-    let client = SpoofGuardKey {
-        ifindex: PORT,
-        addr: IpKey::v4(POD_V4),
-    };
-    let mac = SpoofGuardEntry {
-        mac: CLIENT_MAC,
-        _pad: [0; 2],
-    };
-    h.maps.spoof_guard.insert(client, mac, 0)?;
+    h.pod_sends_from_gateway_mac();
     let measured = local_endpoints();
     for ip in &measured {
         let pod = Endpoint {
