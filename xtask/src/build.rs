@@ -1,4 +1,5 @@
-//! Building the eBPF object (pinned nightly, build-std, bpf-linker) and the release binaries.
+//! Building the eBPF object (the toolchain setup chose, build-std, bpf-linker) and the release
+//! binaries.
 
 use std::{
     path::{Path, PathBuf},
@@ -24,8 +25,9 @@ pub fn ebpf() -> Result<()> {
     run(&mut ebpf_cargo("build")?)
 }
 
-/// `cargo +nightly <subcommand>` for the eBPF crate, with bpf-linker and its LLVM on the paths.
+/// `cargo +TOOLCHAIN <subcommand>` for the eBPF crate, with bpf-linker and its LLVM on the paths.
 pub fn ebpf_cargo(subcommand: &str) -> Result<Command> {
+    let toolchain = setup::EbpfToolchain::chosen()?;
     let tools = setup::tools_dir();
     let path = format!(
         "{}:{}",
@@ -47,8 +49,9 @@ pub fn ebpf_cargo(subcommand: &str) -> Result<Command> {
     }
     cmd.current_dir(root().join("ebpf"))
         .env("PATH", path)
-        .env("LD_LIBRARY_PATH", setup::nightly_sysroot()?.join("lib"))
-        .args(["+nightly", subcommand, "--release", "--target-dir"])
+        .env("LD_LIBRARY_PATH", toolchain.sysroot()?.join("lib"));
+    toolchain.apply(&mut cmd);
+    cmd.args([subcommand, "--release", "--target-dir"])
         .arg(root().join("target/ebpf"));
     Ok(cmd)
 }

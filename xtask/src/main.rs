@@ -18,8 +18,14 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what this machine lacks: Debian packages, rust-src, bpf-linker. Idempotent.
-    Setup,
+    /// Install what this machine lacks: Debian packages, the eBPF toolchain (the pinned nightly
+    /// with rust-src; stable with RUSTC_BOOTSTRAP=1 when rustup cannot get it), bpf-linker.
+    /// Idempotent.
+    Setup {
+        /// Use this eBPF toolchain instead of choosing (the pinned nightly, else stable).
+        #[arg(long, value_enum)]
+        ebpf_toolchain: Option<setup::EbpfToolchain>,
+    },
     /// Build the eBPF object and the release binaries (sluice-agent, sluice-cni, sluicectl).
     Build,
     /// fmt check, clippy -D warnings, unit tests, then the root network-namespace tests.
@@ -37,7 +43,7 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Args::parse().command {
-        Cmd::Setup => setup::run_setup(),
+        Cmd::Setup { ebpf_toolchain } => setup::run_setup(ebpf_toolchain),
         Cmd::Build => build::release(),
         Cmd::Test => test(),
         Cmd::Demo => demo(),
@@ -74,9 +80,10 @@ fn test() -> Result<()> {
     setup::check()?;
     build::ebpf()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(Command::new("cargo")
-        .current_dir(build::root().join("ebpf"))
-        .args(["+nightly", "fmt", "--check"]))?;
+    let mut ebpf_fmt = Command::new("cargo");
+    ebpf_fmt.current_dir(build::root().join("ebpf"));
+    setup::EbpfToolchain::chosen()?.apply(&mut ebpf_fmt);
+    run(ebpf_fmt.args(["fmt", "--check"]))?;
     run(cargo().args([
         "clippy",
         "--workspace",
