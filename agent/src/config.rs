@@ -222,6 +222,9 @@ pub struct NodeNetwork {
     pub tc_attach_mode: TcAttachMode,
     pub masquerade: bool,
     pub service_cidr: Option<IpNetwork>,
+    /// NetworkPolicy comes from Kubernetes: a new pod allows nothing until its policies are
+    /// known (standalone, nothing ever isolates a pod).
+    pub isolate_new_pods: bool,
 }
 
 fn invalid(field: &'static str, value: &dyn ToString, reason: &str) -> ConfigError {
@@ -289,6 +292,7 @@ impl Settings {
             tc_attach_mode: self.tc_attach_mode,
             masquerade: self.masquerade,
             service_cidr: self.service_cidr,
+            isolate_new_pods: self.kubernetes.is_some(),
         })
     }
 }

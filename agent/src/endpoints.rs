@@ -122,6 +122,10 @@ mod tests {
             host_ifindex: 4,
             mac: Mac([0x0a, 0x58, 1, 2, 3, 4]),
             ips: vec!["10.0.0.2/24".parse().unwrap()],
+            pod: Some(crate::model::PodRef {
+                namespace: "shop".into(),
+                name: "web-0".into(),
+            }),
         };
         store.put(&ep).unwrap();
         assert_eq!(store.get("abc", "eth0").unwrap(), Some(ep.clone()));

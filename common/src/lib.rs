@@ -188,12 +188,19 @@ pub mod identity {
     pub const FIRST_ALLOCATED: u32 = 256;
 }
 
+/// The policy id of a local pod whose Pod object (labels, namespace) the agent does not know yet,
+/// or whose own policy id could not be given: no POLICY entry ever names it, so it allows
+/// nothing. Written at CNI ADD, before the pod's interface comes up, so a new pod is isolated
+/// from its first packet until its real policies replace it. The policy id pool ends below it.
+pub const POLICY_PENDING: u32 = u32::MAX;
+
 /// Wildcard protocol in a POLICY key (a rule without ports: every protocol, every port).
 pub const PROTO_ANY: u8 = 0;
 
 /// ENDPOINT_POLICY value for a local pod (key: its `IpKey`). A policy id of 0 means the pod is
 /// not isolated in that direction. A pod without an entry is isolated in neither and its
-/// traffic skips conntrack and policy entirely.
+/// traffic skips conntrack and policy entirely. Under Kubernetes a new pod's entry is written
+/// at CNI ADD, `POLICY_PENDING` both ways, and stays until the compiler knows its policies.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct EndpointPolicy {

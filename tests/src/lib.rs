@@ -292,6 +292,18 @@ impl Node {
 
     /// Calls the real plugin binary as a runtime would: CNI_* environment, config on stdin.
     pub fn cni(&self, command: &str, container_id: &str, netns: &str, ifname: &str) -> CniOutput {
+        self.cni_with_args(command, container_id, netns, ifname, "")
+    }
+
+    /// A CNI call with `CNI_ARGS` (the kubelet's runtime passes `K8S_POD_NAMESPACE=…;K8S_POD_NAME=…`).
+    pub fn cni_with_args(
+        &self,
+        command: &str,
+        container_id: &str,
+        netns: &str,
+        ifname: &str,
+        args: &str,
+    ) -> CniOutput {
         let conf = format!(
             r#"{{"cniVersion":"1.0.0","name":"sluice","type":"sluice-cni","socket":"{}"}}"#,
             self.socket().display()
@@ -303,6 +315,7 @@ impl Node {
                 ("CNI_NETNS", netns),
                 ("CNI_IFNAME", ifname),
                 ("CNI_PATH", "/opt/cni/bin"),
+                ("CNI_ARGS", args),
             ],
             conf.as_bytes(),
         )

@@ -14,14 +14,17 @@ use std::{
 use anyhow::{Context, Result};
 use clap::Parser;
 use sluice_agent::{
-    cni::server::{serve, PodNetwork},
+    cni::{
+        rounds::ProgramRounds,
+        server::{serve, PodNetwork},
+    },
     config::{Config, Settings},
     datapath::ebpf::EbpfDatapath,
     external_ip::{self, ExternalIpError},
     health,
     k8s::{self, ClusterStore},
     model::{
-        policy::{self, Allocator, PolicyError, PolicyTables},
+        policy::{self, Allocator, LocalNode, PolicyError, PolicyTables},
         service::{self, ServiceError, ServiceInputs, SetAllocator},
         Mac,
     },
@@ -109,8 +112,12 @@ async fn agent() -> Result<()> {
     let pods = Arc::new(Mutex::new(
         PodNetwork::start(node, Box::new(datapath), &config.state_dir).await?,
     ));
+    let rounds = cluster
+        .as_ref()
+        .map(|(cluster, _, _)| ProgramRounds::new(cluster.changed.clone()));
     if let Some((cluster, own, client)) = cluster {
         let mut follower = Follower {
+            rounds: rounds.clone().expect("made above with the cluster"),
             cluster,
             client,
             owned: BTreeSet::new(),
@@ -134,13 +141,15 @@ async fn agent() -> Result<()> {
     }
     ready.store(true, Ordering::Release);
     info!("ready");
-    run(&settings, &config, pods).await
+    run(&config, pods, rounds).await
 }
 
 /// Reprograms what the cluster store drives after every change of it: routes to the other
 /// nodes, NetworkPolicy and Services. Each step diffs, so an unchanged part costs no map write.
 struct Follower {
     cluster: ClusterStore,
+    /// Rounds CNI ADDs wait for.
+    rounds: ProgramRounds,
     client: kube::Client,
     /// The LoadBalancer IPs this node answers for (ServiceExternalIP).
     owned: BTreeSet<IpAddr>,
@@ -183,12 +192,16 @@ impl Follower {
         let all_pods = self.cluster.pods.state();
         let namespaces = self.cluster.namespaces.state();
         let policies = self.cluster.network_policies.state();
+        let endpoints = pods.endpoints()?;
         let tables = policy::compile(
             all_pods.iter().map(|p| p.as_ref()),
             namespaces.iter().map(|n| n.as_ref()),
             policies.iter().map(|p| p.as_ref()),
-            &self.own,
-            &host,
+            &LocalNode {
+                name: &self.own,
+                host_ips: &host,
+                endpoints: &endpoints,
+            },
             &mut self.alloc,
         );
         if tables.errors != self.errors {
@@ -316,7 +329,10 @@ impl Follower {
     async fn run(mut self) {
         loop {
             self.cluster.changed.notified().await;
-            if let Err(e) = self.program().await {
+            let covered = self.rounds.start();
+            let result = self.program().await;
+            self.rounds.finish(covered);
+            if let Err(e) = result {
                 warn!("programming the cluster state failed (retried on the next change): {e:#}");
             }
             release_freed_memory();
@@ -389,11 +405,15 @@ fn write_names(
         .with_context(|| format!("writing {}", path.display()))
 }
 
-async fn run(_settings: &Settings, config: &Config, pods: Arc<Mutex<PodNetwork>>) -> Result<()> {
+async fn run(
+    config: &Config,
+    pods: Arc<Mutex<PodNetwork>>,
+    rounds: Option<ProgramRounds>,
+) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
-        result = serve(&config.cni_socket, pods.clone()) => result,
+        result = serve(&config.cni_socket, pods.clone(), rounds) => result,
         _ = term.recv() => Ok(()),
         _ = int.recv() => Ok(()),
     }?;

@@ -2,6 +2,7 @@
 //! the agent, which does the work behind a root-only unix socket.
 
 pub mod plugin;
+pub mod rounds;
 pub mod server;
 
 use std::path::PathBuf;
@@ -82,6 +83,23 @@ pub struct AgentRequest {
     pub container_id: String,
     pub netns: String,
     pub ifname: String,
+    /// The Pod the runtime wires (CNI_ARGS `K8S_POD_NAMESPACE`, `K8S_POD_NAME`), so the agent
+    /// can judge its policies before the kubelet has written its addresses to the API.
+    #[serde(default)]
+    pub pod: Option<PodRef>,
+}
+
+/// A Pod by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,7 +11,7 @@ use std::{
 
 use super::{
     code, valid_container_id, valid_ifname, AgentReply, AgentRequest, CniError, Command, NetConf,
-    SUPPORTED_VERSIONS,
+    PodRef, SUPPORTED_VERSIONS,
 };
 use crate::config::default_cni_socket;
 
@@ -116,7 +116,43 @@ fn request(command: Command, env: &HashMap<String, String>) -> Result<AgentReque
         container_id,
         netns,
         ifname,
+        pod: pod_ref(&get("CNI_ARGS"))?,
     })
+}
+
+/// The Pod named in CNI_ARGS (`K=V;K=V`, as the kubelet's runtime passes them); absent when the
+/// runtime names none (a runtime outside Kubernetes). Only the two keys it reads are checked.
+fn pod_ref(args: &str) -> Result<Option<PodRef>, CniError> {
+    let (mut namespace, mut name) = (None, None);
+    for pair in args.split(';').filter(|p| !p.is_empty()) {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("CNI_ARGS: {pair:?} is not KEY=VALUE"),
+            ));
+        };
+        match key {
+            "K8S_POD_NAMESPACE" => namespace = Some(value),
+            "K8S_POD_NAME" => name = Some(value),
+            _ => {}
+        }
+    }
+    match (namespace, name) {
+        (None, None) => Ok(None),
+        (Some(namespace), Some(name)) if !namespace.is_empty() && !name.is_empty() => {
+            Ok(Some(PodRef {
+                namespace: namespace.into(),
+                name: name.into(),
+            }))
+        }
+        (namespace, name) => Err(CniError::new(
+            code::INVALID_ENV,
+            format!(
+                "CNI_ARGS: K8S_POD_NAMESPACE {namespace:?} and K8S_POD_NAME {name:?} must both be \
+                 set and non-empty"
+            ),
+        )),
+    }
 }
 
 fn ask_agent(socket: &PathBuf, request: &AgentRequest) -> Result<AgentReply, CniError> {
@@ -214,6 +250,25 @@ mod tests {
         let down = error(&add, CONF);
         assert_eq!(down.code, code::TRY_AGAIN_LATER);
         assert!(down.msg.contains("/nonexistent/cni.sock"), "{}", down.msg);
+    }
+
+    #[test]
+    fn cni_args_name_the_pod() {
+        let pod = pod_ref("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=abc")
+            .unwrap()
+            .unwrap();
+        assert_eq!(pod.to_string(), "shop/web-0");
+        assert_eq!(pod_ref("").unwrap(), None);
+        assert_eq!(pod_ref("IgnoreUnknown=1").unwrap(), None);
+        for bad in [
+            "K8S_POD_NAMESPACE=shop",
+            "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=",
+            "K8S_POD_NAME",
+        ] {
+            let err = pod_ref(bad).unwrap_err();
+            assert_eq!(err.code, code::INVALID_ENV, "{bad}");
+            assert!(err.msg.starts_with("CNI_ARGS"), "{}", err.msg);
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -20,7 +21,8 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::{
-    code, AgentReply, AgentRequest, CniError, CniResult, Command, Interface, IpConfig, Route,
+    code, rounds::ProgramRounds, AgentReply, AgentRequest, CniError, CniResult, Command, Interface,
+    IpConfig, Route,
 };
 use crate::{
     config::{EncapMode, NodeNetwork},
@@ -28,7 +30,7 @@ use crate::{
     endpoints::Store,
     ipam::{Ipam, IpamError},
     masquerade,
-    model::{LocalEndpoint, Mac, Pipeline, RemoteRoute},
+    model::{ip_key, LocalEndpoint, Mac, Pipeline, RemoteRoute},
     net::{self, Gateway, ManagedRoute, Netlink, PodInterface},
 };
 
@@ -445,10 +447,6 @@ impl PodNetwork {
                     format!("host end {host} of the pod's veth vanished"),
                 )
             })?;
-        self.nl
-            .set_up(host_link.index, self.node.mtu)
-            .await
-            .map_err(io("bringing the host end up"))?;
         let ep = LocalEndpoint {
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
@@ -459,7 +457,17 @@ impl PodNetwork {
             ips: vec![
                 IpNetwork::new(ip, self.node.pod_cidr.prefix()).expect("prefix of a valid CIDR")
             ],
+            pod: req.pod.clone(),
         };
+        // Everything that judges the pod's packets is in place before its port comes up (with
+        // the host end down the pod cannot send): under Kubernetes the pod allows nothing until
+        // the policy compiler has seen it.
+        if self.node.isolate_new_pods {
+            let addrs: Vec<_> = ep.ips.iter().map(|n| ip_key(n.ip())).collect();
+            self.datapath
+                .isolate_pending(&addrs)
+                .map_err(datapath_err("isolating the new pod"))?;
+        }
         self.store
             .put(&ep)
             .map_err(|e| io("writing the endpoint record")(e.into()))?;
@@ -468,6 +476,10 @@ impl PodNetwork {
         self.datapath
             .attach_port(&host)
             .map_err(datapath_err("attaching the datapath to the pod's port"))?;
+        self.nl
+            .set_up(host_link.index, self.node.mtu)
+            .await
+            .map_err(io("bringing the host end up"))?;
         Ok(ep)
     }
 
@@ -575,13 +587,27 @@ impl PodNetwork {
         Ok(())
     }
 
+    /// The pod interfaces this node has wired.
+    pub fn endpoints(&self) -> Result<Vec<LocalEndpoint>> {
+        Ok(self.store.list()?)
+    }
+
     fn current_pipeline(&self) -> Result<Pipeline> {
         self.datapath.current()
     }
 }
 
-/// Serves CNI requests until the listener fails. The socket's directory is root-only.
-pub async fn serve(socket: &Path, pods: Arc<Mutex<PodNetwork>>) -> Result<()> {
+/// How long ADD waits for the policy round that judges the new pod. Past it the pod stays
+/// isolated (allowing nothing) until its Pod shows up in the watch, and ADD answers anyway.
+const ADD_POLICY_WAIT: Duration = Duration::from_secs(10);
+
+/// Serves CNI requests until the listener fails. The socket's directory is root-only. With
+/// `rounds` (policy from Kubernetes), ADD answers after the pod's policies are programmed.
+pub async fn serve(
+    socket: &Path,
+    pods: Arc<Mutex<PodNetwork>>,
+    rounds: Option<ProgramRounds>,
+) -> Result<()> {
     let dir = socket
         .parent()
         .context("the CNI socket path has no directory")?;
@@ -595,20 +621,36 @@ pub async fn serve(socket: &Path, pods: Arc<Mutex<PodNetwork>>) -> Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let pods = pods.clone();
+        let rounds = rounds.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, pods).await {
+            if let Err(e) = serve_one(stream, pods, rounds).await {
                 warn!("CNI connection failed: {e:#}");
             }
         });
     }
 }
 
-async fn serve_one(stream: UnixStream, pods: Arc<Mutex<PodNetwork>>) -> Result<()> {
+async fn serve_one(
+    stream: UnixStream,
+    pods: Arc<Mutex<PodNetwork>>,
+    rounds: Option<ProgramRounds>,
+) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
     let reply = match serde_json::from_str::<AgentRequest>(&line) {
-        Ok(request) => pods.lock().await.handle(request).await,
+        Ok(request) => {
+            let add = request.command == Command::Add;
+            let pod = request.pod.clone();
+            // The lock is released before waiting: the round needs it.
+            let reply = pods.lock().await.handle(request).await;
+            if let (true, AgentReply::Ok(_), Some(rounds)) = (add, &reply, rounds) {
+                if !rounds.request(ADD_POLICY_WAIT).await {
+                    warn!(pod = ?pod, "no policy round finished within {ADD_POLICY_WAIT:?} of ADD: the pod allows nothing until one does");
+                }
+            }
+            reply
+        }
         Err(e) => AgentReply::Error(
             CniError::new(code::DECODE_FAILED, "malformed request from the CNI plugin")
                 .with_details(e),

@@ -41,6 +41,9 @@ pub trait Datapath: Send {
     fn current(&self) -> Result<Pipeline>;
     /// Makes the NetworkPolicy entries equal to `desired`, touching only what differs.
     fn sync_policy(&mut self, desired: &PolicyTables) -> Result<SyncReport>;
+    /// Isolates a new pod's addresses in both directions, allowing nothing, until the next
+    /// `sync_policy` gives them their policies (`POLICY_PENDING`).
+    fn isolate_pending(&mut self, addrs: &[IpKey]) -> Result<()>;
     /// Starts processing what arrives on the node's uplink: Services from outside the cluster.
     fn attach_uplink(&mut self, ifname: &str) -> Result<()>;
     /// Makes the Service frontends and backends equal to `desired`; connections to endpoints

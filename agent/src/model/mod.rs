@@ -6,6 +6,7 @@ pub mod service;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
+pub use crate::cni::PodRef;
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 use sluice_common::{
@@ -22,6 +23,9 @@ pub struct LocalEndpoint {
     pub host_ifindex: u32,
     pub mac: Mac,
     pub ips: Vec<IpNetwork>,
+    /// The Pod it belongs to, when the runtime named it (records of older agents have none).
+    #[serde(default)]
+    pub pod: Option<PodRef>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -242,6 +246,7 @@ mod tests {
             host_ifindex: ifindex,
             mac: Mac::for_ipv4(v4),
             ips: vec![net],
+            pod: None,
         }
     }
 

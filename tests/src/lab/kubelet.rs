@@ -25,6 +25,9 @@ pub struct RunningPod {
 #[derive(Default)]
 pub struct Kubelet {
     pods: BTreeMap<String, RunningPod>,
+    /// Hold status writes back (as a slow kubelet would) until `write_held_status`.
+    pub hold_status: bool,
+    held: Vec<(String, Value)>,
 }
 
 fn key(pod: &Value) -> String {
@@ -97,13 +100,14 @@ impl Kubelet {
                 .expect("filtered above");
             let netns = Netns::new("slp")?;
             let container_id = netns.name.clone();
-            let out = node.node.cni(
+            let (ns, name) = k.split_once('/').expect("namespace/name");
+            let out = node.node.cni_with_args(
                 "ADD",
                 &container_id,
                 netns.path().to_str().unwrap_or(""),
                 "eth0",
+                &format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}"),
             );
-            let (ns, name) = k.split_once('/').expect("namespace/name");
             if out.code != 0 {
                 let message = format!("CNI ADD failed: {}", out.stdout);
                 api.merge_patch_status(
@@ -132,8 +136,12 @@ impl Kubelet {
                 "podIPs": [{"ip": ip.to_string()}],
                 "conditions": [{"type": "Ready", "status": "True"}],
             }});
-            api.merge_patch_status("pods", Some(ns), name, &status)
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            if self.hold_status {
+                self.held.push((k.clone(), status));
+            } else {
+                api.merge_patch_status("pods", Some(ns), name, &status)
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            }
             self.pods.insert(
                 k,
                 RunningPod {
@@ -144,6 +152,16 @@ impl Kubelet {
                     netns,
                 },
             );
+        }
+        Ok(())
+    }
+
+    /// Writes the status of the pods wired while `hold_status` was set.
+    pub fn write_held_status(&mut self, api: &ApiServer) -> Result<()> {
+        for (k, status) in std::mem::take(&mut self.held) {
+            let (ns, name) = k.split_once('/').expect("namespace/name");
+            api.merge_patch_status("pods", Some(ns), name, &status)
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use sluice_common::{
     map_names, nat_flags, AffinityEntry, AffinityKey, BackendKey, CtEntry, CtKey, DropReason,
     Endpoint, EndpointPolicy, ExternalIp, FlowKey, Identity, IpKey, NatEntry, NatTarget,
     NodeConfig, PolicyKey, PolicyRule, RemoteNode, RuleStats, Service, ServiceKey, SpoofGuardEntry,
-    SpoofGuardKey, Stage, POLICY_ANY_PORT, POLICY_KEY_EXACT_BITS, PROTO_ANY,
+    SpoofGuardKey, Stage, POLICY_ANY_PORT, POLICY_KEY_EXACT_BITS, POLICY_PENDING, PROTO_ANY,
 };
 
 use crate::{
@@ -284,6 +284,19 @@ impl Maps {
             written: ipcache.upserts.len() + policy.upserts.len() + endpoints.upserts.len(),
             deleted: ipcache.deletes.len() + policy.deletes.len() + endpoints.deletes.len(),
         })
+    }
+
+    pub fn isolate_pending(&mut self, addrs: &[IpKey]) -> Result<()> {
+        let pending = EndpointPolicy {
+            ingress_policy: POLICY_PENDING,
+            egress_policy: POLICY_PENDING,
+        };
+        for addr in addrs {
+            self.endpoint_policy
+                .insert(addr, pending, 0)
+                .map_err(|e| full(e, map_names::ENDPOINT_POLICY))?;
+        }
+        Ok(())
     }
 
     /// Writes one allow entry where the datapath looks for it: POLICY_EXACT unless it is a port

@@ -277,6 +277,10 @@ impl Datapath for EbpfDatapath {
         self.maps.sync_policy(desired)
     }
 
+    fn isolate_pending(&mut self, addrs: &[IpKey]) -> Result<()> {
+        self.maps.isolate_pending(addrs)
+    }
+
     fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
         self.attach_ingress(program_names::FROM_UPLINK, ifname)
     }

@@ -6,14 +6,14 @@ use std::{
     net::IpAddr,
 };
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodStatus};
 use sluice_common::identity;
 
 use super::{
     parse::{Namespaces, ParsedPolicy, Peer, Rule},
     ports::{named_ports, NamedPort},
     prefix::Prefix,
-    Allocator, NAMESPACE_NAME_LABEL,
+    Allocator, LocalNode, NAMESPACE_NAME_LABEL,
 };
 
 /// A pod that can be selected or be a peer: not host-network (it has the node's address), not
@@ -30,29 +30,25 @@ pub(super) struct PodEndpoint<'a> {
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
 impl<'a> PodEndpoint<'a> {
-    fn new(pod: &'a Pod, local_node: &str) -> Option<PodEndpoint<'a>> {
+    /// `wired`: the addresses this node's CNI gave the pod, when it is one of this node's.
+    fn new(pod: &'a Pod, local_node: &str, wired: &[IpAddr]) -> Option<PodEndpoint<'a>> {
         let spec = pod.spec.as_ref();
         if spec.and_then(|s| s.host_network) == Some(true) {
             return None;
         }
-        let status = pod.status.as_ref()?;
+        let status = pod.status.as_ref();
         // A finished pod's address goes back to IPAM and may already be another pod's.
-        if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        if matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        ) {
             return None;
         }
-        let mut ips: Vec<IpAddr> = status
-            .pod_ips
-            .iter()
-            .flatten()
-            .filter_map(|p| p.ip.parse().ok())
-            .collect();
+        let local = spec.and_then(|s| s.node_name.as_deref()) == Some(local_node);
+        // This node wired the pod: its addresses are known before the kubelet reports them.
+        let mut ips: Vec<IpAddr> = if local { wired.to_vec() } else { Vec::new() };
         if ips.is_empty() {
-            ips.extend(
-                status
-                    .pod_ip
-                    .as_deref()
-                    .and_then(|ip| ip.parse::<IpAddr>().ok()),
-            );
+            ips.extend(status_ips(status));
         }
         ips.sort();
         ips.dedup();
@@ -63,7 +59,7 @@ impl<'a> PodEndpoint<'a> {
             namespace: pod.metadata.namespace.as_deref().unwrap_or("default"),
             name: pod.metadata.name.as_deref().unwrap_or_default(),
             labels: pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
-            local: spec.and_then(|s| s.node_name.as_deref()) == Some(local_node),
+            local,
             ips,
             ports: named_ports(pod),
         })
@@ -77,6 +73,28 @@ impl<'a> PodEndpoint<'a> {
     }
 }
 
+/// `status.podIPs`, or the older `status.podIP`.
+fn status_ips(status: Option<&PodStatus>) -> Vec<IpAddr> {
+    let Some(status) = status else {
+        return Vec::new();
+    };
+    let ips: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if !ips.is_empty() {
+        return ips;
+    }
+    status
+        .pod_ip
+        .as_deref()
+        .and_then(|ip| ip.parse().ok())
+        .into_iter()
+        .collect()
+}
+
 pub(super) struct Cluster<'a> {
     /// Sorted by namespace and name, so every compile walks them in the same order.
     pub endpoints: Vec<PodEndpoint<'a>>,
@@ -88,11 +106,27 @@ impl<'a> Cluster<'a> {
     pub(super) fn new(
         pods: &[&'a Pod],
         namespaces: impl IntoIterator<Item = &'a Namespace>,
-        local_node: &str,
+        node: &LocalNode,
     ) -> Cluster<'a> {
+        let mut wired: BTreeMap<(&str, &str), Vec<IpAddr>> = BTreeMap::new();
+        for ep in node.endpoints {
+            if let Some(pod) = &ep.pod {
+                wired
+                    .entry((&pod.namespace, &pod.name))
+                    .or_default()
+                    .extend(ep.ips.iter().map(|n| n.ip()));
+            }
+        }
         let mut endpoints: Vec<PodEndpoint> = pods
             .iter()
-            .filter_map(|pod| PodEndpoint::new(pod, local_node))
+            .filter_map(|pod| {
+                let key = (
+                    pod.metadata.namespace.as_deref().unwrap_or("default"),
+                    pod.metadata.name.as_deref().unwrap_or_default(),
+                );
+                let ips = wired.get(&key).map_or(&[][..], Vec::as_slice);
+                PodEndpoint::new(pod, node.name, ips)
+            })
             .collect();
         endpoints.sort_by(|a, b| (a.namespace, a.name).cmp(&(b.namespace, b.name)));
 

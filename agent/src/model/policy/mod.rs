@@ -35,9 +35,11 @@ use k8s_openapi::api::{
     core::v1::{Namespace, Pod},
     networking::v1::NetworkPolicy,
 };
-use sluice_common::{EndpointPolicy, Identity, IpKey, PolicyKey, PolicyRule, MAX_RULES};
+use sluice_common::{
+    EndpointPolicy, Identity, IpKey, PolicyKey, PolicyRule, MAX_RULES, POLICY_PENDING,
+};
 
-use super::{ip_key, CidrKey};
+use super::{ip_key, CidrKey, LocalEndpoint};
 pub use allocator::Allocator;
 pub(in crate::model) use allocator::Pool;
 use cluster::{Cluster, PodEndpoint};
@@ -136,15 +138,25 @@ pub struct PolicyTables {
     pub errors: Vec<PolicyError>,
 }
 
-/// Compiles the cluster's NetworkPolicies for the node `local_node`, whose own addresses are
-/// `host_ips`. Numbers come from `alloc`, which must be the same across calls for them to stay
-/// stable. Never fails: what cannot be applied is in `errors` and fails closed.
+/// The node a compile is for.
+pub struct LocalNode<'a> {
+    pub name: &'a str,
+    /// The node's own addresses (`identity::HOST`).
+    pub host_ips: &'a [IpAddr],
+    /// The pod interfaces the CNI wired here. A pod's addresses are taken from these before
+    /// the kubelet has written them to its status; an interface whose Pod is not (yet) known
+    /// allows nothing (`POLICY_PENDING`).
+    pub endpoints: &'a [LocalEndpoint],
+}
+
+/// Compiles the cluster's NetworkPolicies for `node`. Numbers come from `alloc`, which must be
+/// the same across calls for them to stay stable. Never fails: what cannot be applied is in
+/// `errors` and fails closed.
 pub fn compile<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
     namespaces: impl IntoIterator<Item = &'a Namespace>,
     policies: impl IntoIterator<Item = &'a NetworkPolicy>,
-    local_node: &str,
-    host_ips: &[IpAddr],
+    node: &LocalNode,
     alloc: &mut Allocator,
 ) -> PolicyTables {
     let pods: Vec<&Pod> = pods.into_iter().collect();
@@ -154,7 +166,7 @@ pub fn compile<'a>(
         .flat_map(|pod| named_ports(pod))
         .map(|p| (p.name, p.proto))
         .collect();
-    let mut cluster = Cluster::new(&pods, namespaces, local_node);
+    let mut cluster = Cluster::new(&pods, namespaces, node);
     let mut tables = PolicyTables::default();
 
     let mut policies: Vec<&NetworkPolicy> = policies.into_iter().collect();
@@ -176,7 +188,7 @@ pub fn compile<'a>(
         })
         .collect();
 
-    cluster.assign_identities(&parsed, host_ips, alloc);
+    cluster.assign_identities(&parsed, node.host_ips, alloc);
     tables.ipcache = cluster
         .identities
         .iter()
@@ -185,6 +197,7 @@ pub fn compile<'a>(
 
     let selected: Vec<Vec<&PodEndpoint>> = parsed.iter().map(|p| cluster.selected_by(p)).collect();
     let policy_ids = isolate(&parsed, &selected, alloc, &mut tables.endpoint_policy);
+    isolate_unknown(&cluster, node.endpoints, &mut tables.endpoint_policy);
     for (policy, pods) in parsed.iter().zip(&selected) {
         if !policy.broken && !pods.is_empty() {
             add_rules(&cluster, policy, pods, &policy_ids, alloc, &mut tables);
@@ -214,9 +227,8 @@ fn isolate(
     }
     let mut ids = BTreeMap::new();
     for (pod_ip, direction) in isolated {
-        let Some(id) = alloc.policy(pod_ip, direction) else {
-            continue;
-        };
+        // Out of ids (never in practice: 2^32 - 2 of them), the pod allows nothing.
+        let id = alloc.policy(pod_ip, direction).unwrap_or(POLICY_PENDING);
         ids.insert((pod_ip, direction), id);
         let entry = endpoint_policy.entry(pod_ip).or_default();
         match direction {
@@ -225,6 +237,33 @@ fn isolate(
         }
     }
     ids
+}
+
+/// A pod interface of this node whose Pod the cluster store does not hold (yet), or holds
+/// without knowing it is that pod, allows nothing in either direction: it is not isolated less
+/// than its policies will say.
+fn isolate_unknown(
+    cluster: &Cluster,
+    endpoints: &[LocalEndpoint],
+    endpoint_policy: &mut BTreeMap<IpKey, EndpointPolicy>,
+) {
+    let known: BTreeSet<IpAddr> = cluster
+        .endpoints
+        .iter()
+        .filter(|ep| ep.local)
+        .flat_map(|ep| ep.ips.iter().copied())
+        .collect();
+    for net in endpoints.iter().flat_map(|ep| &ep.ips) {
+        if !known.contains(&net.ip()) {
+            endpoint_policy.insert(
+                ip_key(net.ip()),
+                EndpointPolicy {
+                    ingress_policy: POLICY_PENDING,
+                    egress_policy: POLICY_PENDING,
+                },
+            );
+        }
+    }
 }
 
 /// The allow entries of one healthy policy, under the policy id of every local pod address it

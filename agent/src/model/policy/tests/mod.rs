@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 use sluice_common::{identity, PolicyKey, POLICY_KEY_EXACT_BITS, PROTO_ANY};
 
 mod errors;
+mod new_pods;
 
 use super::ports::{SCTP, TCP, UDP};
 use super::*;
@@ -46,6 +47,8 @@ struct Cluster {
     pods: Vec<Pod>,
     namespaces: Vec<Namespace>,
     policies: Vec<NetworkPolicy>,
+    /// Pod interfaces this node's CNI wired.
+    wired: Vec<LocalEndpoint>,
 }
 
 impl Cluster {
@@ -118,6 +121,7 @@ impl Cluster {
                 namespace("dev", json!({ "team": "b" })),
             ],
             policies: Vec::new(),
+            wired: Vec::new(),
         }
     }
 
@@ -132,8 +136,11 @@ impl Cluster {
             &self.pods,
             &self.namespaces,
             &self.policies,
-            NODE,
-            &[host],
+            &LocalNode {
+                name: NODE,
+                host_ips: &[host],
+                endpoints: &self.wired,
+            },
             alloc,
         )
     }
