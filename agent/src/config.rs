@@ -2,10 +2,11 @@
 //!
 //! Every rejected value is reported with its field name, the value and the reason.
 
-use std::{net::IpAddr, path::PathBuf};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
+use sluice_common::{map_names, MAX_ENDPOINTS};
 
 pub const DEFAULT_GATEWAY: &str = "sluice-gw0";
 
@@ -129,6 +130,11 @@ pub struct Config {
     pub service_cidr: Option<String>,
     #[serde(default)]
     pub feature_gates: FeatureGates,
+    /// Sizes of the datapath's maps by name (`sluice_common::map_names::RESIZABLE`), like
+    /// Cilium's `bpf-*-map-max`; absent: the sizes the eBPF object declares. Pinned maps of
+    /// another size are refused at start.
+    #[serde(default)]
+    pub bpf_map_sizes: BTreeMap<String, u32>,
 }
 
 fn default_gateway() -> String {
@@ -183,6 +189,8 @@ pub struct Settings {
     pub node_port_addresses: Vec<IpNetwork>,
     pub service_cidr: Option<IpNetwork>,
     pub feature_gates: FeatureGates,
+    /// Every resizable map with the size it is to have.
+    pub map_sizes: Vec<(&'static str, u32)>,
 }
 
 impl Settings {
@@ -248,6 +256,14 @@ pub fn parse_pod_cidr(field: &'static str, text: &str) -> Result<(IpNetwork, IpA
         ));
     }
     let gateway_ip = match pod_cidr {
+        // Every pod address gets an entry in the per-pod maps, which cannot grow.
+        IpNetwork::V4(net) if net.prefix() < 32 - MAX_ENDPOINTS.ilog2() as u8 => {
+            return Err(invalid(
+                field,
+                &text,
+                &format!("holds more addresses than the datapath has room for pods ({MAX_ENDPOINTS}); use /16 or longer"),
+            ))
+        }
         IpNetwork::V4(net) if net.prefix() <= 29 => {
             IpAddr::V4((u32::from(net.network()) + 1).into())
         }
@@ -298,6 +314,36 @@ impl Settings {
 }
 
 impl Config {
+    fn map_sizes(&self) -> Result<Vec<(&'static str, u32)>, ConfigError> {
+        for (name, &size) in &self.bpf_map_sizes {
+            let value = format!("{name}: {size}");
+            if !map_names::RESIZABLE.iter().any(|(n, _)| n == name) {
+                let known: Vec<&str> = map_names::RESIZABLE.iter().map(|(n, _)| *n).collect();
+                return Err(invalid(
+                    "bpfMapSizes",
+                    &value,
+                    &format!("no such resizable map; these are: {}", known.join(", ")),
+                ));
+            }
+            if size == 0 {
+                return Err(invalid(
+                    "bpfMapSizes",
+                    &value,
+                    "a map needs room for an entry",
+                ));
+            }
+        }
+        Ok(map_names::RESIZABLE
+            .iter()
+            .map(|&(name, default)| {
+                (
+                    name,
+                    self.bpf_map_sizes.get(name).copied().unwrap_or(default),
+                )
+            })
+            .collect())
+    }
+
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         serde_yaml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
     }
@@ -380,7 +426,9 @@ impl Config {
             }
             None => None,
         };
+        let map_sizes = self.map_sizes()?;
         Ok(Settings {
+            map_sizes,
             service_cidr,
             node_port_addresses,
             pod_cidr,
@@ -405,6 +453,41 @@ mod tests {
         let settings = Config::parse(&format!("datapath: ebpf\npodCIDR: 10.244.1.0/24\n{extra}"))?
             .validate(Some("node-1".into()))?;
         settings.node_network(settings.pod_cidr.unwrap())
+    }
+
+    #[test]
+    fn map_sizes_are_checked_by_name_and_value() {
+        let sizes = |text: &str| {
+            Config::parse(&format!("datapath: ebpf\npodCIDR: 10.0.0.0/24\n{text}"))
+                .unwrap()
+                .validate(None)
+                .map(|s| s.map_sizes)
+        };
+        let sizes_ok = sizes("bpfMapSizes: {POLICY_EXACT: 64}").unwrap();
+        assert!(sizes_ok.contains(&("POLICY_EXACT", 64)));
+        assert!(sizes_ok.contains(&("IPCACHE", sluice_common::MAX_IPCACHE)));
+        let unknown = sizes("bpfMapSizes: {ENDPOINTS: 64}")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            unknown.contains("`bpfMapSizes`") && unknown.contains("ENDPOINTS: 64"),
+            "{unknown}"
+        );
+        assert!(unknown.contains("no such resizable map; these are: REMOTE_NODES, IPCACHE"));
+        let zero = sizes("bpfMapSizes: {IPCACHE: 0}").unwrap_err().to_string();
+        assert!(zero.contains("a map needs room for an entry"), "{zero}");
+    }
+
+    #[test]
+    fn a_pod_cidr_wider_than_the_per_pod_maps_is_refused() {
+        let err = parse_pod_cidr("podCIDR", "10.0.0.0/15")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("more addresses than the datapath has room for pods (65536)"),
+            "{err}"
+        );
+        assert!(parse_pod_cidr("podCIDR", "10.0.0.0/16").is_ok());
     }
 
     #[test]

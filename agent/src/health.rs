@@ -1,4 +1,5 @@
-//! `/healthz` (the process serves) and `/readyz` (the first full sync is programmed).
+//! `/healthz` (the process serves), `/readyz` (the first full sync is programmed) and
+//! `/metrics` (Prometheus).
 
 use std::{
     net::SocketAddr,
@@ -11,11 +12,18 @@ use std::{
 use anyhow::{Context, Result};
 use axum::{extract::State, http::StatusCode, routing::get, Router};
 
-pub async fn serve(address: SocketAddr, ready: Arc<AtomicBool>) -> Result<()> {
+use crate::metrics::Metrics;
+
+pub async fn serve(
+    address: SocketAddr,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) -> Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .with_state(ready);
+        .with_state(ready)
+        .route("/metrics", get(move || async move { metrics.render() }));
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("binding the health endpoint {address}"))?;

@@ -9,6 +9,7 @@ pub mod health;
 pub mod ipam;
 pub mod k8s;
 pub mod masquerade;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod service_health;

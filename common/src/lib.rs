@@ -25,6 +25,22 @@ pub mod map_names {
     pub const STAGE_PACKETS: &str = "STAGE_PACKETS";
     pub const DROPS: &str = "DROPS";
 
+    /// The maps whose size the agent config may set (`bpfMapSizes`), with the size the object
+    /// declares. The per-pod maps (ENDPOINTS, SPOOF_GUARD, ENDPOINT_POLICY) are sized for any
+    /// pod CIDR and RULE_STATS for every rule id, so they are not among them.
+    pub const RESIZABLE: [(&str, u32); 10] = [
+        (REMOTE_NODES, super::MAX_REMOTE_CIDRS),
+        (IPCACHE, super::MAX_IPCACHE),
+        (POLICY, super::MAX_POLICY_ENTRIES),
+        (POLICY_EXACT, super::MAX_POLICY_ENTRIES),
+        (CONNTRACK, super::MAX_CONNTRACK),
+        (SERVICES, super::MAX_SERVICES),
+        (BACKENDS, super::MAX_BACKENDS),
+        (SERVICE_NAT, super::MAX_SERVICE_NAT),
+        (AFFINITY, super::MAX_AFFINITY),
+        (EXTERNAL_IPS, super::MAX_EXTERNAL_IPS),
+    ];
+
     pub const ALL: [&str; 18] = [
         ENDPOINTS,
         SPOOF_GUARD,

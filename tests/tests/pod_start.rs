@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sluice_common::DropReason;
 use sluice_tests::{
-    lab::{Encap, Lab, LabOptions},
+    lab::{Lab, LabOptions},
     probe, require_root,
 };
 
@@ -40,13 +40,7 @@ fn reaches(lab: &Lab, from: &str, to: &str) -> (bool, bool) {
 #[test]
 fn a_pod_is_isolated_before_the_kubelet_reports_its_address() {
     require_root();
-    let mut lab = Lab::up(LabOptions {
-        nodes: 1,
-        encap: Encap::Vxlan,
-        attach_mode: "auto".into(),
-        ports: vec![PORT],
-    })
-    .expect("lab up");
+    let mut lab = Lab::up(LabOptions::single_node(&[PORT])).expect("lab up");
     lab.apply(vec![
         namespace("open"),
         namespace("locked"),

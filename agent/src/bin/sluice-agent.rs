@@ -13,6 +13,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use sluice_agent::{
     cni::{
         rounds::ProgramRounds,
@@ -23,6 +25,7 @@ use sluice_agent::{
     external_ip::{self, ExternalIpError},
     health,
     k8s::{self, ClusterStore},
+    metrics::Metrics,
     model::{
         policy::{self, Allocator, LocalNode, PolicyError, PolicyTables},
         service::{self, ServiceError, ServiceInputs, SetAllocator},
@@ -78,10 +81,12 @@ async fn agent() -> Result<()> {
         .with_context(in_file)?;
 
     let ready = Arc::new(AtomicBool::new(false));
+    let metrics = Arc::new(Metrics::default());
     if let Some(address) = settings.health_address {
         let ready = ready.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = health::serve(address, ready).await {
+            if let Err(e) = health::serve(address, ready, metrics).await {
                 warn!("health endpoint stopped: {e:#}");
             }
         });
@@ -107,7 +112,7 @@ async fn agent() -> Result<()> {
     let node = settings
         .node_network(pod_cidr)
         .with_context(|| format!("the Node's podCIDR {pod_cidr}"))?;
-    let datapath = EbpfDatapath::load(&config.bpffs_dir, node.tc_attach_mode)?;
+    let datapath = EbpfDatapath::load(&config.bpffs_dir, node.tc_attach_mode, &settings.map_sizes)?;
     info!(attach = ?datapath.attach_mode(), pins = %config.bpffs_dir.display(), pod_cidr = %node.pod_cidr, encap = ?node.encap, "eBPF datapath loaded");
     let pods = Arc::new(Mutex::new(
         PodNetwork::start(node, Box::new(datapath), &config.state_dir).await?,
@@ -118,6 +123,15 @@ async fn agent() -> Result<()> {
     if let Some((cluster, own, client)) = cluster {
         let mut follower = Follower {
             rounds: rounds.clone().expect("made above with the cluster"),
+            metrics,
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "sluice-agent".into(),
+                    instance: Some(own.clone()),
+                },
+            ),
+            policy_sync_error: None,
             cluster,
             client,
             owned: BTreeSet::new(),
@@ -150,6 +164,11 @@ struct Follower {
     cluster: ClusterStore,
     /// Rounds CNI ADDs wait for.
     rounds: ProgramRounds,
+    metrics: Arc<Metrics>,
+    /// Events on this agent's Node.
+    recorder: Recorder,
+    /// Why the last policy sync failed (closed), if it did.
+    policy_sync_error: Option<String>,
     client: kube::Client,
     /// The LoadBalancer IPs this node answers for (ServiceExternalIP).
     owned: BTreeSet<IpAddr>,
@@ -212,7 +231,8 @@ impl Follower {
             }
             self.errors = tables.errors.clone();
         }
-        pods.set_policy(&tables)?;
+        let policy_sync = pods.set_policy(&tables).err().map(|e| format!("{e:#}"));
+        self.report_policy_sync(policy_sync, &nodes).await;
         let node_addresses = k8s::node_addresses(&nodes, &self.own);
         if self.uplink.is_none() && !node_addresses.is_empty() {
             let uplink = pods.attach_uplink(&node_addresses).await?;
@@ -232,6 +252,64 @@ impl Follower {
             &all_pods,
             revision,
         )
+    }
+
+    /// A policy sync that failed left the node tighter than desired (see
+    /// `Maps::sync_policy`): said once per change of the error, in the log and as a Node
+    /// event, and counted every time.
+    async fn report_policy_sync(
+        &mut self,
+        error: Option<String>,
+        nodes: &[Arc<k8s_openapi::api::core::v1::Node>],
+    ) {
+        self.metrics
+            .policy_fail_closed
+            .store(error.is_some(), Ordering::Relaxed);
+        if error.is_some() {
+            self.metrics
+                .policy_sync_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if error == self.policy_sync_error {
+            return;
+        }
+        let event = match &error {
+            Some(e) => {
+                warn!("programming NetworkPolicy failed closed: {e}");
+                Event {
+                    type_: EventType::Warning,
+                    reason: "PolicyProgrammingFailed".into(),
+                    // The API server caps a note at 1 kB.
+                    note: Some(e.chars().take(1000).collect()),
+                    action: "ProgramNetworkPolicy".into(),
+                    secondary: None,
+                }
+            }
+            None => {
+                info!("NetworkPolicy is programmed in full again");
+                Event {
+                    type_: EventType::Normal,
+                    reason: "PolicyProgrammed".into(),
+                    note: Some("every NetworkPolicy entry is programmed again".into()),
+                    action: "ProgramNetworkPolicy".into(),
+                    secondary: None,
+                }
+            }
+        };
+        self.policy_sync_error = error;
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.own.clone()),
+            uid: nodes
+                .iter()
+                .find(|n| n.metadata.name.as_deref() == Some(&self.own))
+                .and_then(|n| n.metadata.uid.clone()),
+            ..ObjectReference::default()
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            warn!("recording the Node event {}: {e}", event.reason);
+        }
     }
 
     /// Services: compiled, synced, health-check ports served.

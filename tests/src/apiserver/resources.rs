@@ -80,6 +80,8 @@ pub(crate) const RESOURCES: &[Resource] = &[
         false,
         true,
     ),
+    // What agents record on their Node (kube-rs's Recorder writes events.k8s.io/v1).
+    res("events.k8s.io", "v1", "events", "Event", true, false),
 ];
 
 pub(crate) const NAMESPACES: usize = 1;

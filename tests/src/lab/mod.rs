@@ -71,6 +71,18 @@ pub struct LabOptions {
     pub ports: Vec<u16>,
 }
 
+impl LabOptions {
+    /// One node, VXLAN, the kernel's attach mode, serving `ports`.
+    pub fn single_node(ports: &[u16]) -> LabOptions {
+        LabOptions {
+            nodes: 1,
+            encap: Encap::Vxlan,
+            attach_mode: "auto".into(),
+            ports: ports.to_vec(),
+        }
+    }
+}
+
 pub struct LabNode {
     pub name: String,
     pub ip: Ipv4Addr,
@@ -103,6 +115,8 @@ pub struct Lab {
     pub nodes: Vec<LabNode>,
     pub api: ApiServer,
     pub options: LabOptions,
+    /// Added to every agent's config file.
+    agent_config: String,
     pub dir: PathBuf,
     external: Netns,
     pub switch: Netns,
@@ -116,6 +130,11 @@ impl Drop for Lab {
 
 impl Lab {
     pub fn up(options: LabOptions) -> Result<Lab> {
+        Lab::up_with_agent_config(options, "")
+    }
+
+    /// A lab whose agents get `agent_config` (YAML lines) added to their config file.
+    pub fn up_with_agent_config(options: LabOptions, agent_config: &str) -> Result<Lab> {
         crate::require_root();
         let switch = Netns::new("slab")?;
         switch.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
@@ -139,6 +158,7 @@ impl Lab {
             nodes: Vec::new(),
             api,
             options: options.clone(),
+            agent_config: agent_config.to_string(),
             dir,
             external,
             switch,
@@ -181,11 +201,12 @@ impl Lab {
         }))?;
         let config = format!(
             "nodeName: {name}\nkubeconfig: {}\n{}tcAttachMode: {}\nhealthAddress: 127.0.0.1:9421\n\
-             serviceCIDR: {}\nfeatureGates: {{ServiceExternalIP: true}}\n",
+             serviceCIDR: {}\nfeatureGates: {{ServiceExternalIP: true}}\n{}",
             self.kubeconfig_path().display(),
             self.options.encap.config(),
             self.options.attach_mode,
             crate::apiserver::SERVICE_CIDR,
+            self.agent_config,
         );
         let node = Node::start_in(ns, config, vec![("NODE_NAME".into(), name.clone())])
             .with_context(|| format!("starting the agent of {name}"))?;

@@ -15,17 +15,12 @@ use sluice_common::{
     map_names, nat_flags, AffinityEntry, AffinityKey, BackendKey, CtEntry, CtKey, DropReason,
     Endpoint, EndpointPolicy, ExternalIp, FlowKey, Identity, IpKey, NatEntry, NatTarget,
     NodeConfig, PolicyKey, PolicyRule, RemoteNode, RuleStats, Service, ServiceKey, SpoofGuardEntry,
-    SpoofGuardKey, Stage, POLICY_ANY_PORT, POLICY_KEY_EXACT_BITS, POLICY_PENDING, PROTO_ANY,
+    SpoofGuardKey, Stage,
 };
 
 use crate::{
     datapath::SyncReport,
-    model::{
-        diff,
-        policy::{PolicyLpmKey, PolicyTables},
-        service::ServiceTables,
-        CidrKey, Pipeline,
-    },
+    model::{diff, service::ServiceTables, CidrKey, Pipeline},
 };
 
 pub struct Maps {
@@ -198,122 +193,6 @@ impl Maps {
         Ok(report)
     }
 
-    /// The policy entries the kernel holds now (rule names and errors are not in the kernel).
-    /// POLICY_EXACT entries read back as the LPM keys they stand for.
-    pub fn policy_tables(&self) -> Result<PolicyTables> {
-        let mut policy: BTreeMap<PolicyLpmKey, PolicyRule> = self
-            .policy
-            .iter()
-            .map(|e| {
-                e.map(|(k, v)| {
-                    (
-                        PolicyLpmKey {
-                            key: k.data(),
-                            prefix_len: k.prefix_len(),
-                        },
-                        v,
-                    )
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        for entry in self.policy_exact.iter() {
-            let (key, rule) = entry?;
-            policy.insert(from_exact(key), rule);
-        }
-        Ok(PolicyTables {
-            ipcache: self
-                .ipcache
-                .iter()
-                .map(|e| {
-                    e.map(|(k, v)| {
-                        (
-                            CidrKey {
-                                prefix_len: k.prefix_len(),
-                                addr: k.data(),
-                            },
-                            v,
-                        )
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-            endpoint_policy: self.endpoint_policy.iter().collect::<Result<_, _>>()?,
-            policy,
-            ..PolicyTables::default()
-        })
-    }
-
-    /// Makes the policy maps equal to `desired`. Order keeps every moment safe: identities and
-    /// allow entries exist before a pod becomes isolated, and go only after it no longer is.
-    pub fn sync_policy(&mut self, desired: &PolicyTables) -> Result<SyncReport> {
-        let current = self.policy_tables()?;
-        let ipcache = diff(&current.ipcache, &desired.ipcache);
-        let endpoints = diff(&current.endpoint_policy, &desired.endpoint_policy);
-        let policy = diff(&current.policy, &desired.policy);
-        for (key, value) in &ipcache.upserts {
-            self.ipcache
-                .insert(&Key::new(key.prefix_len, key.addr), value, 0)
-                .map_err(|e| full(e, map_names::IPCACHE))?;
-        }
-        for (key, value) in &policy.upserts {
-            self.insert_policy(key, *value)?;
-        }
-        for (key, value) in &endpoints.upserts {
-            self.endpoint_policy
-                .insert(key, value, 0)
-                .map_err(|e| full(e, map_names::ENDPOINT_POLICY))?;
-        }
-        for key in &endpoints.deletes {
-            remove(&mut self.endpoint_policy, key, map_names::ENDPOINT_POLICY)?;
-        }
-        for key in &policy.deletes {
-            match to_exact(key) {
-                Some(exact) => remove(&mut self.policy_exact, &exact, map_names::POLICY_EXACT)?,
-                None => match self.policy.remove(&Key::new(key.prefix_len, key.key)) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(e) => return Err(e).context("deleting an entry of map POLICY"),
-                },
-            }
-        }
-        for key in &ipcache.deletes {
-            match self.ipcache.remove(&Key::new(key.prefix_len, key.addr)) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context("deleting an entry of map IPCACHE"),
-            }
-        }
-        Ok(SyncReport {
-            written: ipcache.upserts.len() + policy.upserts.len() + endpoints.upserts.len(),
-            deleted: ipcache.deletes.len() + policy.deletes.len() + endpoints.deletes.len(),
-        })
-    }
-
-    pub fn isolate_pending(&mut self, addrs: &[IpKey]) -> Result<()> {
-        let pending = EndpointPolicy {
-            ingress_policy: POLICY_PENDING,
-            egress_policy: POLICY_PENDING,
-        };
-        for addr in addrs {
-            self.endpoint_policy
-                .insert(addr, pending, 0)
-                .map_err(|e| full(e, map_names::ENDPOINT_POLICY))?;
-        }
-        Ok(())
-    }
-
-    /// Writes one allow entry where the datapath looks for it: POLICY_EXACT unless it is a port
-    /// range.
-    pub fn insert_policy(&mut self, key: &PolicyLpmKey, rule: PolicyRule) -> Result<()> {
-        match to_exact(key) {
-            Some(exact) => self
-                .policy_exact
-                .insert(exact, rule, 0)
-                .map_err(|e| full(e, map_names::POLICY_EXACT)),
-            None => self
-                .policy
-                .insert(&Key::new(key.prefix_len, key.key), rule, 0)
-                .map_err(|e| full(e, map_names::POLICY)),
-        }
-    }
-
     /// The Service entries the kernel holds now: frontends and backends.
     pub fn service_entries(
         &self,
@@ -477,7 +356,7 @@ impl Maps {
     }
 }
 
-fn remove<K: aya::Pod, V: aya::Pod>(
+pub(super) fn remove<K: aya::Pod, V: aya::Pod>(
     map: &mut HashMap<MapData, K, V>,
     key: &K,
     name: &str,
@@ -489,48 +368,11 @@ fn remove<K: aya::Pod, V: aya::Pod>(
 }
 
 /// A full hash map answers E2BIG; say so in words.
-fn full(err: MapError, name: &str) -> anyhow::Error {
+pub(super) fn full(err: MapError, name: &str) -> anyhow::Error {
     if let MapError::SyscallError(sys) = &err {
         if sys.io_error.raw_os_error() == Some(libc::E2BIG) {
             return anyhow::anyhow!("map {name} is full: no room for another entry");
         }
     }
     anyhow::Error::new(err).context(format!("writing map {name}"))
-}
-
-/// The POLICY_EXACT key standing for an LPM entry that needs no prefix match, if it is one.
-fn to_exact(key: &PolicyLpmKey) -> Option<PolicyKey> {
-    let full = POLICY_KEY_EXACT_BITS + 16;
-    match key.prefix_len {
-        len if len == full => Some(key.key),
-        len if len == POLICY_KEY_EXACT_BITS && key.key.proto == PROTO_ANY => Some(PolicyKey {
-            port: [0; 2],
-            ..key.key
-        }),
-        len if len == POLICY_KEY_EXACT_BITS => Some(PolicyKey {
-            _pad: POLICY_ANY_PORT,
-            port: [0; 2],
-            ..key.key
-        }),
-        _ => None,
-    }
-}
-
-fn from_exact(key: PolicyKey) -> PolicyLpmKey {
-    if key._pad == POLICY_ANY_PORT {
-        PolicyLpmKey {
-            key: PolicyKey { _pad: 0, ..key },
-            prefix_len: POLICY_KEY_EXACT_BITS,
-        }
-    } else if key.proto == PROTO_ANY {
-        PolicyLpmKey {
-            key,
-            prefix_len: POLICY_KEY_EXACT_BITS,
-        }
-    } else {
-        PolicyLpmKey {
-            key,
-            prefix_len: POLICY_KEY_EXACT_BITS + 16,
-        }
-    }
 }

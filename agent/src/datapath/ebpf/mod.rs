@@ -6,6 +6,7 @@
 //! reused, attachments are replaced in place), so forwarding never stops with the agent.
 
 mod maps;
+mod policy_maps;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,6 +15,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
+    maps::MapData,
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
@@ -101,17 +103,48 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
         .with_context(|| format!("creating {}", dir.display()))
 }
 
+/// A pin outlives the config that sized it, and aya adopts a pinned map whatever its size: the
+/// agent refuses to run on one of another size than configured rather than silently ignore
+/// `bpfMapSizes`.
+fn check_pinned_sizes(pin_dir: &Path, map_sizes: &[(&'static str, u32)]) -> Result<()> {
+    for &(name, size) in map_sizes {
+        let path = pin_dir.join(name);
+        let pinned = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .with_context(|| format!("reading the size of pinned map {}", path.display()))?
+            .max_entries();
+        if pinned != size {
+            bail!(
+                "pinned map {} holds {pinned} entries, but {size} are configured \
+                 (bpfMapSizes.{name}): remove the pin to resize it (its entries are rebuilt; \
+                 what it held, such as connections, is lost) or set bpfMapSizes.{name}: {pinned}",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 impl EbpfDatapath {
-    pub fn load(pin_dir: &Path, mode: TcAttachMode) -> Result<EbpfDatapath> {
+    /// `map_sizes`: the size each resizable map is to have (`Settings::map_sizes`).
+    pub fn load(
+        pin_dir: &Path,
+        mode: TcAttachMode,
+        map_sizes: &[(&'static str, u32)],
+    ) -> Result<EbpfDatapath> {
         let attach = Attach::resolve(mode)?;
         ensure_bpffs(pin_dir)?;
         let mut loader = EbpfLoader::new();
         for name in map_names::ALL {
             loader.map_pin_path(name, pin_dir.join(name));
         }
+        for &(name, size) in map_sizes {
+            loader.map_max_entries(name, size);
+        }
         let mut bpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
+        check_pinned_sizes(pin_dir, map_sizes)?;
         for name in [
             program_names::FROM_POD,
             program_names::FROM_GATEWAY,

@@ -1,0 +1,199 @@
+//! A policy sync that cannot write everything leaves every pod at least as isolated as its
+//! policies say: agents run with tiny policy maps (`bpfMapSizes`), policies overflow them, and no
+//! probe connects that the policies deny. The agent says which map, its capacity and what is
+//! missing, in its log, on `/metrics` and as a Node event; once there is room, it recovers.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sluice_tests::{
+    in_netns,
+    lab::{Lab, LabOptions},
+    probe, require_root,
+};
+
+const PORTS: [u16; 2] = [80, 81];
+const PODS: [&str; 4] = ["x/a", "x/b", "x/c", "y/d"];
+const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+
+fn lab(map_sizes: &str) -> Lab {
+    let mut lab = Lab::up_with_agent_config(
+        LabOptions::single_node(&PORTS),
+        &format!("bpfMapSizes: {{{map_sizes}}}\n"),
+    )
+    .expect("lab up");
+    let mut objects = vec![
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}),
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "y"}}),
+    ];
+    for key in PODS {
+        let (ns, name) = key.split_once('/').unwrap();
+        objects.push(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": {"pod": name}},
+            "spec": {"containers": [{"name": "c", "image": "x"}]},
+        }));
+    }
+    lab.apply(objects).expect("pods");
+    lab.wait_programmed(Duration::from_secs(30))
+        .expect("programmed");
+    lab
+}
+
+fn policy(ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+/// Ingress to x/b only from x/a, on port 80.
+fn b_from_a() -> Value {
+    policy(
+        "x",
+        "b-from-a",
+        json!({"podSelector": {"matchLabels": {"pod": "b"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}],
+                "ports": [{"port": 80}]}]}),
+    )
+}
+
+fn connects(lab: &Lab, from: &str, to: &str, port: u16) -> bool {
+    let netns = lab.kubelet.pod(from).expect("pod").netns.path();
+    probe::tcp_within(&netns, None, lab.pod_ips()[to], port, PROBE_TIMEOUT).is_some()
+}
+
+/// Every ordered pair and port: no probe connects that `allowed` denies.
+fn assert_no_looser(lab: &Lab, allowed: impl Fn(&str, &str, u16) -> bool) {
+    for from in PODS {
+        for to in PODS.iter().filter(|&&to| to != from) {
+            for port in PORTS {
+                if connects(lab, from, to, port) {
+                    assert!(
+                        allowed(from, to, port),
+                        "{from} -> {to}:{port} connected, which the policies deny"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn metric(lab: &Lab, name: &str) -> u64 {
+    let text = in_netns(&lab.nodes[0].node.ns.path(), || {
+        probe::http_get("127.0.0.1:9421", "/metrics")
+    })
+    .expect("/metrics answers")
+    .1;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+}
+
+fn wait_fail_closed(lab: &Lab, expected: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(lab, "sluice_policy_fail_closed") != expected {
+        assert!(
+            Instant::now() < deadline,
+            "sluice_policy_fail_closed stayed != {expected}; agent log:\n{}",
+            lab.nodes[0].node.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The Node events' reasons and notes.
+fn node_events(lab: &Lab) -> Vec<(String, String)> {
+    lab.api
+        .list("events", Some("default"))
+        .iter()
+        .filter(|e| e["regarding"]["kind"] == "Node")
+        .map(|e| {
+            (
+                e["reason"].as_str().unwrap_or("").to_string(),
+                e["note"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_full_allow_map_leaves_pods_isolated() {
+    require_root();
+    let mut lab = lab("POLICY_EXACT: 2");
+    // y/d: port 81 from any address in 10/8 (every pod): one entry per identity, more than fit.
+    let d_from_pods = policy(
+        "y",
+        "d-from-pods",
+        json!({"podSelector": {},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 81}]}]}),
+    );
+    lab.apply(vec![b_from_a(), d_from_pods]).expect("policies");
+    wait_fail_closed(&lab, 1);
+    assert_no_looser(&lab, |from, to, port| match to {
+        "x/b" => from == "x/a" && port == 80,
+        "y/d" => port == 81,
+        _ => true,
+    });
+    let log = lab.nodes[0].node.agent_log();
+    assert!(
+        log.contains("map POLICY_EXACT (capacity 2): allow entries of"),
+        "{log}"
+    );
+    assert!(metric(&lab, "sluice_policy_sync_failures_total") >= 1);
+    let events = node_events(&lab);
+    assert!(
+        events
+            .iter()
+            .any(|(reason, note)| reason == "PolicyProgrammingFailed"
+                && note.contains("POLICY_EXACT (capacity 2)")
+                && note.contains("y/d-from-pods")),
+        "{events:?}"
+    );
+
+    // Room again: everything the policies allow connects.
+    lab.api
+        .delete("networkpolicies", Some("y"), "d-from-pods")
+        .expect("delete");
+    wait_fail_closed(&lab, 0);
+    lab.wait_programmed(Duration::from_secs(5)).unwrap();
+    assert!(connects(&lab, "x/a", "x/b", 80));
+    assert!(!connects(&lab, "x/c", "x/b", 80));
+    assert!(connects(&lab, "x/a", "y/d", 80));
+    assert!(node_events(&lab)
+        .iter()
+        .any(|(reason, _)| reason == "PolicyProgrammed"));
+}
+
+#[test]
+fn a_full_ipcache_makes_isolated_pods_allow_nothing() {
+    require_root();
+    // The node's two addresses and the four pods fill all but one entry.
+    let mut lab = lab("IPCACHE: 7");
+    lab.apply(vec![b_from_a()]).expect("policy");
+    lab.wait_programmed(Duration::from_secs(5)).unwrap();
+    assert!(connects(&lab, "x/a", "x/b", 80));
+    // Two more prefixes (the block and its except) than fit.
+    let d_from_outside = policy(
+        "y",
+        "d-from-outside",
+        json!({"podSelector": {},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.244.0.0/16"]}}]}]}),
+    );
+    lab.apply(vec![d_from_outside]).expect("policy");
+    wait_fail_closed(&lab, 1);
+    // Tighter than desired: x/b lets nobody in, not even x/a; y/d nobody, as desired.
+    assert_no_looser(&lab, |_, to, _| to != "x/b" && to != "y/d");
+    let log = lab.nodes[0].node.agent_log();
+    assert!(
+        log.contains("map IPCACHE (capacity 7)")
+            && log.contains("every isolated pod on this node allows nothing"),
+        "{log}"
+    );
+
+    lab.api
+        .delete("networkpolicies", Some("y"), "d-from-outside")
+        .expect("delete");
+    wait_fail_closed(&lab, 0);
+    assert!(connects(&lab, "x/a", "x/b", 80));
+    assert!(connects(&lab, "x/c", "y/d", 80));
+}
