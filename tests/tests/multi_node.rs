@@ -2,7 +2,7 @@
 //! the kubelet simulator through `sluice-cni`, real TCP/UDP across nodes, encap and noEncap.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
@@ -222,7 +222,9 @@ fn pod_deletion(lab: &mut Lab) {
     );
 }
 
-/// Killing and restarting node-2's agent does not interrupt a cross-node flow.
+/// Killing and restarting node-2's agent does not interrupt a cross-node flow, and the new
+/// agent keeps every identity the old one gave, though a prefix that sorts before all of them
+/// came while it was down.
 fn agent_restart_keeps_flows(lab: &mut Lab) {
     let flow = Flow::start(
         netns_of(lab, "p0"),
@@ -231,7 +233,15 @@ fn agent_restart_keeps_flows(lab: &mut Lab) {
         9000,
     );
     std::thread::sleep(Duration::from_millis(300));
+    let identities = || lab_identities(&lab.nodes[1]);
+    let before = identities();
+    assert!(!before.is_empty());
     lab.nodes[1].node.kill_agent();
+    let early_prefix = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "early-prefix", "namespace": "default"},
+        "spec": {"podSelector": {"matchLabels": {"none": "none"}},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/16"}}]}]}});
+    lab.create(early_prefix).expect("policy");
     std::thread::sleep(Duration::from_millis(500));
     lab.nodes[1]
         .node
@@ -239,9 +249,28 @@ fn agent_restart_keeps_flows(lab: &mut Lab) {
         .expect("restart node-2's agent");
     lab.wait_programmed(Duration::from_secs(10))
         .expect("state intact after restart");
+    let after = lab_identities(&lab.nodes[1]);
+    for (prefix, id) in &before {
+        assert_eq!(after.get(prefix), Some(id), "identity of {prefix}");
+    }
+    assert!(after.contains_key(&cidr("10.0.0.0/16")));
     std::thread::sleep(Duration::from_millis(300));
     let report = flow.stop();
     report.assert_unbroken();
+    lab.api
+        .delete("networkpolicies", Some("default"), "early-prefix")
+        .expect("delete");
+}
+
+/// IPCACHE of a node, prefix → identity.
+fn lab_identities(node: &sluice_tests::lab::LabNode) -> BTreeMap<IpNetwork, u32> {
+    Maps::from_pins(&node.node.bpffs)
+        .and_then(|m| m.policy_tables())
+        .expect("policy maps")
+        .ipcache
+        .iter()
+        .filter_map(|(key, identity)| Some((key.cidr()?, identity.id)))
+        .collect()
 }
 
 /// Deleting a Node object removes its pod CIDR from every other node within a second.

@@ -121,7 +121,13 @@ async fn agent() -> Result<()> {
         .as_ref()
         .map(|(cluster, _, _)| ProgramRounds::new(cluster.changed.clone()));
     if let Some((cluster, own, client)) = cluster {
+        let kernel_policy = pods
+            .lock()
+            .await
+            .current_policy()
+            .context("reading the policy maps a previous agent left")?;
         let mut follower = Follower {
+            alloc: Allocator::seeded(&kernel_policy),
             rounds: rounds.clone().expect("made above with the cluster"),
             metrics,
             recorder: Recorder::new(
@@ -139,7 +145,6 @@ async fn agent() -> Result<()> {
             own,
             pods: pods.clone(),
             state_dir: config.state_dir.clone(),
-            alloc: Allocator::new(),
             errors: Vec::new(),
             settings: settings.clone(),
             sets: SetAllocator::new(),

@@ -185,6 +185,11 @@ impl PodNetwork {
         Ok(())
     }
 
+    /// The NetworkPolicy entries the datapath holds (what the previous agent left, at start).
+    pub fn current_policy(&self) -> Result<crate::model::policy::PolicyTables> {
+        self.datapath.current_policy()
+    }
+
     /// Programs the NetworkPolicy entries; the gateway address counts as this node's own.
     pub fn set_policy(&mut self, tables: &crate::model::policy::PolicyTables) -> Result<()> {
         self.datapath.sync_policy(tables)?;

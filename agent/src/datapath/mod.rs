@@ -41,6 +41,8 @@ pub trait Datapath: Send {
     fn current(&self) -> Result<Pipeline>;
     /// Makes the NetworkPolicy entries equal to `desired`, touching only what differs.
     fn sync_policy(&mut self, desired: &PolicyTables) -> Result<SyncReport>;
+    /// The NetworkPolicy entries the datapath holds now (numbers a restarted agent keeps).
+    fn current_policy(&self) -> Result<PolicyTables>;
     /// Isolates a new pod's addresses in both directions, allowing nothing, until the next
     /// `sync_policy` gives them their policies (`POLICY_PENDING`).
     fn isolate_pending(&mut self, addrs: &[IpKey]) -> Result<()>;

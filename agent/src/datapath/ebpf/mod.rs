@@ -310,6 +310,10 @@ impl Datapath for EbpfDatapath {
         self.maps.sync_policy(desired)
     }
 
+    fn current_policy(&self) -> Result<PolicyTables> {
+        self.maps.policy_tables()
+    }
+
     fn isolate_pending(&mut self, addrs: &[IpKey]) -> Result<()> {
         self.maps.isolate_pending(addrs)
     }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sluice_common::{identity, IpKey, MAX_RULES};
 
-use super::Direction;
+use super::{Direction, PolicyTables};
 use crate::model::CidrKey;
 
 /// Owned by the caller and passed to every `compile`; a thing absent from the latest compile
@@ -34,6 +34,26 @@ impl Allocator {
             policies: Pool::new(1, u32::MAX),
             rules: Pool::new(1, MAX_RULES),
         }
+    }
+
+    /// An allocator holding the numbers the kernel's maps hold (what a previous agent left):
+    /// a restarted agent gives every prefix the identity and every pod the policy id it had, so
+    /// no address is ever matched against rules written for another prefix's number. Numbers
+    /// the next compile does not ask for go back as usual.
+    pub fn seeded(kernel: &PolicyTables) -> Allocator {
+        let mut alloc = Allocator::new();
+        for (prefix, identity) in &kernel.ipcache {
+            alloc.identities.seed(*prefix, identity.id);
+        }
+        for (&pod_ip, ep) in &kernel.endpoint_policy {
+            for (direction, id) in [
+                (Direction::Ingress, ep.ingress_policy),
+                (Direction::Egress, ep.egress_policy),
+            ] {
+                alloc.policies.seed((pod_ip, direction), id);
+            }
+        }
+        alloc
     }
 
     pub(super) fn identity(&mut self, prefix: CidrKey) -> Option<u32> {
@@ -78,6 +98,26 @@ impl<K: Ord + Clone> Pool<K> {
             next: first,
             first,
             end,
+        }
+    }
+
+    /// Holds `id` for `key` as found in the kernel. Numbers outside the pool (fixed identities,
+    /// 0, `POLICY_PENDING`) or held already are left alone.
+    fn seed(&mut self, key: K, id: u32) {
+        if !(self.first..self.end).contains(&id)
+            || self.taken.contains(&id)
+            || self.ids.contains_key(&key)
+        {
+            return;
+        }
+        self.taken.insert(id);
+        self.ids.insert(key, id);
+        if id >= self.next {
+            self.next = if id + 1 >= self.end {
+                self.first
+            } else {
+                id + 1
+            };
         }
     }
 

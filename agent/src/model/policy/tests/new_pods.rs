@@ -100,3 +100,46 @@ fn a_finished_pod_still_wired_allows_nothing() {
     let ep = t.endpoint_policy[&ip_key("10.244.0.2".parse().unwrap())];
     assert_eq!(ep.egress_policy, POLICY_PENDING);
 }
+
+#[test]
+fn a_restarted_agent_keeps_the_numbers_the_kernel_holds() {
+    let cluster = deny_db_ingress(Cluster::new()).with(
+        "prod",
+        "web-in",
+        json!({ "podSelector": { "matchLabels": { "app": "web" } },
+            "ingress": [{ "from": [{ "ipBlock": { "cidr": "10.9.0.0/16" } }] }] }),
+    );
+    let kernel = cluster.tables();
+    // While the agent was down a pod with a lower address came: numbered from scratch, every
+    // identity after it would shift by one.
+    let mut changed = cluster;
+    changed.pods.push(pod(
+        "dev",
+        "early",
+        "n2",
+        &["10.0.0.1"],
+        json!({}),
+        json!([]),
+    ));
+    let fresh = changed.tables();
+    let restarted = changed.compile(&mut Allocator::seeded(&kernel));
+    let mut shifted = 0;
+    for (prefix, identity) in &kernel.ipcache {
+        assert_eq!(
+            restarted.ipcache.get(prefix),
+            Some(identity),
+            "{:?}",
+            prefix.cidr()
+        );
+        shifted += usize::from(fresh.ipcache.get(prefix) != Some(identity));
+    }
+    assert!(shifted > 0, "the case must renumber without seeding");
+    for (ip, ep) in &kernel.endpoint_policy {
+        assert_eq!(restarted.endpoint_policy.get(ip), Some(ep));
+    }
+    assert_ne!(
+        peer_identity(&restarted, "10.0.0.1"),
+        identity::WORLD,
+        "the new pod got a number of its own"
+    );
+}
