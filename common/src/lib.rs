@@ -318,6 +318,11 @@ pub mod service_flags {
     pub const SNAT: u32 = 1 << 0;
     /// sessionAffinity ClientIP: a client keeps its endpoint for `affinity_timeout` seconds.
     pub const AFFINITY: u32 = 1 << 1;
+    /// Only this node's endpoints serve the frontend (internal or external traffic policy
+    /// Local), it has none, and other nodes have some: packets are dropped, as kube-proxy drops
+    /// them ("has no local endpoints"). An empty frontend without it rejects (no endpoints at
+    /// all: TCP reset, ICMP unreachable).
+    pub const NO_LOCAL_ENDPOINTS: u32 = 1 << 2;
 }
 
 /// Flags of a SERVICE_NAT entry.

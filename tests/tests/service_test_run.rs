@@ -506,12 +506,29 @@ fn a_cluster_ip_without_endpoints_answers_udp_with_port_unreachable() {
 fn a_node_port_local_without_endpoints_drops() {
     let mut h = harness(Setup::Encap);
     let client = node_port_client(OUTSIDE_V4);
-    // externalTrafficPolicy Local (no SNAT) on a node without endpoints: the load balancer's
-    // health check steers traffic away, so nothing is answered.
-    add_service(&mut h, frontend(client, scope::EXTERNAL), 0, &[]);
+    // externalTrafficPolicy Local on a node without endpoints (other nodes have some): the load
+    // balancer's health check steers traffic away, so nothing is answered.
+    let flags = service_flags::NO_LOCAL_ENDPOINTS;
+    add_service(&mut h, frontend(client, scope::EXTERNAL), flags, &[]);
     h.expect_drop(
         "from_uplink",
         &client.frame(UPLINK_MAC, ROUTER_MAC),
+        DropReason::NoEndpoints,
+    );
+    assert!(nat_entries(&h).is_empty());
+}
+
+#[test]
+fn a_cluster_ip_local_without_local_endpoints_drops() {
+    // internalTrafficPolicy Local, endpoints only on other nodes: dropped like kube-proxy,
+    // not answered with a reset.
+    let mut h = harness(Setup::Encap);
+    let client = Kind::Ipv4Tcp.client();
+    let flags = service_flags::NO_LOCAL_ENDPOINTS;
+    add_service(&mut h, frontend(client, scope::INTERNAL), flags, &[]);
+    h.expect_drop(
+        "from_pod",
+        &client.frame(GW_MAC, POD_MAC),
         DropReason::NoEndpoints,
     );
     assert!(nat_entries(&h).is_empty());

@@ -131,10 +131,7 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
     // SAFETY: as above.
     let service = unsafe { &*service };
     if service.count == 0 {
-        // externalTrafficPolicy Local on a node without endpoints: dropped as kube-proxy does;
-        // the load balancer's health check keeps traffic away from such nodes.
-        let etp_local = scope == scope::EXTERNAL && service.flags & service_flags::SNAT == 0;
-        return if etp_local {
+        return if service.flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
             failed(DropReason::NoEndpoints)
         } else {
             REJECT

@@ -34,6 +34,8 @@ use super::{
     ip_key,
     policy::{protocol_name, Pool},
 };
+
+const IPPROTO_SCTP: u8 = 132;
 use endpoints::{port_backends, slices_by_service, usable, Backend};
 use parse::{namespace_of, parse_service, Parsed, Port};
 
@@ -229,6 +231,17 @@ impl Compiler<'_> {
     ) {
         let svc = target.svc;
         let proto = target.port.proto;
+        if proto == IPPROTO_SCTP {
+            if let Some(endpoint) = target.backends.iter().find(|b| b.port != port) {
+                let value = format!("{port} -> {}", endpoint.port);
+                let reason = "SCTP is load-balanced without changing ports (its CRC32c covers \
+                              the whole packet and is not recomputed): the endpoints must listen \
+                              on the frontend's port, so SCTP NodePorts are not supported"
+                    .to_string();
+                self.error(svc, field, &value, reason);
+                return;
+            }
+        }
         let addr = ip_key(ip);
         let owner = self
             .owners
@@ -265,6 +278,9 @@ impl Compiler<'_> {
             }
             if svc.affinity.is_some() {
                 flags |= service_flags::AFFINITY;
+            }
+            if local && count == 0 && !usable(target.backends, ip.is_ipv6(), false).is_empty() {
+                flags |= service_flags::NO_LOCAL_ENDPOINTS;
             }
             let value = Service {
                 backend_set,

@@ -90,12 +90,16 @@ fn lines(t: &ServiceTables) -> Vec<String> {
             scope::EXTERNAL => "external",
             _ => unreachable!(),
         };
-        assert_eq!(
-            svc.flags & !(service_flags::SNAT | service_flags::AFFINITY),
-            0
-        );
+        let known =
+            service_flags::SNAT | service_flags::AFFINITY | service_flags::NO_LOCAL_ENDPOINTS;
+        assert_eq!(svc.flags & !known, 0);
         let snat = if svc.flags & service_flags::SNAT != 0 {
             " snat"
+        } else {
+            ""
+        };
+        let drop = if svc.flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
+            " drop (no local endpoints)"
         } else {
             ""
         };
@@ -105,7 +109,7 @@ fn lines(t: &ServiceTables) -> Vec<String> {
             (_, t) => format!(" affinity={t}s"),
         };
         out.push(format!(
-            "{}/{} {scope} -> set {} count {}{snat}{affinity}",
+            "{}/{} {scope} -> set {} count {}{snat}{affinity}{drop}",
             at(&key.addr, key.port),
             protocol_name(key.proto),
             svc.backend_set,
@@ -371,6 +375,48 @@ fn internal_traffic_policy_local_keeps_the_cluster_ip_on_this_node() {
 }
 
 #[test]
+fn local_traffic_policies_without_local_endpoints_drop_and_without_any_reject() {
+    let svc = service(
+        "default",
+        "web",
+        json!({
+            "type": "NodePort", "clusterIP": "10.96.0.10", "internalTrafficPolicy": "Local",
+            "externalTrafficPolicy": "Local",
+            "ports": [{ "name": "http", "port": 80, "nodePort": 30080 }],
+        }),
+    );
+    let elsewhere = slice(
+        "default",
+        "web-a",
+        "web",
+        http(8080),
+        json!([ep("10.244.1.1", "n2")]),
+    );
+    assert_eq!(
+        lines(&tables(&[svc.clone()], &[elsewhere])),
+        [
+            "10.96.0.10:80/TCP internal -> set 1 count 0 drop (no local endpoints)",
+            "192.168.0.10:30080/TCP internal -> set 2 count 1",
+            "192.168.0.10:30080/TCP external -> set 1 count 0 drop (no local endpoints)",
+            "set 2[0] 10.244.1.1:8080",
+            "set 1 is default/web:http (local)",
+            "set 2 is default/web:http",
+        ]
+    );
+    // No endpoint anywhere: every frontend rejects, as kube-proxy does.
+    assert_eq!(
+        lines(&tables(&[svc], &[])),
+        [
+            "10.96.0.10:80/TCP internal -> set 1 count 0",
+            "192.168.0.10:30080/TCP internal -> set 2 count 0",
+            "192.168.0.10:30080/TCP external -> set 1 count 0",
+            "set 1 is default/web:http (local)",
+            "set 2 is default/web:http",
+        ]
+    );
+}
+
+#[test]
 fn external_traffic_policy_local_keeps_outside_clients_on_this_node_without_snat() {
     let spec = |policy: &str| {
         json!({
@@ -601,6 +647,33 @@ fn headless_and_external_name_services_are_not_proxied() {
         json!([ep("10.244.1.1", "n2")]),
     )];
     assert_eq!(lines(&tables(&services, &slices)), Vec::<String>::new());
+}
+
+#[test]
+fn sctp_with_a_port_change_is_refused_not_blackholed() {
+    let svc = service(
+        "default",
+        "sig",
+        json!({ "type": "NodePort", "clusterIP": "10.96.0.10", "ports": [
+            { "name": "sig", "port": 3868, "protocol": "SCTP", "nodePort": 30868 },
+        ] }),
+    );
+    let moved = slice(
+        "default",
+        "sig-a",
+        "sig",
+        json!([{ "name": "sig", "port": 3869, "protocol": "SCTP" }]),
+        json!([ep("10.244.0.5", NODE)]),
+    );
+    let t = tables(&[svc], &[moved]);
+    assert!(t.frontends.is_empty());
+    assert_eq!(
+        t.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+        [
+            "service default/sig: field spec.clusterIP: value \"3868 -> 3869\": SCTP is load-balanced without changing ports (its CRC32c covers the whole packet and is not recomputed): the endpoints must listen on the frontend's port, so SCTP NodePorts are not supported",
+            "service default/sig: field spec.ports[0].nodePort: value \"30868 -> 3869\": SCTP is load-balanced without changing ports (its CRC32c covers the whole packet and is not recomputed): the endpoints must listen on the frontend's port, so SCTP NodePorts are not supported",
+        ]
+    );
 }
 
 #[test]
