@@ -393,7 +393,7 @@ fn local_traffic_policies_without_local_endpoints_drop_and_without_any_reject() 
         json!([ep("10.244.1.1", "n2")]),
     );
     assert_eq!(
-        lines(&tables(&[svc.clone()], &[elsewhere])),
+        lines(&tables(std::slice::from_ref(&svc), &[elsewhere])),
         [
             "10.96.0.10:80/TCP internal -> set 1 count 0 drop (no local endpoints)",
             "192.168.0.10:30080/TCP internal -> set 2 count 1",
