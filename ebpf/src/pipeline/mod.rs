@@ -16,7 +16,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use sluice_common::{nat_flags, scope, DropReason, NodeConfig, Stage};
+use sluice_common::{nat_flags, scope, DropReason, IpKey, NodeConfig, Stage};
 
 use crate::{ENDPOINT_POLICY, NODE_CONFIG};
 pub use classifier::IpMeta;
@@ -55,7 +55,7 @@ pub fn from_pod(ctx: &TcContext) -> StageResult {
             if matches!(lb, Lb::Reject) {
                 return reject::answer(ctx, meta);
             }
-            security(meta, true)?;
+            security(meta, true, false)?;
             forward(ctx, meta, lb, node)
         }
     }
@@ -73,7 +73,7 @@ pub fn from_gateway(ctx: &TcContext) -> StageResult {
             if matches!(lb, Lb::Reject) {
                 return reject::answer(ctx, meta);
             }
-            security(meta, false)?;
+            security(meta, false, false)?;
             match lb {
                 // A host-network endpoint answering.
                 Lb::Reverse => reply(ctx, meta, node),
@@ -99,7 +99,7 @@ pub fn from_tunnel(ctx: &TcContext) -> StageResult {
         Packet::Arp(_) => Err(DropReason::UnsupportedArp),
         Packet::Ip(meta) => {
             let lb = service_lb::balance(ctx, meta, None, node)?;
-            security(meta, false)?;
+            security(meta, false, false)?;
             match lb {
                 Lb::Reverse => reply(ctx, meta, node),
                 _ => match l3_forwarding::lookup(meta, node) {
@@ -132,7 +132,10 @@ pub fn from_uplink(ctx: &TcContext) -> StageResult {
                 Lb::Reject => return reject::answer(ctx, meta),
                 Lb::Forward | Lb::Reverse => {}
             }
-            security(meta, false)?;
+            // Rewritten to this node's gateway address (externalTrafficPolicy Cluster): judged
+            // as any other node judges that address, never as the node itself.
+            let snat = matches!(lb, Lb::Forward) && meta.src == IpKey::v4(node.gateway_ipv4);
+            security(meta, false, snat)?;
             match lb {
                 // noEncap: replies from another node's endpoint arrive here.
                 Lb::Reverse => reply(ctx, meta, node),
@@ -174,9 +177,11 @@ fn reply(ctx: &TcContext, meta: &mut IpMeta, node: &NodeConfig) -> StageResult {
 
 /// ConntrackState → EgressRule (for a local sender, `from_pod`) → IngressRule (for a local
 /// receiver). Traffic between pods that no policy isolates skips all of it: two hash lookups.
-/// Kept out of line: its keys get a stack frame of their own (the BPF stack is 512 bytes).
+/// `snat`: the source is this node's gateway address standing in for a client outside the
+/// cluster. Kept out of line: its keys get a stack frame of their own (the BPF stack is 512
+/// bytes).
 #[inline(never)]
-fn security(meta: &IpMeta, from_local_pod: bool) -> Result<(), DropReason> {
+fn security(meta: &IpMeta, from_local_pod: bool, snat: bool) -> Result<(), DropReason> {
     // Each entry is read right after its lookup: testing both pointers for null together makes
     // LLVM OR them, which the verifier rejects.
     let mut isolated = false;
@@ -204,7 +209,7 @@ fn security(meta: &IpMeta, from_local_pod: bool) -> Result<(), DropReason> {
         };
         let ingress = match ingress_policy {
             0 => 0,
-            policy => network_policy::ingress(policy, meta)?,
+            policy => network_policy::ingress(policy, meta, snat)?,
         };
         Ok((egress, ingress))
     })

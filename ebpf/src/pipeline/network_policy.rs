@@ -13,10 +13,16 @@ use sluice_common::{
 use super::classifier::IpMeta;
 use crate::{IPCACHE, POLICY, POLICY_EVENTS, POLICY_EXACT};
 
+/// The identity of the longest prefix of at most `bits` address bits holding `addr`.
+#[inline(always)]
+fn identity_within(addr: &IpKey, bits: u32) -> u32 {
+    let key = Key::new(IP_KEY_PREFIX_BITS + bits, *addr);
+    IPCACHE.get(&key).map_or(identity::WORLD, |id| id.id)
+}
+
 #[inline(always)]
 fn peer_identity(addr: &IpKey) -> u32 {
-    let key = Key::new(IP_KEY_PREFIX_BITS + 128, *addr);
-    IPCACHE.get(&key).map_or(identity::WORLD, |id| id.id)
+    identity_within(addr, 128)
 }
 
 #[inline(always)]
@@ -100,10 +106,17 @@ pub fn egress(policy: u32, meta: &IpMeta) -> Result<u32, DropReason> {
 }
 
 /// The ingress rule allowing a new connection into a pod under `policy`. The node itself is
-/// always let in (kubelet probes), as in Antrea.
+/// always let in (kubelet probes), as in Antrea. `snat`: the source is this node's gateway
+/// address standing in for an outside client; it is judged by the prefixes around it, as every
+/// other node (where no /32 names it) judges it, so an outside client never passes for the node.
 #[inline(always)]
-pub fn ingress(policy: u32, meta: &IpMeta) -> Result<u32, DropReason> {
-    let peer = peer_identity(&meta.src);
+pub fn ingress(policy: u32, meta: &IpMeta, snat: bool) -> Result<u32, DropReason> {
+    // IPv4 keys are 4 address bytes: a /31 at most skips the address's own /32 entry.
+    let peer = if snat {
+        identity_within(&meta.src, 31)
+    } else {
+        peer_identity(&meta.src)
+    };
     if peer == identity::HOST {
         super::passed(Stage::IngressRule);
         return Ok(0);

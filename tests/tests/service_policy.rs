@@ -1,0 +1,97 @@
+//! NetworkPolicy for traffic a node SNATs on its way in (NodePort, externalTrafficPolicy
+//! Cluster): judged the same whichever node it enters, and never as the node itself, which is
+//! always let in (kubelet probes). The endpoint sits on node-1; clients outside the cluster come
+//! in through node-1 (the endpoint's node: SNAT to its own gateway) and node-2 (SNAT to node-2's
+//! gateway, then the tunnel or the node network).
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sluice_tests::{
+    lab::{Encap, Lab, LabOptions},
+    probe, require_root,
+};
+
+const PORT: u16 = 80;
+const NODE_PORT: u16 = 30090;
+const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+
+fn lab(encap: Encap) -> Lab {
+    require_root();
+    let mut lab = Lab::up(LabOptions {
+        nodes: 2,
+        encap,
+        attach_mode: "auto".into(),
+        ports: vec![PORT],
+    })
+    .expect("lab up");
+    lab.apply(vec![
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "default", "labels": {"app": "web"}},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "x"}]}}),
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"type": "NodePort", "externalTrafficPolicy": "Cluster",
+                "selector": {"app": "web"},
+                "ports": [{"port": 8080, "targetPort": PORT, "nodePort": NODE_PORT}]}}),
+    ])
+    .expect("apply");
+    lab.wait_programmed(Duration::from_secs(20))
+        .expect("programmed");
+    lab
+}
+
+fn web_ingress(name: &str, from: Value) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [{"from": from}]}})
+}
+
+/// Whether an outside client gets through the NodePort of each node.
+fn from_outside(lab: &Lab) -> [bool; 2] {
+    let outside = lab.external().path();
+    [0, 1].map(|node| {
+        probe::tcp_within(&outside, None, lab.nodes[node].ip, NODE_PORT, PROBE_TIMEOUT).is_some()
+    })
+}
+
+#[test]
+fn snat_node_port_traffic_is_judged_alike_on_every_node() {
+    for encap in [Encap::Vxlan, Encap::NoEncap] {
+        let mut lab = lab(encap);
+        assert_eq!(from_outside(&lab), [true, true], "{encap:?}: no policy");
+
+        // Only pods of the namespace: an outside client is none of them, whichever node it
+        // enters (through node-1 it used to pass as node-1 itself).
+        lab.apply(vec![web_ingress("from-pods", json!([{"podSelector": {}}]))])
+            .expect("policy");
+        lab.wait_programmed(Duration::from_secs(5)).unwrap();
+        assert_eq!(from_outside(&lab), [false, false], "{encap:?}: pods only");
+
+        // A block holding both nodes' gateway addresses lets SNATed traffic in on both.
+        lab.apply(vec![web_ingress(
+            "from-pod-range",
+            json!([{"ipBlock": {"cidr": "10.244.0.0/16"}}]),
+        )])
+        .expect("policy");
+        lab.wait_programmed(Duration::from_secs(5)).unwrap();
+        assert_eq!(from_outside(&lab), [true, true], "{encap:?}: pod range");
+
+        // The kubelet's probes (the node itself) still get in.
+        let node_ns = lab.nodes[0].node.ns.path();
+        let web = lab.pod_ips()["default/web"];
+        lab.api
+            .delete("networkpolicies", Some("default"), "from-pod-range")
+            .unwrap();
+        lab.wait_programmed(Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            from_outside(&lab),
+            [false, false],
+            "{encap:?}: pods only again"
+        );
+        assert!(
+            probe::tcp_within(&node_ns, None, web, PORT, PROBE_TIMEOUT).is_some(),
+            "{encap:?}: the node reaches its pod"
+        );
+    }
+}
