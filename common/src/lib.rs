@@ -102,6 +102,13 @@ pub struct IpKey {
 }
 
 impl IpKey {
+    /// No address (family 0): what a key holds before it is filled.
+    pub const UNSPECIFIED: IpKey = IpKey {
+        family: 0,
+        _pad: [0; 3],
+        addr: [0; 16],
+    };
+
     #[inline(always)]
     pub const fn v4(octets: [u8; 4]) -> Self {
         let mut addr = [0u8; 16];

@@ -98,3 +98,41 @@ fn snat_node_port_traffic_is_judged_alike_on_every_node() {
         );
     }
 }
+
+/// A UDP datagram to a Service whose endpoints have nothing listening on the target port: the
+/// endpoint's kernel answers port unreachable, quoting the datagram as it arrived (to the
+/// endpoint). The client must get the error (ECONNREFUSED on its socket, which knows the
+/// Service's address), though its own ingress is denied: the error is related traffic.
+#[test]
+fn an_endpoints_port_unreachable_reaches_an_isolated_client() {
+    let mut lab = lab(Encap::Vxlan);
+    lab.apply(vec![
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "client", "namespace": "default", "labels": {"app": "client"}},
+            "spec": {"nodeName": "node-2", "containers": [{"name": "c", "image": "x"}]}}),
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "closed", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.53", "selector": {"app": "web"},
+                "ports": [{"port": 53, "targetPort": 9999, "protocol": "UDP"}]}}),
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "client-deny-in", "namespace": "default"},
+            "spec": {"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Ingress"]}}),
+    ])
+    .expect("apply");
+    lab.wait_programmed(Duration::from_secs(10)).unwrap();
+    let netns = lab.kubelet.pod("default/client").expect("pod").netns.path();
+    let answer = sluice_tests::in_netns(&netns, || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.connect("10.96.0.53:53").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        socket.send(b"anyone?").unwrap();
+        socket.recv(&mut [0; 64]).map_err(|e| e.kind())
+    });
+    assert_eq!(
+        answer,
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "the endpoint's port unreachable, translated back to the ClusterIP"
+    );
+}

@@ -61,6 +61,8 @@ pub struct ArpHdr {
 pub const ARP_REQUEST: u16 = 1;
 pub const ARP_REPLY: u16 = 2;
 
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
@@ -82,6 +84,36 @@ pub struct IpMeta {
     pub len: u32,
     /// Where the L4 header starts (meaningful when the ports are).
     pub l4_offset: u32,
+    /// For an ICMP error, the packet it quotes.
+    pub quoted: Quoted,
+}
+
+/// The packet an ICMP error (destination unreachable, time exceeded, parameter problem, and
+/// ICMPv6's packet too big) quotes: its connection is the one the error belongs to.
+pub struct Quoted {
+    /// False when the packet is no ICMP error, or quotes too little to tell the connection.
+    pub present: bool,
+    pub src: IpKey,
+    pub dst: IpKey,
+    pub proto: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Where the quoted IP header and its L4 header start.
+    pub ip_offset: u32,
+    pub l4_offset: u32,
+}
+
+impl Quoted {
+    const NONE: Quoted = Quoted {
+        present: false,
+        src: IpKey::UNSPECIFIED,
+        dst: IpKey::UNSPECIFIED,
+        proto: 0,
+        src_port: 0,
+        dst_port: 0,
+        ip_offset: 0,
+        l4_offset: 0,
+    };
 }
 
 pub struct ArpMeta {
@@ -187,6 +219,7 @@ fn ipv4(ctx: &TcContext, src_mac: [u8; 6]) -> Result<&'static mut IpMeta, DropRe
         tcp_flags: 0,
         len: ctx.len(),
         l4_offset: (ETH_HLEN + (header_len & 0x3c)) as u32,
+        quoted: Quoted::NONE,
     };
     // A non-first fragment carries no L4 header.
     if frag_off & 0x1fff == 0 {
@@ -221,6 +254,7 @@ fn ipv6(ctx: &TcContext, src_mac: [u8; 6]) -> Result<&'static mut IpMeta, DropRe
         tcp_flags: 0,
         len: ctx.len(),
         l4_offset: (ETH_HLEN + size_of::<Ipv6Hdr>()) as u32,
+        quoted: Quoted::NONE,
     };
     // Extension headers are not walked: such packets are classified without ports.
     l4(ctx, meta, ETH_HLEN + size_of::<Ipv6Hdr>())?;
@@ -262,7 +296,83 @@ fn l4(ctx: &TcContext, meta: &mut IpMeta, offset: usize) -> Result<(), DropReaso
             meta.src_port = u16::from_be_bytes([ports[0], ports[1]]);
             meta.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
         }
+        IPPROTO_ICMP => quoted_ipv4(ctx, meta, offset),
+        IPPROTO_ICMPV6 => quoted_ipv6(ctx, meta, offset),
         _ => {}
     }
     Ok(())
+}
+
+/// ICMP header length: type, code, checksum, 4 bytes the type defines.
+const ICMP_HLEN: usize = 8;
+
+/// The IPv4 header and ports an ICMP error quotes. A quote too short to name its connection
+/// leaves the error unrelated (judged as ICMP of its own), never dropped here. Out of line: the
+/// quote's bytes get a stack frame of their own, off the program's.
+#[inline(never)]
+fn quoted_ipv4(ctx: &TcContext, meta: &mut IpMeta, offset: usize) {
+    let Ok(head) = ctx.load::<[u8; 2]>(offset) else {
+        return;
+    };
+    // Destination unreachable, time exceeded, parameter problem.
+    if !matches!(head[0], 3 | 11 | 12) {
+        return;
+    }
+    let ip_offset = offset + ICMP_HLEN;
+    let Ok(ip) = ctx.load::<[u8; 20]>(ip_offset) else {
+        return;
+    };
+    let header_len = ((ip[0] & 0x0f) as usize) * 4;
+    if ip[0] >> 4 != 4 || header_len < 20 {
+        return;
+    }
+    let q = &mut meta.quoted;
+    q.src = IpKey::v4([ip[12], ip[13], ip[14], ip[15]]);
+    q.dst = IpKey::v4([ip[16], ip[17], ip[18], ip[19]]);
+    quoted_ports(ctx, q, ip[9], ip_offset, ip_offset + (header_len & 0x3c));
+}
+
+/// The IPv6 header and ports an ICMPv6 error quotes (extension headers are not walked).
+#[inline(never)]
+fn quoted_ipv6(ctx: &TcContext, meta: &mut IpMeta, offset: usize) {
+    let Ok(head) = ctx.load::<[u8; 2]>(offset) else {
+        return;
+    };
+    // Destination unreachable, packet too big, time exceeded, parameter problem.
+    if !matches!(head[0], 1..=4) {
+        return;
+    }
+    let ip_offset = offset + ICMP_HLEN;
+    let Ok(ip) = ctx.load::<Ipv6Hdr>(ip_offset) else {
+        return;
+    };
+    if ip.version_tc_flow[0] >> 4 != 6 {
+        return;
+    }
+    let q = &mut meta.quoted;
+    q.src = IpKey::v6(ip.src);
+    q.dst = IpKey::v6(ip.dst);
+    quoted_ports(
+        ctx,
+        q,
+        ip.next_header,
+        ip_offset,
+        ip_offset + size_of::<Ipv6Hdr>(),
+    );
+}
+
+#[inline(always)]
+fn quoted_ports(ctx: &TcContext, q: &mut Quoted, proto: u8, ip_offset: usize, l4_offset: usize) {
+    q.proto = proto;
+    q.ip_offset = ip_offset as u32;
+    q.l4_offset = l4_offset as u32;
+    if matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        // An error quotes at least 8 bytes of what it is about: the ports are among them.
+        let Ok(ports) = ctx.load::<[u8; 4]>(l4_offset) else {
+            return;
+        };
+        q.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+        q.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+    }
+    q.present = true;
 }

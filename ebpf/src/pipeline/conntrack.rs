@@ -3,7 +3,7 @@
 //! timeout (by protocol and TCP state) counts as absent, and the LRU map makes room by itself.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use sluice_common::{ct_flags, ct_timeout, CtEntry, CtKey, DropReason, Stage};
+use sluice_common::{ct_flags, ct_timeout, CtEntry, CtKey, DropReason, IpKey, Stage};
 
 use super::{
     classifier::{IpMeta, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -13,21 +13,52 @@ use crate::CONNTRACK;
 
 #[inline(always)]
 fn key(meta: &IpMeta) -> (CtKey, bool) {
-    let src_first = (meta.src.addr, meta.src_port) <= (meta.dst.addr, meta.dst_port);
+    key_of(
+        &meta.src,
+        &meta.dst,
+        meta.src_port,
+        meta.dst_port,
+        meta.proto,
+    )
+}
+
+#[inline(always)]
+fn key_of(src: &IpKey, dst: &IpKey, src_port: u16, dst_port: u16, proto: u8) -> (CtKey, bool) {
+    let src_first = (src.addr, src_port) <= (dst.addr, dst_port);
     let (lo, hi, lo_port, hi_port) = if src_first {
-        (meta.src, meta.dst, meta.src_port, meta.dst_port)
+        (*src, *dst, src_port, dst_port)
     } else {
-        (meta.dst, meta.src, meta.dst_port, meta.src_port)
+        (*dst, *src, dst_port, src_port)
     };
     let key = CtKey {
         lo,
         hi,
         lo_port,
         hi_port,
-        proto: meta.proto,
+        proto,
         _pad: [0; 3],
     };
     (key, src_first)
+}
+
+/// An ICMP error about a live tracked connection is related traffic: it passes as the
+/// connection does (path MTU discovery, port unreachable, time exceeded), unjudged.
+#[inline(always)]
+pub fn related(meta: &IpMeta) -> bool {
+    let q = &meta.quoted;
+    if !q.present {
+        return false;
+    }
+    let (key, _) = key_of(&q.src, &q.dst, q.src_port, q.dst_port, q.proto);
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match CONNTRACK.get_ptr(&key) {
+        // SAFETY: a pointer into the map from a successful lookup, read once.
+        Some(entry) => unsafe {
+            now.saturating_sub((*entry).last_seen) <= timeout(q.proto, (*entry).flags)
+        },
+        None => false,
+    }
 }
 
 #[inline(always)]

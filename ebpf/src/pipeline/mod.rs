@@ -8,6 +8,7 @@ mod l3_forwarding;
 mod metrics;
 mod network_policy;
 mod output;
+mod quoted_nat;
 mod reject;
 mod service_lb;
 mod spoof_guard;
@@ -200,6 +201,10 @@ fn security(meta: &IpMeta, from_local_pod: bool, snat: bool) -> Result<(), DropR
         ingress_policy = unsafe { (*policy).ingress_policy };
     }
     if !isolated {
+        return Ok(());
+    }
+    if conntrack::related(meta) {
+        passed(Stage::ConntrackState);
         return Ok(());
     }
     conntrack::track(meta, || {

@@ -16,7 +16,10 @@ use sluice_common::{
     IpKey, NatEntry, NatTarget, NodeConfig, Service, ServiceKey, Stage, FAMILY_IPV4, HAIRPIN_IPV4,
 };
 
-use super::classifier::{IpMeta, ETH_HLEN, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use super::{
+    classifier::{IpMeta, ETH_HLEN, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
+    quoted_nat,
+};
 use crate::{AFFINITY, BACKENDS, NAT_SCRATCH, SERVICES, SERVICE_NAT};
 
 /// What ServiceLB made of a packet.
@@ -93,12 +96,22 @@ const NO_FRONTENDS: u32 = u32::MAX;
 
 #[inline(never)]
 fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfig) -> u32 {
-    if !matches!(meta.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+    let icmp_error = meta.proto == IPPROTO_ICMP && meta.quoted.present;
+    if !icmp_error && !matches!(meta.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
         return PASS;
     }
     let Some(s) = scratch() else {
         return failed(DropReason::NotConfigured);
     };
+    if icmp_error {
+        // About a load-balanced connection's packet, on its way back to the client.
+        quoted_nat::reply_key(meta, &mut s.key);
+        return match SERVICE_NAT.get_ptr(&s.key) {
+            // SAFETY: a pointer into the map from a successful lookup, read once.
+            Some(entry) if unsafe { (*entry).flags } & nat_flags::REVERSE != 0 => REVERSE,
+            _ => PASS,
+        };
+    }
     flow(meta, &mut s.key);
     if let Some(entry) = SERVICE_NAT.get_ptr(&s.key) {
         // SAFETY: a pointer into the map from a successful lookup, only read. Not copied out:
@@ -232,14 +245,26 @@ fn reverse_code(ctx: &TcContext, meta: &mut IpMeta) -> u32 {
     let Some(s) = scratch() else {
         return failed(DropReason::NotConfigured);
     };
-    flow(meta, &mut s.key);
+    let icmp_error = meta.proto == IPPROTO_ICMP;
+    if icmp_error {
+        quoted_nat::reply_key(meta, &mut s.key);
+    } else {
+        flow(meta, &mut s.key);
+    }
     let Some(entry) = SERVICE_NAT.get_ptr(&s.key) else {
         // Evicted between the two lookups: the packet goes on as it is.
         return 0;
     };
     // SAFETY: a pointer into the map from a successful lookup, only read (see `balance_code`).
     let entry = unsafe { &*entry };
-    let code = rewrite(ctx, meta, entry);
+    let code = if icmp_error {
+        match quoted_nat::undo(ctx, meta, entry) {
+            Ok(()) => OK,
+            Err(reason) => failed(reason),
+        }
+    } else {
+        rewrite(ctx, meta, entry)
+    };
     if code != OK {
         return code;
     }
@@ -324,9 +349,9 @@ fn flow(meta: &IpMeta, key: &mut FlowKey) {
     };
 }
 
-const IPV4_CSUM: usize = ETH_HLEN + 10;
+pub(super) const IPV4_CSUM: usize = ETH_HLEN + 10;
 const IPV4_SRC: usize = ETH_HLEN + 12;
-const IPV4_DST: usize = ETH_HLEN + 16;
+pub(super) const IPV4_DST: usize = ETH_HLEN + 16;
 const IPV6_SRC: usize = ETH_HLEN + 8;
 const IPV6_DST: usize = ETH_HLEN + 24;
 
