@@ -5,6 +5,7 @@ pub mod config;
 pub mod datapath;
 pub mod endpoints;
 pub mod external_ip;
+pub mod follower;
 pub mod health;
 pub mod ipam;
 pub mod k8s;

@@ -13,6 +13,8 @@ pub struct Metrics {
     /// The last policy programming round failed closed: some pods allow less than their
     /// policies say.
     pub policy_fail_closed: AtomicBool,
+    /// Programming rounds in which a part failed (each is retried).
+    pub program_round_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -35,6 +37,12 @@ impl Metrics {
             "gauge",
             "1 while the programmed NetworkPolicy is tighter than desired after a failed write.",
             self.policy_fail_closed.load(Ordering::Relaxed) as u64,
+        );
+        metric(
+            "sluice_program_round_failures_total",
+            "counter",
+            "Programming rounds in which a part (routes, policy, uplink, Services, external IPs) failed; each is retried.",
+            self.program_round_failures.load(Ordering::Relaxed),
         );
         out
     }

@@ -1,6 +1,8 @@
 //! Health-check node ports (LoadBalancer Services with externalTrafficPolicy Local): an external
 //! load balancer asks every node and sends traffic only to those answering 200, the nodes with
-//! local endpoints. Answers in kube-proxy's format, so existing load balancers understand it.
+//! local endpoints. Answers in kube-proxy's format, so existing load balancers understand it;
+//! like kube-proxy's, every port answers 503 with `serviceProxyHealthy: false` while the agent's
+//! programming keeps failing (what it would send there may be stale).
 
 use std::{
     collections::BTreeMap,
@@ -13,17 +15,25 @@ use axum::{extract::State, http::StatusCode, Json, Router};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
-use crate::model::service::HealthCheck;
+use crate::{health::Health, model::service::HealthCheck};
 
 type Checks = Arc<RwLock<BTreeMap<u16, HealthCheck>>>;
 
-#[derive(Default)]
 pub struct HealthCheckServers {
     checks: Checks,
+    health: Arc<Health>,
     servers: BTreeMap<u16, JoinHandle<()>>,
 }
 
 impl HealthCheckServers {
+    pub fn new(health: Arc<Health>) -> HealthCheckServers {
+        HealthCheckServers {
+            checks: Checks::default(),
+            health,
+            servers: BTreeMap::new(),
+        }
+    }
+
     /// Serves exactly the ports of `desired` with their current counts. A port that cannot be
     /// bound is reported and tried again on the next update.
     pub async fn update(&mut self, desired: &BTreeMap<u16, HealthCheck>) -> Vec<anyhow::Error> {
@@ -40,7 +50,7 @@ impl HealthCheckServers {
             if self.servers.contains_key(port) {
                 continue;
             }
-            match serve(*port, self.checks.clone()).await {
+            match serve(*port, self.checks.clone(), self.health.clone()).await {
                 Ok(server) => {
                     self.servers.insert(*port, server);
                 }
@@ -51,20 +61,24 @@ impl HealthCheckServers {
     }
 }
 
-async fn serve(port: u16, checks: Checks) -> Result<JoinHandle<()>> {
+async fn serve(port: u16, checks: Checks, health: Arc<Health>) -> Result<JoinHandle<()>> {
     let address = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("binding health check node port {port}"))?;
     let app = Router::new()
-        .fallback(move |state| answer(state, port))
+        .fallback(move |state| answer(state, port, health.clone()))
         .with_state(checks);
     Ok(tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     }))
 }
 
-async fn answer(State(checks): State<Checks>, port: u16) -> (StatusCode, Json<Value>) {
+async fn answer(
+    State(checks): State<Checks>,
+    port: u16,
+    health: Arc<Health>,
+) -> (StatusCode, Json<Value>) {
     let checks = checks.read().expect("health check state poisoned");
     let Some(check) = checks.get(&port) else {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({})));
@@ -73,7 +87,8 @@ async fn answer(State(checks): State<Checks>, port: u16) -> (StatusCode, Json<Va
         .service
         .split_once('/')
         .unwrap_or(("", &check.service));
-    let status = if check.local_endpoints > 0 {
+    let healthy = health.check().is_ok();
+    let status = if healthy && check.local_endpoints > 0 {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -81,7 +96,7 @@ async fn answer(State(checks): State<Checks>, port: u16) -> (StatusCode, Json<Va
     let body = json!({
         "service": {"namespace": namespace, "name": name},
         "localEndpoints": check.local_endpoints,
-        "serviceProxyHealthy": true,
+        "serviceProxyHealthy": healthy,
     });
     (status, Json(body))
 }

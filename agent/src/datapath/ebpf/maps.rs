@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf,
+    Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, RingBuf,
 };
 use sluice_common::{
     map_names, nat_flags, AffinityEntry, AffinityKey, BackendKey, CtEntry, CtKey, DropReason,
@@ -168,7 +168,7 @@ impl Maps {
         for (key, value) in &remote.upserts {
             self.remote_nodes
                 .insert(&Key::new(key.prefix_len, key.addr), value, 0)
-                .map_err(|e| full(e, map_names::REMOTE_NODES))?;
+                .map_err(|e| full(e, map_names::REMOTE_NODES, capacity(&self.remote_nodes)))?;
         }
         // Deletes first: they free room for the writes in a full map.
         for key in &fwd.deletes {
@@ -181,12 +181,12 @@ impl Maps {
         for (key, value) in &spoof.upserts {
             self.spoof_guard
                 .insert(key, value, 0)
-                .map_err(|e| full(e, map_names::SPOOF_GUARD))?;
+                .map_err(|e| full(e, map_names::SPOOF_GUARD, capacity(&self.spoof_guard)))?;
         }
         for (key, value) in &fwd.upserts {
             self.endpoints
                 .insert(key, value, 0)
-                .map_err(|e| full(e, map_names::ENDPOINTS))?;
+                .map_err(|e| full(e, map_names::ENDPOINTS, capacity(&self.endpoints)))?;
         }
         report.written = spoof.upserts.len() + fwd.upserts.len() + remote.upserts.len();
         report.deleted = spoof.deletes.len() + fwd.deletes.len() + remote.deletes.len();
@@ -249,12 +249,12 @@ impl Maps {
         for (key, value) in &backends.upserts {
             self.backends
                 .insert(key, value, 0)
-                .map_err(|e| full(e, map_names::BACKENDS))?;
+                .map_err(|e| full(e, map_names::BACKENDS, capacity(&self.backends)))?;
         }
         for (key, value) in &frontends.upserts {
             self.services
                 .insert(key, value, 0)
-                .map_err(|e| full(e, map_names::SERVICES))?;
+                .map_err(|e| full(e, map_names::SERVICES, capacity(&self.services)))?;
         }
         for key in &frontends.deletes {
             remove(&mut self.services, key, map_names::SERVICES)?;
@@ -316,7 +316,7 @@ impl Maps {
         for (key, value) in &changes.upserts {
             self.external_ips
                 .insert(key, value, 0)
-                .map_err(|e| full(e, map_names::EXTERNAL_IPS))?;
+                .map_err(|e| full(e, map_names::EXTERNAL_IPS, capacity(&self.external_ips)))?;
         }
         Ok(())
     }
@@ -367,11 +367,18 @@ pub(super) fn remove<K: aya::Pod, V: aya::Pod>(
     }
 }
 
-/// A full hash map answers E2BIG; say so in words.
-pub(super) fn full(err: MapError, name: &str) -> anyhow::Error {
+/// The kernel's size of a map (0 when it cannot say).
+pub(super) fn capacity<K: aya::Pod, V>(map: &impl IterableMap<K, V>) -> u32 {
+    map.map().info().map_or(0, |i| i.max_entries())
+}
+
+/// A full hash map answers E2BIG; say so in words, with the map's size (`bpfMapSizes`).
+pub(super) fn full(err: MapError, name: &str, capacity: u32) -> anyhow::Error {
     if let MapError::SyscallError(sys) = &err {
         if sys.io_error.raw_os_error() == Some(libc::E2BIG) {
-            return anyhow::anyhow!("map {name} is full: no room for another entry");
+            return anyhow::anyhow!(
+                "map {name} (capacity {capacity}) is full: no room for another entry"
+            );
         }
     }
     anyhow::Error::new(err).context(format!("writing map {name}"))

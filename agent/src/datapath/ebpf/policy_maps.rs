@@ -4,13 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, Result};
-use aya::maps::{lpm_trie::Key, IterableMap, MapError};
+use aya::maps::{lpm_trie::Key, MapError};
 use sluice_common::{
     map_names, EndpointPolicy, IpKey, PolicyKey, PolicyRule, POLICY_ANY_PORT,
     POLICY_KEY_EXACT_BITS, POLICY_PENDING, PROTO_ANY,
 };
 
-use super::maps::{full, remove, Maps};
+use super::maps::{capacity, full, remove, Maps};
 use crate::{
     datapath::SyncReport,
     model::{
@@ -79,9 +79,13 @@ impl Maps {
         let endpoints = diff(&current.endpoint_policy, &desired.endpoint_policy);
         let policy = diff(&current.policy, &desired.policy);
         for (key, value) in &endpoints.upserts {
-            self.endpoint_policy
-                .insert(key, value, 0)
-                .map_err(|e| full(e, map_names::ENDPOINT_POLICY))?;
+            self.endpoint_policy.insert(key, value, 0).map_err(|e| {
+                full(
+                    e,
+                    map_names::ENDPOINT_POLICY,
+                    capacity(&self.endpoint_policy),
+                )
+            })?;
         }
         for key in &policy.deletes {
             self.remove_policy(key)?;
@@ -92,15 +96,17 @@ impl Maps {
                 .insert(&Key::new(key.prefix_len, key.addr), value, 0)
             {
                 self.allow_nothing(desired)?;
-                return Err(full(e, map_names::IPCACHE)).with_context(|| {
-                    format!(
+                return Err(full(e, map_names::IPCACHE, capacity(&self.ipcache))).with_context(
+                    || {
+                        format!(
                         "map IPCACHE (capacity {}): {} of {} new identities not written; every \
                          isolated pod on this node allows nothing until they are",
                         capacity(&self.ipcache),
                         ipcache.upserts.len() - i,
                         ipcache.upserts.len()
                     )
-                });
+                    },
+                );
             }
         }
         let mut unwritten: BTreeSet<&str> = BTreeSet::new();
@@ -151,9 +157,13 @@ impl Maps {
                 ingress_policy: pending(ep.ingress_policy),
                 egress_policy: pending(ep.egress_policy),
             };
-            self.endpoint_policy
-                .insert(key, closed, 0)
-                .map_err(|e| full(e, map_names::ENDPOINT_POLICY))?;
+            self.endpoint_policy.insert(key, closed, 0).map_err(|e| {
+                full(
+                    e,
+                    map_names::ENDPOINT_POLICY,
+                    capacity(&self.endpoint_policy),
+                )
+            })?;
         }
         Ok(())
     }
@@ -165,9 +175,13 @@ impl Maps {
             egress_policy: POLICY_PENDING,
         };
         for addr in addrs {
-            self.endpoint_policy
-                .insert(addr, pending, 0)
-                .map_err(|e| full(e, map_names::ENDPOINT_POLICY))?;
+            self.endpoint_policy.insert(addr, pending, 0).map_err(|e| {
+                full(
+                    e,
+                    map_names::ENDPOINT_POLICY,
+                    capacity(&self.endpoint_policy),
+                )
+            })?;
         }
         Ok(())
     }
@@ -179,11 +193,11 @@ impl Maps {
             Some(exact) => self
                 .policy_exact
                 .insert(exact, rule, 0)
-                .map_err(|e| full(e, map_names::POLICY_EXACT)),
+                .map_err(|e| full(e, map_names::POLICY_EXACT, capacity(&self.policy_exact))),
             None => self
                 .policy
                 .insert(&Key::new(key.prefix_len, key.key), rule, 0)
-                .map_err(|e| full(e, map_names::POLICY)),
+                .map_err(|e| full(e, map_names::POLICY, capacity(&self.policy))),
         }
     }
 
@@ -196,11 +210,6 @@ impl Maps {
             },
         }
     }
-}
-
-/// The kernel's size of a map (0 when it cannot say).
-fn capacity<K: aya::Pod, V>(map: &impl IterableMap<K, V>) -> u32 {
-    map.map().info().map_or(0, |i| i.max_entries())
 }
 
 /// The POLICY_EXACT key standing for an LPM entry that needs no prefix match, if it is one.

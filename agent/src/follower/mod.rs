@@ -1,0 +1,358 @@
+//! The agent's control loop: reprograms what the cluster store drives after every change of it.
+//! A round has independent parts — routes to the other nodes, NetworkPolicy, the uplink,
+//! Services, external IPs, the names `sluicectl` shows — and one that fails does not stop the
+//! others. A failed round is retried with backoff until one succeeds, and a periodic resync
+//! re-derives everything from the store, so a write lost to a transient error is not kept lost.
+//! Each part diffs, so an unchanged part costs no map write.
+
+mod report;
+mod services;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use kube::runtime::events::{Recorder, Reporter};
+use tokio::{sync::Mutex, time::MissedTickBehavior};
+use tracing::{info, warn};
+
+use crate::{
+    cni::{rounds::ProgramRounds, server::PodNetwork},
+    config::Settings,
+    external_ip::ExternalIpError,
+    health::{Health, UNHEALTHY_AFTER},
+    k8s::{self, ClusterStore},
+    metrics::Metrics,
+    model::{
+        policy::{self, Allocator, LocalNode, PolicyError},
+        service::{ServiceError, SetAllocator},
+        Mac,
+    },
+    service_health::HealthCheckServers,
+};
+
+/// How often everything is re-derived from the store though nothing changed.
+pub const RESYNC_PERIOD: Duration = Duration::from_secs(300);
+
+/// What the follower works with.
+pub struct Setup {
+    pub cluster: ClusterStore,
+    pub client: kube::Client,
+    /// This node's name.
+    pub own: String,
+    pub pods: Arc<Mutex<PodNetwork>>,
+    pub settings: Settings,
+    pub state_dir: PathBuf,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
+
+/// Programs the cluster state once, then follows it in the background. The first round may
+/// fail (it is retried like any other); returns the rounds a CNI ADD waits for.
+pub async fn start(setup: Setup) -> Result<ProgramRounds> {
+    let kernel_policy = setup
+        .pods
+        .lock()
+        .await
+        .current_policy()
+        .context("reading the policy maps a previous agent left")?;
+    let rounds = ProgramRounds::new(setup.cluster.changed.clone());
+    let mut follower = Follower {
+        alloc: Allocator::seeded(&kernel_policy),
+        rounds: rounds.clone(),
+        recorder: Recorder::new(
+            setup.client.clone(),
+            Reporter {
+                controller: "sluice-agent".into(),
+                instance: Some(setup.own.clone()),
+            },
+        ),
+        policy_sync_error: None,
+        health_checks: HealthCheckServers::new(setup.health.clone()),
+        metrics: setup.metrics,
+        health: setup.health,
+        cluster: setup.cluster,
+        client: setup.client,
+        owned: BTreeSet::new(),
+        external_ip_errors: Vec::new(),
+        own: setup.own,
+        pods: setup.pods,
+        state_dir: setup.state_dir,
+        errors: Vec::new(),
+        settings: setup.settings,
+        sets: SetAllocator::new(),
+        service_errors: Vec::new(),
+        uplink: None,
+        services_compiled_at: None,
+        service_names: BTreeMap::new(),
+        programmed_revision: 0,
+    };
+    let mut backoff = Backoff::default();
+    follower.round(&mut backoff).await;
+    tokio::spawn(follower.run(backoff));
+    Ok(rounds)
+}
+
+struct Follower {
+    cluster: ClusterStore,
+    /// Rounds CNI ADDs wait for.
+    rounds: ProgramRounds,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// Events on this agent's Node.
+    recorder: Recorder,
+    /// Why the last policy sync failed (closed), if it did.
+    policy_sync_error: Option<String>,
+    client: kube::Client,
+    /// The LoadBalancer IPs this node answers for (ServiceExternalIP).
+    owned: BTreeSet<IpAddr>,
+    external_ip_errors: Vec<ExternalIpError>,
+    own: String,
+    pods: Arc<Mutex<PodNetwork>>,
+    state_dir: PathBuf,
+    alloc: Allocator,
+    errors: Vec<PolicyError>,
+    settings: Settings,
+    sets: SetAllocator,
+    service_errors: Vec<ServiceError>,
+    /// The uplink (name, MAC), once the Node's addresses have shown which interface it is.
+    uplink: Option<(String, Mac)>,
+    health_checks: HealthCheckServers,
+    /// `service_events` when the Service tables were last programmed: a change of anything
+    /// else (a pod, a policy) does not recompile them.
+    services_compiled_at: Option<u64>,
+    service_names: BTreeMap<u32, String>,
+    /// The store's revision the last round that programmed everything had read.
+    programmed_revision: u64,
+}
+
+/// A part of a round that failed.
+struct PartError {
+    part: &'static str,
+    error: anyhow::Error,
+}
+
+impl fmt::Display for PartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {:#}", self.part, self.error)
+    }
+}
+
+/// Collects the parts that failed.
+#[derive(Default)]
+struct Failures(Vec<PartError>);
+
+impl Failures {
+    fn part<T>(&mut self, part: &'static str, result: Result<T>) -> Option<T> {
+        result
+            .map_err(|error| self.0.push(PartError { part, error }))
+            .ok()
+    }
+}
+
+impl Follower {
+    async fn run(mut self, mut backoff: Backoff) {
+        let mut resync =
+            tokio::time::interval_at(tokio::time::Instant::now() + RESYNC_PERIOD, RESYNC_PERIOD);
+        resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let retry = backoff.pending();
+            tokio::select! {
+                () = self.cluster.changed.notified() => {}
+                () = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
+                _ = resync.tick() => {
+                    info!("periodic resync: every part re-derived from the store");
+                    self.services_compiled_at = None;
+                }
+            }
+            self.round(&mut backoff).await;
+        }
+    }
+
+    /// One round: programs, reports the outcome, schedules the retry of a failure.
+    async fn round(&mut self, backoff: &mut Backoff) {
+        let covered = self.rounds.start();
+        let failures = self.program().await;
+        self.rounds.finish(covered);
+        if failures.0.is_empty() {
+            if backoff.pending().is_some() {
+                info!("programming the cluster state succeeded again");
+            }
+            backoff.reset();
+            self.health.programmed();
+        } else {
+            let error = failures
+                .0
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            let delay = backoff.failed();
+            let in_a_row = self.health.failed(error.clone());
+            self.metrics
+                .program_round_failures
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(
+                in_a_row,
+                unhealthy = in_a_row >= UNHEALTHY_AFTER,
+                "programming the cluster state failed ({error}); retried in {delay:?} or on the next change"
+            );
+        }
+        release_freed_memory();
+    }
+
+    async fn program(&mut self) -> Failures {
+        let mut failures = Failures::default();
+        // Read before the stores: everything up to this version is in what gets programmed.
+        let revision = self.cluster.observed.load(Ordering::Acquire);
+        let service_events = self.cluster.service_events.load(Ordering::Acquire);
+        let nodes = self.cluster.nodes.state();
+        let pod_network = self.pods.clone();
+        let mut pods = pod_network.lock().await;
+        failures.part(
+            "routes",
+            pods.set_remote_routes(k8s::remote_routes(&nodes, &self.own))
+                .await,
+        );
+        let node_addresses = k8s::node_addresses(&nodes, &self.own);
+        let mut host = node_addresses.clone();
+        host.push(pods.gateway_ip());
+        let all_pods = self.cluster.pods.state();
+        let namespaces = self.cluster.namespaces.state();
+        let policies = self.cluster.network_policies.state();
+        let tables = failures.part("policy", pods.endpoints()).map(|endpoints| {
+            policy::compile(
+                all_pods.iter().map(|p| p.as_ref()),
+                namespaces.iter().map(|n| n.as_ref()),
+                policies.iter().map(|p| p.as_ref()),
+                &LocalNode {
+                    name: &self.own,
+                    host_ips: &host,
+                    endpoints: &endpoints,
+                },
+                &mut self.alloc,
+            )
+        });
+        if let Some(tables) = &tables {
+            if tables.errors != self.errors {
+                for error in &tables.errors {
+                    warn!(
+                        "{error}: the pods it selects are isolated and it allows nothing until fixed"
+                    );
+                }
+                self.errors = tables.errors.clone();
+            }
+            let policy_sync = pods.set_policy(tables);
+            self.report_policy_sync(policy_sync.as_ref().err().map(|e| format!("{e:#}")), &nodes)
+                .await;
+            failures.part("policy", policy_sync);
+        }
+        if self.uplink.is_none() && !node_addresses.is_empty() {
+            if let Some(uplink) = failures.part("uplink", pods.attach_uplink(&node_addresses).await)
+            {
+                info!(uplink = %uplink.0, "Services from outside: program attached to the uplink");
+                self.uplink = Some(uplink);
+            }
+        }
+        if self.services_compiled_at != Some(service_events) {
+            let programmed = self.program_services(&mut pods, &node_addresses).await;
+            if failures.part("services", programmed).is_some() {
+                self.services_compiled_at = Some(service_events);
+            }
+        }
+        drop(pods);
+        let external_ips = self.external_ips(&nodes).await;
+        failures.part("external IPs", external_ips);
+        if let Some(tables) = &tables {
+            // Only a round that programmed everything may say it caught up.
+            if failures.0.is_empty() {
+                self.programmed_revision = revision;
+            }
+            let written = report::write_names(
+                &self.state_dir,
+                tables,
+                &self.service_names,
+                &all_pods,
+                self.programmed_revision,
+            );
+            failures.part("names", written);
+        }
+        failures
+    }
+}
+
+/// The delay before retrying a failed round: doubling from 200 ms up to 30 s, back to the start
+/// after a round that succeeds.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// The delay of the retry scheduled now, if a round failed.
+    pending: Option<Duration>,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn failed(&mut self) -> Duration {
+        let delay = self
+            .pending
+            .map_or(Self::FIRST, |last| (last * 2).min(Self::MAX));
+        self.pending = Some(delay);
+        delay
+    }
+
+    fn pending(&self) -> Option<Duration> {
+        self.pending
+    }
+
+    fn reset(&mut self) {
+        self.pending = None;
+    }
+}
+
+/// A program round allocates and frees tens of MiB with thousands of Services (the compiled
+/// tables, the map diffs); glibc keeps freed memory mapped unless asked to hand it back.
+pub fn release_freed_memory() {
+    // SAFETY: malloc_trim only returns unused heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap_and_resets() {
+        let mut backoff = Backoff::default();
+        assert_eq!(backoff.pending(), None);
+        let delays: Vec<_> = (0..10).map(|_| backoff.failed()).collect();
+        assert_eq!(delays[0], Duration::from_millis(200));
+        assert_eq!(delays[1], Duration::from_millis(400));
+        assert_eq!(delays[4], Duration::from_millis(3200));
+        assert_eq!(delays[8], Duration::from_secs(30));
+        assert_eq!(delays[9], Duration::from_secs(30));
+        assert_eq!(backoff.pending(), Some(Duration::from_secs(30)));
+        backoff.reset();
+        assert_eq!(backoff.pending(), None);
+        assert_eq!(backoff.failed(), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn failures_name_their_part() {
+        let mut failures = Failures::default();
+        assert_eq!(failures.part("routes", Ok::<_, anyhow::Error>(7)), Some(7));
+        assert!(failures
+            .part::<()>("services", Err(anyhow::anyhow!("map SERVICES is full")))
+            .is_none());
+        let said: Vec<_> = failures.0.iter().map(ToString::to_string).collect();
+        assert_eq!(said, ["services: map SERVICES is full"]);
+    }
+}

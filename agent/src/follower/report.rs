@@ -1,0 +1,108 @@
+//! What a round tells beyond the datapath: a failed policy sync on the Node (log, metric,
+//! event) and the names `sluicectl` shows.
+
+use std::{collections::BTreeMap, path::Path, sync::atomic::Ordering, sync::Arc};
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
+use kube::runtime::events::{Event, EventType};
+use tracing::{info, warn};
+
+use super::Follower;
+use crate::model::policy::PolicyTables;
+
+impl Follower {
+    /// A policy sync that failed left the node tighter than desired (see
+    /// `Maps::sync_policy`): said once per change of the error, in the log and as a Node
+    /// event, and counted every time.
+    pub(super) async fn report_policy_sync(&mut self, error: Option<String>, nodes: &[Arc<Node>]) {
+        self.metrics
+            .policy_fail_closed
+            .store(error.is_some(), Ordering::Relaxed);
+        if error.is_some() {
+            self.metrics
+                .policy_sync_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if error == self.policy_sync_error {
+            return;
+        }
+        let event = match &error {
+            Some(e) => {
+                warn!("programming NetworkPolicy failed closed: {e}");
+                Event {
+                    type_: EventType::Warning,
+                    reason: "PolicyProgrammingFailed".into(),
+                    // The API server caps a note at 1 kB.
+                    note: Some(e.chars().take(1000).collect()),
+                    action: "ProgramNetworkPolicy".into(),
+                    secondary: None,
+                }
+            }
+            None => {
+                info!("NetworkPolicy is programmed in full again");
+                Event {
+                    type_: EventType::Normal,
+                    reason: "PolicyProgrammed".into(),
+                    note: Some("every NetworkPolicy entry is programmed again".into()),
+                    action: "ProgramNetworkPolicy".into(),
+                    secondary: None,
+                }
+            }
+        };
+        self.policy_sync_error = error;
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.own.clone()),
+            uid: nodes
+                .iter()
+                .find(|n| n.metadata.name.as_deref() == Some(&self.own))
+                .and_then(|n| n.metadata.uid.clone()),
+            ..ObjectReference::default()
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            warn!("recording the Node event {}: {e}", event.reason);
+        }
+    }
+}
+
+/// Names for `sluicectl` (rule ids → policy rules, pod addresses → pods, backend sets →
+/// Services) and how far the programmed state has caught up with the API server.
+pub(super) fn write_names(
+    state_dir: &Path,
+    tables: &PolicyTables,
+    services: &BTreeMap<u32, String>,
+    pods: &[Arc<Pod>],
+    revision: u64,
+) -> Result<()> {
+    let rules: BTreeMap<u32, String> = tables
+        .rules
+        .iter()
+        .map(|(id, r)| (*id, r.to_string()))
+        .collect();
+    let mut addresses = BTreeMap::new();
+    for pod in pods {
+        let name = format!(
+            "{}/{}",
+            pod.metadata.namespace.as_deref().unwrap_or(""),
+            pod.metadata.name.as_deref().unwrap_or("")
+        );
+        for ip in pod.status.iter().flat_map(|s| s.pod_ips.iter().flatten()) {
+            addresses.insert(ip.ip.clone(), name.clone());
+        }
+    }
+    // `programmedResourceVersion` tells the lab (and operators) how far the datapath has caught
+    // up with the API server.
+    let names = serde_json::json!({
+        "rules": rules,
+        "pods": addresses,
+        "services": services,
+        "programmedResourceVersion": revision,
+    });
+    let path = state_dir.join("names.json");
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&names)?)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))
+}

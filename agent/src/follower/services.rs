@@ -1,0 +1,128 @@
+//! The Service parts of a round: the Service tables with their health-check node ports, and
+//! ServiceExternalIP.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use anyhow::{anyhow, Result};
+use k8s_openapi::api::core::v1::Node;
+use sluice_common::{ExternalIp, IpKey};
+use tracing::{info, warn};
+
+use super::Follower;
+use crate::{
+    cni::server::PodNetwork,
+    external_ip, k8s,
+    model::service::{self, ServiceInputs},
+};
+
+impl Follower {
+    /// Services: compiled, synced, health-check ports served.
+    pub(super) async fn program_services(
+        &mut self,
+        pods: &mut PodNetwork,
+        node_addresses: &[IpAddr],
+    ) -> Result<()> {
+        // Compiled from references into the watch stores: copying 10,000 Services and their
+        // slices on every change would double the agent's memory.
+        let service_store = self.cluster.services.state();
+        let slice_store = self.cluster.endpoint_slices.state();
+        let services: Vec<_> = service_store.iter().map(AsRef::as_ref).collect();
+        let slices: Vec<_> = slice_store.iter().map(AsRef::as_ref).collect();
+        let node_ports = self.settings.node_port_addresses(node_addresses);
+        let tables = service::compile(
+            &ServiceInputs {
+                services: &services,
+                slices: &slices,
+                node_name: &self.own,
+                node_port_addresses: &node_ports,
+            },
+            &mut self.sets,
+        );
+        if tables.errors != self.service_errors {
+            for error in &tables.errors {
+                warn!("{error}: that part of the Service is not programmed until fixed");
+            }
+            self.service_errors = tables.errors.clone();
+        }
+        pods.set_services(&tables, &live_endpoints(&slices))?;
+        for error in self.health_checks.update(&tables.health_checks).await {
+            warn!("{error:#}");
+        }
+        self.service_names = tables.names;
+        Ok(())
+    }
+
+    /// ServiceExternalIP: LoadBalancer IPs handed out from the pools (by one agent), and the
+    /// ones this node owns answered for on its uplink, announced when they arrive.
+    pub(super) async fn external_ips(&mut self, nodes: &[Arc<Node>]) -> Result<()> {
+        let Some(pools) = &self.cluster.external_ip_pools else {
+            return Ok(());
+        };
+        let pools = pools.state();
+        let services = self.cluster.services.state();
+        let plan = external_ip::plan(
+            pools.iter().map(|p| p.as_ref()),
+            services.iter().map(|s| s.as_ref()),
+            nodes.iter().map(|n| n.as_ref()),
+            &self.own,
+        );
+        if plan.errors != self.external_ip_errors {
+            for error in &plan.errors {
+                warn!("{error}");
+            }
+            self.external_ip_errors = plan.errors.clone();
+        }
+        // A status write that fails fails the part (and so is retried), after this node's
+        // own addresses are programmed.
+        let written = external_ip::apply_writes(&self.client, &plan.writes)
+            .await
+            .map_err(|e| anyhow!("ServiceExternalIP: {e}"));
+        let Some((uplink, mac)) = &self.uplink else {
+            return written;
+        };
+        let entries: BTreeMap<IpKey, ExternalIp> = plan
+            .owned
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some((
+                    IpKey::v4(v4.octets()),
+                    ExternalIp {
+                        mac: mac.0,
+                        _pad: [0; 2],
+                    },
+                )),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        self.pods.lock().await.set_external_ips(&entries)?;
+        for ip in plan.owned.difference(&self.owned) {
+            info!(%ip, "ServiceExternalIP: this node now answers for the address");
+            if let IpAddr::V4(v4) = ip {
+                if let Err(e) = external_ip::announce(uplink, *v4) {
+                    warn!("announcing {ip}: {e:#}");
+                }
+            }
+        }
+        self.owned = plan.owned;
+        written
+    }
+}
+
+/// Every endpoint address in an EndpointSlice, whatever its conditions: connections to those
+/// keep their endpoint (a terminating pod still finishes its connections).
+fn live_endpoints(slices: &[&k8s::EndpointSlice]) -> BTreeSet<IpKey> {
+    slices
+        .iter()
+        .flat_map(|slice| slice.endpoints.iter().flatten())
+        .flat_map(|endpoint| endpoint.addresses.iter())
+        .filter_map(|address| address.parse::<IpAddr>().ok())
+        .map(|ip| match ip {
+            IpAddr::V4(v4) => IpKey::v4(v4.octets()),
+            IpAddr::V6(v6) => IpKey::v6(v6.octets()),
+        })
+        .collect()
+}
