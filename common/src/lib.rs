@@ -24,6 +24,7 @@ pub mod map_names {
     pub const NODE_CONFIG: &str = "NODE_CONFIG";
     pub const STAGE_PACKETS: &str = "STAGE_PACKETS";
     pub const DROPS: &str = "DROPS";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
 
     /// The maps whose size the agent config may set (`bpfMapSizes`), with the size the object
     /// declares. The per-pod maps (ENDPOINTS, SPOOF_GUARD, ENDPOINT_POLICY) are sized for any
@@ -41,7 +42,7 @@ pub mod map_names {
         (EXTERNAL_IPS, super::MAX_EXTERNAL_IPS),
     ];
 
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         ENDPOINTS,
         SPOOF_GUARD,
         REMOTE_NODES,
@@ -60,6 +61,7 @@ pub mod map_names {
         NODE_CONFIG,
         STAGE_PACKETS,
         DROPS,
+        FRAGMENTS,
     ];
 }
 
@@ -287,6 +289,30 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 
+/// FRAGMENTS key: an IPv4 datagram in fragments, as each of its fragments carries it: addresses,
+/// IP identification (network order), protocol. Layout (12 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// FRAGMENTS value: the ports the datagram's first fragment carried, which its later fragments
+/// are classified with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragPorts {
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// Capacity of FRAGMENTS (LRU: datagrams whose later fragments may still come).
+pub const MAX_FRAGMENTS: u32 = 8_192;
+
 /// CONNTRACK value. Layout (24 bytes): last packet (ns, `bpf_ktime_get_ns`), state flags
 /// (`ct_flags`), the rules that allowed it out and in (0: not judged in that direction).
 #[repr(C)]
@@ -490,6 +516,8 @@ const _: () = assert!(core::mem::size_of::<EndpointPolicy>() == 8);
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 48);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FragPorts>() == 4);
 const _: () = assert!(core::mem::size_of::<PolicyEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
 const _: () = assert!(core::mem::size_of::<Service>() == 16);
@@ -597,6 +625,9 @@ named_enum! {
         NatFailed = 13 => "NatFailed",
         /// The node's FIB has no route (or no usable neighbour) for a packet leaving through it.
         NoRoute = 14 => "NoRoute",
+        /// An IPv4 fragment after the first whose first fragment this node has not seen (or no
+        /// longer remembers): its ports, and so its Service and its policy, are unknown.
+        FragmentWithoutFirst = 15 => "FragmentWithoutFirst",
     }
 }
 
@@ -606,7 +637,8 @@ impl DropReason {
             DropReason::Truncated
             | DropReason::Malformed
             | DropReason::UnsupportedEtherType
-            | DropReason::NotConfigured => Stage::Classifier,
+            | DropReason::NotConfigured
+            | DropReason::FragmentWithoutFirst => Stage::Classifier,
             DropReason::SpoofedSourceIp | DropReason::SpoofedSourceMac | DropReason::SpoofedArp => {
                 Stage::SpoofGuard
             }
@@ -639,6 +671,8 @@ mod pod {
     unsafe impl aya::Pod for RuleStats {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragPorts {}
     unsafe impl aya::Pod for PolicyEvent {}
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for Service {}

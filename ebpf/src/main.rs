@@ -12,11 +12,11 @@ use aya_ebpf::{
 };
 use sluice_common::{
     AffinityEntry, AffinityKey, BackendKey, CtEntry, CtKey, DropReason, Endpoint, EndpointPolicy,
-    ExternalIp, FlowKey, Identity, IpKey, NatEntry, NatTarget, NodeConfig, PolicyKey, PolicyRule,
-    RemoteNode, RuleStats, Service, ServiceKey, SpoofGuardEntry, SpoofGuardKey, Stage,
-    MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_ENDPOINTS, MAX_EXTERNAL_IPS, MAX_IPCACHE,
-    MAX_POLICY_ENTRIES, MAX_REMOTE_CIDRS, MAX_RULES, MAX_SERVICES, MAX_SERVICE_NAT,
-    POLICY_EVENTS_BYTES,
+    ExternalIp, FlowKey, FragKey, FragPorts, Identity, IpKey, NatEntry, NatTarget, NodeConfig,
+    PolicyKey, PolicyRule, RemoteNode, RuleStats, Service, ServiceKey, SpoofGuardEntry,
+    SpoofGuardKey, Stage, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_ENDPOINTS,
+    MAX_EXTERNAL_IPS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_POLICY_ENTRIES, MAX_REMOTE_CIDRS, MAX_RULES,
+    MAX_SERVICES, MAX_SERVICE_NAT, POLICY_EVENTS_BYTES,
 };
 
 // Map statics carry the names of `sluice_common::map_names`; user space pins and opens them by
@@ -56,6 +56,11 @@ static POLICY_EXACT: HashMap<PolicyKey, PolicyRule> =
 /// ConntrackState: connections of isolated pods, both directions under one canonical key.
 #[map]
 static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+
+/// Classifier: the ports of IPv4 datagrams whose first fragment went by, for their later
+/// fragments.
+#[map]
+static FRAGMENTS: LruHashMap<FragKey, FragPorts> = LruHashMap::with_max_entries(MAX_FRAGMENTS, 0);
 
 /// ServiceLB: Service frontends (address, port, protocol, scope) → their backend set.
 #[map]

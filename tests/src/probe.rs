@@ -162,11 +162,23 @@ pub fn udp(netns: &Path, dst: Ipv4Addr, port: u16) -> Option<Reply> {
 }
 
 pub fn udp_within(netns: &Path, dst: Ipv4Addr, port: u16, timeout: Duration) -> Option<Reply> {
+    udp_datagram(netns, dst, port, b"probe".len(), timeout)
+}
+
+/// UDP probe with a datagram of `len` bytes: beyond the pod's MTU, the sender's kernel sends it
+/// in IPv4 fragments.
+pub fn udp_datagram(
+    netns: &Path,
+    dst: Ipv4Addr,
+    port: u16,
+    len: usize,
+    timeout: Duration,
+) -> Option<Reply> {
     in_netns(netns, move || {
         let socket = UdpSocket::bind(("0.0.0.0", 0)).ok()?;
         socket.set_read_timeout(Some(timeout)).ok()?;
         socket.connect((dst, port)).ok()?;
-        socket.send(b"probe").ok()?;
+        socket.send(&b"probe".repeat(len.div_ceil(5))[..len]).ok()?;
         let mut buf = [0u8; 128];
         let n = socket.recv(&mut buf).ok()?;
         parse_reply(std::str::from_utf8(&buf[..n]).ok()?)

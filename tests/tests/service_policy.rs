@@ -136,3 +136,37 @@ fn an_endpoints_port_unreachable_reaches_an_isolated_client() {
         "the endpoint's port unreachable, translated back to the ClusterIP"
     );
 }
+
+/// A datagram larger than the pod MTU leaves the client in IPv4 fragments: every fragment is
+/// DNATed to the endpoint on the other node and let into the isolated endpoint by the rule its
+/// first fragment matched, so the endpoint reassembles and answers.
+#[test]
+fn a_fragmented_datagram_reaches_an_isolated_endpoint_through_a_cluster_ip() {
+    let mut lab = lab(Encap::Vxlan);
+    lab.apply(vec![
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "client", "namespace": "default", "labels": {"app": "client"}},
+            "spec": {"nodeName": "node-2", "containers": [{"name": "c", "image": "x"}]}}),
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web-udp", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.80", "selector": {"app": "web"},
+                "ports": [{"port": 8053, "targetPort": PORT, "protocol": "UDP"}]}}),
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "web-udp-from-client", "namespace": "default"},
+            "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                    "ports": [{"protocol": "UDP", "port": PORT}]}]}}),
+    ])
+    .expect("apply");
+    lab.wait_programmed(Duration::from_secs(10)).unwrap();
+    let netns = lab.kubelet.pod("default/client").expect("pod").netns.path();
+    let vip = "10.96.0.80".parse().unwrap();
+    for len in [100, 4000, 20_000] {
+        let reply = probe::udp_datagram(&netns, vip, 8053, len, Duration::from_secs(1));
+        assert_eq!(
+            reply.map(|r| r.server),
+            Some("default/web".to_string()),
+            "a {len}-byte datagram through the ClusterIP"
+        );
+    }
+}

@@ -4,8 +4,8 @@ use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
 
-use crate::META;
-use sluice_common::{DropReason, IpKey, Stage};
+use crate::{FRAGMENTS, META};
+use sluice_common::{DropReason, FragKey, FragPorts, IpKey, Stage};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
@@ -75,7 +75,8 @@ pub struct IpMeta {
     pub src_mac: [u8; 6],
     pub src: IpKey,
     pub dst: IpKey,
-    /// IP protocol; ports are 0 for protocols without them and for non-first fragments.
+    /// IP protocol; ports are 0 for protocols without them. An IPv4 fragment after the first
+    /// has the ports of its datagram's first fragment.
     pub proto: u8,
     pub src_port: u16,
     pub dst_port: u16,
@@ -84,6 +85,8 @@ pub struct IpMeta {
     pub len: u32,
     /// Where the L4 header starts (meaningful when the ports are).
     pub l4_offset: u32,
+    /// An IPv4 fragment after the first: no L4 header in this packet, nothing there to rewrite.
+    pub later_fragment: bool,
     /// For an ICMP error, the packet it quotes.
     pub quoted: Quoted,
 }
@@ -207,7 +210,7 @@ fn ipv4(ctx: &TcContext, src_mac: [u8; 6]) -> Result<&'static mut IpMeta, DropRe
         return Err(DropReason::Truncated);
     }
     // SAFETY: bounds checked by `ptr_at` above.
-    let (proto, frag_off) = unsafe { ((*ip).protocol, u16::from_be((*ip).frag_off)) };
+    let (proto, frag_off, id) = unsafe { ((*ip).protocol, u16::from_be((*ip).frag_off), (*ip).id) };
     let meta = scratch()?;
     *meta = IpMeta {
         src_mac,
@@ -219,13 +222,54 @@ fn ipv4(ctx: &TcContext, src_mac: [u8; 6]) -> Result<&'static mut IpMeta, DropRe
         tcp_flags: 0,
         len: ctx.len(),
         l4_offset: (ETH_HLEN + (header_len & 0x3c)) as u32,
+        later_fragment: false,
         quoted: Quoted::NONE,
     };
-    // A non-first fragment carries no L4 header.
-    if frag_off & 0x1fff == 0 {
+    if frag_off & IP_OFFSET == 0 {
         l4(ctx, meta, ETH_HLEN + (header_len & 0x3c))?;
+        if frag_off & IP_MORE_FRAGMENTS != 0 && has_ports(proto) {
+            let ports = FragPorts {
+                src_port: meta.src_port,
+                dst_port: meta.dst_port,
+            };
+            // A full LRU makes room by itself; a failed insert only drops the later fragments.
+            let _ = FRAGMENTS.insert(&fragment_key(src, dst, id, proto), &ports, 0);
+        }
+    } else {
+        // No L4 header: the datagram's ports are those its first fragment carried, so every
+        // fragment meets the same Service and the same policy as the first.
+        meta.later_fragment = true;
+        if has_ports(proto) {
+            match FRAGMENTS.get_ptr(&fragment_key(src, dst, id, proto)) {
+                // SAFETY: a pointer into the map from a successful lookup, read once.
+                Some(ports) => unsafe {
+                    meta.src_port = (*ports).src_port;
+                    meta.dst_port = (*ports).dst_port;
+                },
+                None => return Err(DropReason::FragmentWithoutFirst),
+            }
+        }
     }
     Ok(meta)
+}
+
+const IP_MORE_FRAGMENTS: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+
+#[inline(always)]
+fn has_ports(proto: u8) -> bool {
+    matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP)
+}
+
+#[inline(always)]
+fn fragment_key(src: [u8; 4], dst: [u8; 4], id: u16, proto: u8) -> FragKey {
+    FragKey {
+        src,
+        dst,
+        id,
+        proto,
+        _pad: 0,
+    }
 }
 
 #[inline(always)]
@@ -254,6 +298,7 @@ fn ipv6(ctx: &TcContext, src_mac: [u8; 6]) -> Result<&'static mut IpMeta, DropRe
         tcp_flags: 0,
         len: ctx.len(),
         l4_offset: (ETH_HLEN + size_of::<Ipv6Hdr>()) as u32,
+        later_fragment: false,
         quoted: Quoted::NONE,
     };
     // Extension headers are not walked: such packets are classified without ports.

@@ -32,7 +32,8 @@ pub struct Scratch {
 
 #[inline(never)]
 pub fn answer(ctx: &TcContext, meta: &IpMeta) -> Result<i32, DropReason> {
-    if meta.src.family != FAMILY_IPV4 || meta.l4_offset as usize != L4 {
+    // A later fragment: its first fragment got the answer.
+    if meta.src.family != FAMILY_IPV4 || meta.l4_offset as usize != L4 || meta.later_fragment {
         return Err(DropReason::NoEndpoints);
     }
     let s = match REJECT_SCRATCH.get_ptr_mut(0) {

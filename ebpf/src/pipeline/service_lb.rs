@@ -370,8 +370,10 @@ fn rewrite_fields(ctx: &TcContext, meta: &mut IpMeta, to: &NatEntry) -> Result<(
     let l4 = meta.l4_offset as usize;
     // Offset of the L4 checksum, and whether a zero one means "none" (UDP over IPv4). SCTP's
     // CRC32c covers neither addresses nor a pseudo-header, so only its ports would need it: a
-    // port-changing SCTP Service is not supported.
+    // port-changing SCTP Service is not supported. A later fragment has no L4 header: the
+    // first fragment's checksum update covered the whole datagram.
     let csum = match meta.proto {
+        _ if meta.later_fragment => None,
         IPPROTO_TCP => Some((l4 + 16, 0)),
         IPPROTO_UDP => Some((l4 + 6, BPF_F_MARK_MANGLED_0 as u64)),
         _ => None,
@@ -401,11 +403,15 @@ fn rewrite_fields(ctx: &TcContext, meta: &mut IpMeta, to: &NatEntry) -> Result<(
         meta.dst = to.dst;
     }
     if meta.src_port != to.src_port {
-        port(ctx, l4, meta.src_port, to.src_port, csum)?;
+        if !meta.later_fragment {
+            port(ctx, l4, meta.src_port, to.src_port, csum)?;
+        }
         meta.src_port = to.src_port;
     }
     if meta.dst_port != to.dst_port {
-        port(ctx, l4 + 2, meta.dst_port, to.dst_port, csum)?;
+        if !meta.later_fragment {
+            port(ctx, l4 + 2, meta.dst_port, to.dst_port, csum)?;
+        }
         meta.dst_port = to.dst_port;
     }
     Ok(())
