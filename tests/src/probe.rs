@@ -309,3 +309,54 @@ pub fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
         .unwrap_or_default();
     Some((status, body))
 }
+
+/// A long-lived connection through a Service: echoes lines with the name of the pod behind it.
+pub struct Session {
+    conn: std::net::TcpStream,
+}
+
+impl Session {
+    pub fn open(ns: &Path, ip: Ipv4Addr, port: u16) -> Session {
+        let addr = std::net::SocketAddr::from((ip, port));
+        let conn = in_netns(ns, move || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        })
+        .expect("session through the Service");
+        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        Session { conn }
+    }
+
+    /// The pod answering, or how the exchange failed.
+    pub fn ask(&mut self) -> std::io::Result<String> {
+        use std::io::{BufRead, BufReader, Write};
+        self.conn.write_all(b"who\n")?;
+        let mut line = String::new();
+        let read = BufReader::new(&self.conn).read_line(&mut line)?;
+        if read == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(line.trim().to_string())
+    }
+}
+
+/// Echo servers for sessions: every line gets the pod's name back. Threads end with the test.
+pub fn session_server(ns: &Path, pod: &str, port: u16) {
+    let listener = in_netns(ns, move || {
+        std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind session server")
+    });
+    let pod = pod.to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let pod = pod.clone();
+            std::thread::spawn(move || {
+                use std::io::{BufRead, BufReader, Write};
+                let mut writer = conn.try_clone().expect("clone");
+                for line in BufReader::new(conn).lines() {
+                    if line.is_err() || writer.write_all(format!("{pod}\n").as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}

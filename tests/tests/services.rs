@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 use serde_json::{json, Value};
 use sluice_tests::{
     lab::{services::Source, Encap, Lab, LabOptions},
-    probe::{self, Reply},
+    probe::{self, session_server, Reply, Session},
     require_root,
 };
 
@@ -315,35 +315,6 @@ fn udp_refused(ns: &std::path::Path, ip: Ipv4Addr, port: u16) -> bool {
     })
 }
 
-/// A long-lived connection through a Service: echoes lines with the name of the pod behind it.
-struct Session {
-    conn: std::net::TcpStream,
-}
-
-impl Session {
-    fn open(ns: &std::path::Path, ip: Ipv4Addr, port: u16) -> Session {
-        let addr = std::net::SocketAddr::from((ip, port));
-        let conn = sluice_tests::in_netns(ns, move || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
-        })
-        .expect("session through the Service");
-        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        Session { conn }
-    }
-
-    /// The pod answering, or how the exchange failed.
-    fn ask(&mut self) -> std::io::Result<String> {
-        use std::io::{BufRead, BufReader, Write};
-        self.conn.write_all(b"who\n")?;
-        let mut line = String::new();
-        let read = BufReader::new(&self.conn).read_line(&mut line)?;
-        if read == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        Ok(line.trim().to_string())
-    }
-}
-
 const SESSION_PORT: u16 = 9000;
 
 /// A ClusterIP Service with the pod servers' ports and a session port; returns its address.
@@ -357,28 +328,6 @@ fn session_service(lab: &mut Lab, name: &str, app: &str) -> Ipv4Addr {
     lab.wait_programmed(Duration::from_secs(20))
         .expect("programmed");
     lab.service_ip("default", name).expect("allocated")
-}
-
-/// Echo servers for sessions: every line gets the pod's name back. Threads end with the test.
-fn session_server(ns: &std::path::Path, pod: &str, port: u16) {
-    let listener = sluice_tests::in_netns(ns, move || {
-        std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind session server")
-    });
-    let pod = pod.to_string();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let pod = pod.clone();
-            std::thread::spawn(move || {
-                use std::io::{BufRead, BufReader, Write};
-                let mut writer = conn.try_clone().expect("clone");
-                for line in BufReader::new(conn).lines() {
-                    if line.is_err() || writer.write_all(format!("{pod}\n").as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
 }
 
 /// No endpoints: TCP is reset and UDP refused at once. Scaled to three, new connections spread

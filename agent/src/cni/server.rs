@@ -200,9 +200,8 @@ impl PodNetwork {
     pub fn set_services(
         &mut self,
         tables: &crate::model::service::ServiceTables,
-        live: &std::collections::BTreeSet<sluice_common::IpKey>,
     ) -> Result<crate::datapath::SyncReport> {
-        self.datapath.sync_services(tables, live)
+        self.datapath.sync_services(tables)
     }
 
     /// The LoadBalancer IPs this node answers ARP for.

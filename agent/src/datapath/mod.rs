@@ -3,10 +3,7 @@
 
 pub mod ebpf;
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::Result;
 use sluice_common::{ExternalIp, IpKey};
@@ -48,13 +45,9 @@ pub trait Datapath: Send {
     fn isolate_pending(&mut self, addrs: &[IpKey]) -> Result<()>;
     /// Starts processing what arrives on the node's uplink: Services from outside the cluster.
     fn attach_uplink(&mut self, ifname: &str) -> Result<()>;
-    /// Makes the Service frontends and backends equal to `desired`; connections to endpoints
-    /// not in `live` (gone from every EndpointSlice) are forgotten.
-    fn sync_services(
-        &mut self,
-        desired: &ServiceTables,
-        live: &BTreeSet<IpKey>,
-    ) -> Result<SyncReport>;
+    /// Makes the Service frontends and backends equal to `desired`; connections whose frontend
+    /// went away or whose endpoint it no longer balances to are forgotten.
+    fn sync_services(&mut self, desired: &ServiceTables) -> Result<SyncReport>;
     /// The LoadBalancer IPs this node answers ARP for, with the MAC it answers with.
     fn sync_external_ips(&mut self, owned: &BTreeMap<IpKey, ExternalIp>) -> Result<()>;
 }

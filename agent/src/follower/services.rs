@@ -1,11 +1,7 @@
 //! The Service parts of a round: the Service tables with their health-check node ports, and
 //! ServiceExternalIP.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use anyhow::{anyhow, Result};
 use k8s_openapi::api::core::v1::Node;
@@ -15,7 +11,7 @@ use tracing::{info, warn};
 use super::Follower;
 use crate::{
     cni::server::PodNetwork,
-    external_ip, k8s,
+    external_ip,
     model::service::{self, ServiceInputs},
 };
 
@@ -48,7 +44,7 @@ impl Follower {
             }
             self.service_errors = tables.errors.clone();
         }
-        pods.set_services(&tables, &live_endpoints(&slices))?;
+        pods.set_services(&tables)?;
         for error in self.health_checks.update(&tables.health_checks).await {
             warn!("{error:#}");
         }
@@ -110,19 +106,4 @@ impl Follower {
         self.owned = plan.owned;
         written
     }
-}
-
-/// Every endpoint address in an EndpointSlice, whatever its conditions: connections to those
-/// keep their endpoint (a terminating pod still finishes its connections).
-fn live_endpoints(slices: &[&k8s::EndpointSlice]) -> BTreeSet<IpKey> {
-    slices
-        .iter()
-        .flat_map(|slice| slice.endpoints.iter().flatten())
-        .flat_map(|endpoint| endpoint.addresses.iter())
-        .filter_map(|address| address.parse::<IpAddr>().ok())
-        .map(|ip| match ip {
-            IpAddr::V4(v4) => IpKey::v4(v4.octets()),
-            IpAddr::V6(v6) => IpKey::v6(v6.octets()),
-        })
-        .collect()
 }

@@ -1,10 +1,7 @@
 //! The pinned maps of the eBPF datapath, typed. The agent takes them from the loaded object;
 //! `sluicectl` and tests open the same maps from their pins.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    path::Path,
-};
+use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context, Result};
 use aya::maps::{
@@ -12,12 +9,13 @@ use aya::maps::{
     Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, RingBuf,
 };
 use sluice_common::{
-    map_names, nat_flags, AffinityEntry, AffinityKey, BackendKey, CtEntry, CtKey, DropReason,
-    Endpoint, EndpointPolicy, ExternalIp, FlowKey, Identity, IpKey, NatEntry, NatTarget,
-    NodeConfig, PolicyKey, PolicyRule, RemoteNode, RuleStats, Service, ServiceKey, SpoofGuardEntry,
+    map_names, AffinityEntry, AffinityKey, BackendKey, CtEntry, CtKey, DropReason, Endpoint,
+    EndpointPolicy, ExternalIp, FlowKey, Identity, IpKey, NatEntry, NatTarget, NodeConfig,
+    PolicyKey, PolicyRule, RemoteNode, RuleStats, Service, ServiceKey, SpoofGuardEntry,
     SpoofGuardKey, Stage,
 };
 
+use super::service_flush::Losses;
 use crate::{
     datapath::SyncReport,
     model::{diff, service::ServiceTables, CidrKey, Pipeline},
@@ -211,11 +209,7 @@ impl Maps {
     /// index that is not there. Connections to endpoints no longer `live` (in no EndpointSlice)
     /// lose their NAT and affinity entries: their next packet is balanced anew, and a TCP
     /// endpoint that never saw the connection resets it instead of it hanging.
-    pub fn sync_services(
-        &mut self,
-        desired: &ServiceTables,
-        live: &BTreeSet<IpKey>,
-    ) -> Result<SyncReport> {
+    pub fn sync_services(&mut self, desired: &ServiceTables) -> Result<SyncReport> {
         let current = match self.services_written.take() {
             Some((frontends, backends)) => (
                 frontends.into_iter().collect(),
@@ -223,7 +217,7 @@ impl Maps {
             ),
             None => self.service_entries()?,
         };
-        let report = self.write_services(&current, desired, live)?;
+        let report = self.write_services(&current, desired)?;
         self.services_written = Some((
             desired.frontends.iter().map(|(k, v)| (*k, *v)).collect(),
             desired.backends.iter().map(|(k, v)| (*k, *v)).collect(),
@@ -233,19 +227,12 @@ impl Maps {
 
     fn write_services(
         &mut self,
-        (frontends, backends): &ServiceEntries,
+        current: &ServiceEntries,
         desired: &ServiceTables,
-        live: &BTreeSet<IpKey>,
     ) -> Result<SyncReport> {
-        // Endpoints leaving the kernel's sets for good: only then is SERVICE_NAT walked (its
-        // size is the node's connection count, not the Services').
-        let gone: BTreeSet<IpKey> = backends
-            .values()
-            .map(|endpoint| endpoint.addr)
-            .filter(|addr| !live.contains(addr))
-            .collect();
-        let frontends = diff(frontends, &desired.frontends);
-        let backends = diff(backends, &desired.backends);
+        let frontends = diff(&current.0, &desired.frontends);
+        let backends = diff(&current.1, &desired.backends);
+        let losses = Losses::of(current, desired, &frontends, &backends);
         for (key, value) in &backends.upserts {
             self.backends
                 .insert(key, value, 0)
@@ -262,47 +249,17 @@ impl Maps {
         for key in &backends.deletes {
             remove(&mut self.backends, key, map_names::BACKENDS)?;
         }
-        let flushed = if gone.is_empty() {
+        // Only a sync that took something away walks SERVICE_NAT (its size is the node's
+        // connection count, not the Services').
+        let flushed = if losses.is_empty() {
             0
         } else {
-            self.flush_connections(&gone)?
+            self.flush_connections(desired, &losses)?
         };
         Ok(SyncReport {
             written: frontends.upserts.len() + backends.upserts.len(),
             deleted: frontends.deletes.len() + backends.deletes.len() + flushed,
         })
-    }
-
-    /// Deletes the NAT and affinity entries of the `gone` endpoints.
-    fn flush_connections(&mut self, gone: &BTreeSet<IpKey>) -> Result<usize> {
-        let dead_nat: Vec<FlowKey> = self
-            .service_nat
-            .iter()
-            .filter_map(|entry| entry.ok())
-            .filter(|(key, entry)| {
-                let endpoint = if entry.flags & nat_flags::REVERSE != 0 {
-                    key.src
-                } else {
-                    entry.dst
-                };
-                gone.contains(&endpoint)
-            })
-            .map(|(key, _)| key)
-            .collect();
-        let dead_affinity: Vec<AffinityKey> = self
-            .affinity
-            .iter()
-            .filter_map(|entry| entry.ok())
-            .filter(|(_, entry)| gone.contains(&entry.endpoint.addr))
-            .map(|(key, _)| key)
-            .collect();
-        for key in &dead_nat {
-            remove(&mut self.service_nat, key, map_names::SERVICE_NAT)?;
-        }
-        for key in &dead_affinity {
-            remove(&mut self.affinity, key, map_names::AFFINITY)?;
-        }
-        Ok(dead_nat.len() + dead_affinity.len())
     }
 
     /// Makes EXTERNAL_IPS (the LoadBalancer IPs this node answers ARP for) equal to `desired`.

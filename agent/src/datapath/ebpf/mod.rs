@@ -7,9 +7,10 @@
 
 mod maps;
 mod policy_maps;
+mod service_flush;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     path::{Path, PathBuf},
 };
 
@@ -322,12 +323,8 @@ impl Datapath for EbpfDatapath {
         self.attach_ingress(program_names::FROM_UPLINK, ifname)
     }
 
-    fn sync_services(
-        &mut self,
-        desired: &ServiceTables,
-        live: &BTreeSet<IpKey>,
-    ) -> Result<SyncReport> {
-        self.maps.sync_services(desired, live)
+    fn sync_services(&mut self, desired: &ServiceTables) -> Result<SyncReport> {
+        self.maps.sync_services(desired)
     }
 
     fn sync_external_ips(&mut self, owned: &BTreeMap<IpKey, ExternalIp>) -> Result<()> {

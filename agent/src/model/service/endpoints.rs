@@ -101,20 +101,28 @@ pub(super) fn port_backends(
     found.into_values().collect()
 }
 
-/// The endpoints a set of one family gets: the ready ones, or if none is ready the serving
-/// terminating ones (KEP-1669), so that connections still land during a rollout's last moments.
-pub(super) fn usable(backends: &[Backend], ipv6: bool, local: bool) -> Vec<Backend> {
+/// The endpoints a set of one family gets, (pickable, draining): the ready ones, or if none is
+/// ready the serving terminating ones (KEP-1669), so that connections still land during a
+/// rollout's last moments. While some are ready, the serving terminating ones drain: new
+/// connections do not pick them, the ones they have keep them.
+pub(super) fn usable(
+    backends: &[Backend],
+    ipv6: bool,
+    local: bool,
+) -> (Vec<Backend>, Vec<Backend>) {
     let candidates = || {
         backends
             .iter()
             .filter(move |b| b.addr.is_ipv6() == ipv6 && (b.local || !local))
     };
     let ready: Vec<Backend> = candidates().filter(|b| b.ready).copied().collect();
-    if !ready.is_empty() {
-        return ready;
-    }
-    candidates()
-        .filter(|b| b.serving && b.terminating)
+    let terminating: Vec<Backend> = candidates()
+        .filter(|b| !b.ready && b.serving && b.terminating)
         .copied()
-        .collect()
+        .collect();
+    if ready.is_empty() {
+        (terminating, Vec::new())
+    } else {
+        (ready, terminating)
+    }
 }

@@ -81,7 +81,8 @@ pub struct ServiceError {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceTables {
     pub frontends: BTreeMap<ServiceKey, Service>,
-    /// Every backend set's endpoints at indices `0..count`.
+    /// Every backend set's endpoints: the ones to pick at indices `0..count`, then the draining
+    /// ones (serving, terminating while others are ready), which keep their connections.
     pub backends: BTreeMap<BackendKey, NatTarget>,
     /// By `healthCheckNodePort`.
     pub health_checks: BTreeMap<u16, HealthCheck>,
@@ -279,7 +280,7 @@ impl Compiler<'_> {
             if svc.affinity.is_some() {
                 flags |= service_flags::AFFINITY;
             }
-            if local && count == 0 && !usable(target.backends, ip.is_ipv6(), false).is_empty() {
+            if local && count == 0 && !usable(target.backends, ip.is_ipv6(), false).0.is_empty() {
                 flags |= service_flags::NO_LOCAL_ENDPOINTS;
             }
             let value = Service {
@@ -304,8 +305,8 @@ impl Compiler<'_> {
             return Some(built);
         }
         let id = self.sets.pool.get(key.clone())?;
-        let endpoints = usable(target.backends, ipv6, local);
-        for (index, backend) in (0u32..).zip(&endpoints) {
+        let (pickable, draining) = usable(target.backends, ipv6, local);
+        for (index, backend) in (0u32..).zip(pickable.iter().chain(&draining)) {
             self.tables.backends.insert(
                 BackendKey { set: id, index },
                 NatTarget {
@@ -327,7 +328,7 @@ impl Compiler<'_> {
         };
         let name = format!("{}:{port}{qualifiers}", target.svc.key);
         self.tables.names.insert(id, name);
-        let built = (id, endpoints.len() as u32);
+        let built = (id, pickable.len() as u32);
         self.built.insert(key, built);
         Some(built)
     }

@@ -1,7 +1,7 @@
 //! from_pod's per-packet cost through a ClusterIP (BPF_PROG_TEST_RUN), with the Service maps
 //! filled by the agent's own compiler and `Maps::sync_services`, whose times are printed too.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, time::Instant};
+use std::{net::Ipv4Addr, time::Instant};
 
 use anyhow::{ensure, Context, Result};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
@@ -17,9 +17,7 @@ use sluice_tests::test_run::{
     TC_ACT_REDIRECT,
 };
 
-use super::{
-    cluster_ip, endpoints_of, objects, Scale, ENDPOINTS_PER_SERVICE, FIRST_PORT, SERVICE_PORT,
-};
+use super::{cluster_ip, objects, Scale, ENDPOINTS_PER_SERVICE, FIRST_PORT, SERVICE_PORT};
 use crate::policy::{median, ACCEPT_PORT};
 
 const REPEAT: u32 = 1_000_000;
@@ -169,11 +167,6 @@ fn packet_round(n: u32, samples: u16) -> Result<(PacketCosts, SyncTimes)> {
         services.push(serde_json::from_value(service)?);
         slices.push(serde_json::from_value(slice)?);
     }
-    // Every endpoint is live: no connection is flushed, the walk over SERVICE_NAT is all it costs.
-    let live: BTreeSet<IpKey> = (0..n)
-        .flat_map(|i| endpoints_of(i, &measured))
-        .map(|ip| IpKey::v4(ip.octets()))
-        .collect();
     let start = Instant::now();
     let tables = service::compile(
         &ServiceInputs {
@@ -191,11 +184,12 @@ fn packet_round(n: u32, samples: u16) -> Result<(PacketCosts, SyncTimes)> {
         tables.frontends.len(),
         tables.errors
     );
-    let first = timed(|| h.maps.sync_services(&tables, &live).map(drop))?;
-    let unchanged = timed(|| h.maps.sync_services(&tables, &live).map(drop))?;
+    let first = timed(|| h.maps.sync_services(&tables).map(drop))?;
+    let unchanged = timed(|| h.maps.sync_services(&tables).map(drop))?;
     let costs = packets(&mut h, samples, &measured)?;
+    // Nothing taken away: SERVICE_NAT is not walked, however many connections it holds.
     let nat_entries = h.maps.service_nat.keys().count();
-    let with_nat = timed(|| h.maps.sync_services(&tables, &live).map(drop))?;
+    let with_nat = timed(|| h.maps.sync_services(&tables).map(drop))?;
     let times = SyncTimes {
         compile,
         first,
