@@ -365,6 +365,16 @@ pub mod nat_flags {
     pub const TO_EXTERNAL: u32 = 1 << 0;
     /// The entry undoes a DNAT (a reply); without it the entry is a connection's DNAT.
     pub const REVERSE: u32 = 1 << 1;
+    /// TCP: an ACK went this way (the handshake is done): the established timeout applies.
+    pub const ESTABLISHED: u32 = 1 << 2;
+    /// TCP: a FIN or RST went this way: the closing timeout applies.
+    pub const CLOSING: u32 = 1 << 3;
+    /// The flags are the low byte; the upper 24 bits hold when a packet last used the entry,
+    /// in ticks of 2^30 ns (about a second, `bpf_ktime_get_ns` >> 30) modulo 2^24 (about 208
+    /// days). Packed so the entry keeps its 48-byte layout, which pinned maps of earlier agents
+    /// share.
+    pub const MASK: u32 = 0xff;
+    pub const SEEN_SHIFT: u32 = 8;
 }
 
 /// The source address a pod sees when it reaches itself through a Service (hairpin): without a

@@ -6,6 +6,7 @@ mod classifier;
 mod conntrack;
 mod l3_forwarding;
 mod metrics;
+mod nat_lifetime;
 mod network_policy;
 mod output;
 mod quoted_nat;

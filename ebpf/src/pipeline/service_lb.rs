@@ -18,7 +18,7 @@ use sluice_common::{
 
 use super::{
     classifier::{IpMeta, ETH_HLEN, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
-    quoted_nat,
+    nat_lifetime, quoted_nat,
 };
 use crate::{AFFINITY, BACKENDS, NAT_SCRATCH, SERVICES, SERVICE_NAT};
 
@@ -113,20 +113,29 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
         };
     }
     flow(meta, &mut s.key);
-    if let Some(entry) = SERVICE_NAT.get_ptr(&s.key) {
-        // SAFETY: a pointer into the map from a successful lookup, only read. Not copied out:
-        // LLVM copies with a memcpy call whose return value the verifier cannot follow.
-        let entry = unsafe { &*entry };
+    let now = nat_lifetime::now();
+    if let Some(entry) = SERVICE_NAT.get_ptr_mut(&s.key) {
+        // SAFETY: a pointer into the map from a successful lookup; other CPUs may only make its
+        // time fresher. Not copied out: LLVM copies with a memcpy call whose return value the
+        // verifier cannot follow.
+        let entry = unsafe { &mut *entry };
         if entry.flags & nat_flags::REVERSE != 0 {
+            // A reply is translated back however long its connection was quiet.
+            nat_lifetime::touch(entry, meta, now);
             return REVERSE;
         }
-        super::passed(Stage::ServiceLB);
-        let code = rewrite(ctx, meta, entry);
-        if code != OK {
-            return code;
+        if nat_lifetime::fresh(entry, meta.proto, now) || replied_lately(entry, meta, now, s) {
+            nat_lifetime::touch(entry, meta, now);
+            super::passed(Stage::ServiceLB);
+            let code = rewrite(ctx, meta, entry);
+            if code != OK {
+                return code;
+            }
+            super::passed(Stage::EndpointDNAT);
+            return FORWARD;
         }
-        super::passed(Stage::EndpointDNAT);
-        return FORWARD;
+        // Quiet in both directions for longer than its timeout: balanced anew below, and its
+        // entries overwritten.
     }
     if scope == NO_FRONTENDS {
         return PASS;
@@ -168,7 +177,7 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
     s.entry.dst = s.endpoint.addr;
     s.entry.src_port = meta.src_port;
     s.entry.dst_port = s.endpoint.port;
-    s.entry.flags = 0;
+    s.entry.flags = nat_lifetime::used(0, meta, now);
     s.reverse_key.src = s.endpoint.addr;
     s.reverse_key.dst = s.entry.src;
     s.reverse_key.src_port = s.endpoint.port;
@@ -182,11 +191,12 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
     s.reverse.dst = meta.src;
     s.reverse.src_port = meta.dst_port;
     s.reverse.dst_port = meta.src_port;
-    s.reverse.flags = if scope == scope::EXTERNAL {
+    let reverse_flags = if scope == scope::EXTERNAL {
         nat_flags::REVERSE | nat_flags::TO_EXTERNAL
     } else {
         nat_flags::REVERSE
     };
+    s.reverse.flags = reverse_flags | (now << nat_flags::SEEN_SHIFT);
     // The reverse entry first: a reply must never exist without its way back. A full LRU map
     // evicts its oldest entry; a failed insert leaves the packet to be balanced again.
     let _ = SERVICE_NAT.insert(&s.reverse_key, &s.reverse, 0);
@@ -197,6 +207,25 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
     }
     super::passed(Stage::EndpointDNAT);
     FORWARD
+}
+
+/// Whether the connection's reverse entry (its replies) is within its timeout: a connection
+/// whose client went quiet while its endpoint kept sending is alive.
+#[inline(always)]
+fn replied_lately(entry: &NatEntry, meta: &IpMeta, now: u32, s: &mut Scratch) -> bool {
+    s.reverse_key = FlowKey {
+        src: entry.dst,
+        dst: entry.src,
+        src_port: entry.dst_port,
+        dst_port: entry.src_port,
+        proto: meta.proto,
+        _pad: [0; 3],
+    };
+    match SERVICE_NAT.get_ptr(&s.reverse_key) {
+        // SAFETY: a pointer into the map from a successful lookup, only read.
+        Some(reverse) => nat_lifetime::fresh(unsafe { &*reverse }, meta.proto, now),
+        None => false,
+    }
 }
 
 /// With the source rewritten (SNAT), two clients may bring the same source port to the same
@@ -269,7 +298,7 @@ fn reverse_code(ctx: &TcContext, meta: &mut IpMeta) -> u32 {
         return code;
     }
     super::passed(Stage::EndpointDNAT);
-    entry.flags
+    entry.flags & nat_flags::MASK
 }
 
 /// SessionAffinity (when the Service asks for it), else a uniform pick among the endpoints,

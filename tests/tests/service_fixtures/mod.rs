@@ -8,8 +8,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 use aya::maps::lpm_trie::Key;
 use sluice_agent::model::ip_key;
 use sluice_common::{
-    service_flags, BackendKey, Endpoint, FlowKey, IpKey, NatEntry, NatTarget, RemoteNode, Service,
-    ServiceKey, SpoofGuardEntry, SpoofGuardKey, IP_KEY_PREFIX_BITS,
+    nat_flags, service_flags, BackendKey, Endpoint, FlowKey, IpKey, NatEntry, NatTarget,
+    RemoteNode, Service, ServiceKey, SpoofGuardEntry, SpoofGuardKey, IP_KEY_PREFIX_BITS,
 };
 use sluice_tests::test_run::*;
 
@@ -119,6 +119,22 @@ pub fn target(addr: IpAddr, port: u16) -> NatTarget {
     }
 }
 
+/// SERVICE_NAT's entries with their kind flags only (`REVERSE`, `TO_EXTERNAL`): when they were
+/// last used and the TCP state are `nat_lifetime_test_run`'s to check.
 pub fn nat_entries(h: &Harness) -> BTreeMap<FlowKey, NatEntry> {
-    h.maps.service_nat.iter().map(Result::unwrap).collect()
+    h.maps
+        .service_nat
+        .iter()
+        .map(Result::unwrap)
+        .map(|(key, entry)| {
+            let kind = nat_flags::REVERSE | nat_flags::TO_EXTERNAL;
+            (
+                key,
+                NatEntry {
+                    flags: entry.flags & kind,
+                    ..entry
+                },
+            )
+        })
+        .collect()
 }
