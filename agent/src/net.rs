@@ -81,6 +81,22 @@ impl Netlink {
         }
     }
 
+    /// Every link of the namespace: (name, index).
+    pub async fn links(&self) -> Result<Vec<(String, u32)>> {
+        let mut links = self.handle.link().get().execute();
+        let mut out = Vec::new();
+        while let Some(msg) = links.try_next().await.context("listing links")? {
+            let name = msg.attributes.iter().find_map(|attr| match attr {
+                LinkAttribute::IfName(name) => Some(name.clone()),
+                _ => None,
+            });
+            if let Some(name) = name {
+                out.push((name, msg.header.index));
+            }
+        }
+        Ok(out)
+    }
+
     /// The interface (name, index, MAC) holding one of `addresses`: the node's uplink.
     pub async fn interface_with_address(
         &self,

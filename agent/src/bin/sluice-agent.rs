@@ -122,18 +122,19 @@ async fn agent() -> Result<()> {
     };
     release_freed_memory();
     info!("serving CNI requests");
-    run(&config, pods, rounds).await
+    run(&config, pods, rounds, health).await
 }
 
 async fn run(
     config: &Config,
     pods: Arc<Mutex<PodNetwork>>,
     rounds: Option<ProgramRounds>,
+    health: Arc<Health>,
 ) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
-        result = serve(&config.cni_socket, pods.clone(), rounds) => result,
+        result = serve(&config.cni_socket, pods.clone(), rounds, health) => result,
         _ = term.recv() => Ok(()),
         _ = int.recv() => Ok(()),
     }?;

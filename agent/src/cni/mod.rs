@@ -1,6 +1,7 @@
 //! The CNI: types shared by the plugin binary (`sluice-cni`, run by the container runtime) and
 //! the agent, which does the work behind a root-only unix socket.
 
+mod gc;
 pub mod plugin;
 pub mod rounds;
 pub mod server;
@@ -21,6 +22,11 @@ pub mod code {
     pub const DECODE_FAILED: u32 = 6;
     pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN_LATER: u32 = 11;
+    /// STATUS: the plugin cannot serve ADD (the agent is not running).
+    pub const PLUGIN_NOT_AVAILABLE: u32 = 50;
+    /// STATUS: the plugin cannot serve ADD, and existing pods may have limited connectivity (the
+    /// agent's programming keeps failing).
+    pub const LIMITED_CONNECTIVITY: u32 = 51;
     /// No free address left in the node's pod CIDR.
     pub const POOL_EXHAUSTED: u32 = 100;
     /// The datapath refused a change (map full, attach failed).
@@ -60,6 +66,18 @@ pub enum Command {
     Add,
     Del,
     Check,
+    /// CNI 1.1: whether ADD can be served.
+    Status,
+    /// CNI 1.1: remove every attachment not in the runtime's valid list.
+    Gc,
+}
+
+/// An attachment as CNI 1.1's GC names it (`cni.dev/valid-attachments`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
 }
 
 /// The network configuration the runtime passes on stdin. Fields other plugins or the runtime
@@ -74,6 +92,9 @@ pub struct NetConf {
     /// The agent's CNI socket; defaults to `config::default_cni_socket()`.
     #[serde(default)]
     pub socket: Option<PathBuf>,
+    /// GC: the attachments the runtime still uses.
+    #[serde(default, rename = "cni.dev/valid-attachments")]
+    pub valid_attachments: Option<Vec<Attachment>>,
 }
 
 /// What the plugin asks of the agent.
@@ -87,6 +108,9 @@ pub struct AgentRequest {
     /// can judge its policies before the kubelet has written its addresses to the API.
     #[serde(default)]
     pub pod: Option<PodRef>,
+    /// GC: the attachments to keep.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub valid_attachments: Vec<Attachment>,
 }
 
 /// A Pod by namespace and name.

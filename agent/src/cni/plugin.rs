@@ -33,11 +33,16 @@ pub fn run(env: &HashMap<String, String>, stdin: &[u8]) -> Result<String, (Strin
             "ADD" => Command::Add,
             "DEL" => Command::Del,
             "CHECK" => Command::Check,
+            "STATUS" => Command::Status,
+            "GC" => Command::Gc,
             "" => return Err(CniError::new(code::INVALID_ENV, "CNI_COMMAND is not set")),
             other => {
                 return Err(CniError::new(
                     code::INVALID_ENV,
-                    format!("CNI_COMMAND {other:?} is not supported (ADD, DEL, CHECK, VERSION)"),
+                    format!(
+                        "CNI_COMMAND {other:?} is not supported (ADD, DEL, CHECK, STATUS, GC, \
+                         VERSION)"
+                    ),
                 ))
             }
         };
@@ -53,9 +58,20 @@ pub fn run(env: &HashMap<String, String>, stdin: &[u8]) -> Result<String, (Strin
                 ),
             ));
         }
-        let request = request(command, env)?;
+        let request = match command {
+            Command::Status | Command::Gc => runtime_request(command, &conf)?,
+            _ => request(command, env)?,
+        };
         let socket = conf.socket.clone().unwrap_or_else(default_cni_socket);
-        match ask_agent(&socket, &request)? {
+        let reply = ask_agent(&socket, &request).map_err(|e| match command {
+            // STATUS: an agent that does not answer cannot serve ADD.
+            Command::Status => CniError {
+                code: code::PLUGIN_NOT_AVAILABLE,
+                ..e
+            },
+            _ => e,
+        })?;
+        match reply {
             AgentReply::Ok(Some(mut result)) => {
                 result.cni_version = conf.cni_version.clone();
                 Ok(serde_json::to_string(&result).expect("results always serialize"))
@@ -117,6 +133,38 @@ fn request(command: Command, env: &HashMap<String, String>) -> Result<AgentReque
         netns,
         ifname,
         pod: pod_ref(&get("CNI_ARGS"))?,
+        valid_attachments: Vec::new(),
+    })
+}
+
+/// STATUS and GC concern the network, not one container: CNI 1.1 commands, GC with the
+/// attachments the runtime keeps.
+fn runtime_request(command: Command, conf: &NetConf) -> Result<AgentRequest, CniError> {
+    if conf.cni_version != "1.1.0" {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "cniVersion {:?}: STATUS and GC are CNI 1.1.0 commands",
+                conf.cni_version
+            ),
+        ));
+    }
+    let valid_attachments = match (command, &conf.valid_attachments) {
+        (Command::Gc, None) => {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "GC: the network configuration has no cni.dev/valid-attachments",
+            ))
+        }
+        (_, list) => list.clone().unwrap_or_default(),
+    };
+    Ok(AgentRequest {
+        command,
+        container_id: String::new(),
+        netns: String::new(),
+        ifname: String::new(),
+        pod: None,
+        valid_attachments,
     })
 }
 
@@ -189,6 +237,7 @@ fn ask_agent(socket: &PathBuf, request: &AgentRequest) -> Result<AgentReply, Cni
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cni::Attachment;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
@@ -209,6 +258,32 @@ mod tests {
         assert!(
             out.contains("\"supportedVersions\":[\"0.4.0\",\"1.0.0\",\"1.1.0\"]"),
             "{out}"
+        );
+    }
+
+    #[test]
+    fn status_and_gc_are_cni_1_1_network_commands() {
+        let v11 = br#"{"cniVersion":"1.1.0","name":"sluice","type":"sluice-cni","socket":"/nonexistent/cni.sock"}"#;
+        // No container in the environment, and an agent that is not there.
+        let down = error(&[("CNI_COMMAND", "STATUS")], v11);
+        assert_eq!(down.code, code::PLUGIN_NOT_AVAILABLE, "{}", down.msg);
+        let old = error(&[("CNI_COMMAND", "GC")], CONF);
+        assert_eq!(old.code, code::INCOMPATIBLE_VERSION);
+        assert!(old.msg.contains("1.1.0"), "{}", old.msg);
+        let no_list = error(&[("CNI_COMMAND", "GC")], v11);
+        assert_eq!(no_list.code, code::INVALID_CONFIG);
+        let conf: NetConf = serde_json::from_slice(
+            br#"{"cniVersion":"1.1.0","name":"n","type":"t",
+                "cni.dev/valid-attachments":[{"containerID":"c1","ifname":"eth0"}]}"#,
+        )
+        .unwrap();
+        let request = runtime_request(Command::Gc, &conf).unwrap();
+        assert_eq!(
+            request.valid_attachments,
+            [Attachment {
+                container_id: "c1".into(),
+                ifname: "eth0".into()
+            }]
         );
     }
 

@@ -28,6 +28,7 @@ use crate::{
     config::{EncapMode, NodeNetwork},
     datapath::{Datapath, NodeWiring},
     endpoints::Store,
+    health::Health,
     ipam::{Ipam, IpamError},
     masquerade,
     model::{ip_key, LocalEndpoint, Mac, Pipeline, RemoteRoute},
@@ -54,6 +55,7 @@ pub struct ReconcileReport {
     pub live: usize,
     pub stale: Vec<String>,
     pub orphan_addresses: Vec<IpAddr>,
+    pub orphan_links: Vec<String>,
 }
 
 fn io(msg: &str) -> impl FnOnce(anyhow::Error) -> CniError + '_ {
@@ -72,6 +74,13 @@ fn port_names(container_id: &str, ifname: &str) -> (String, String) {
     }
     let hex = format!("{hash:016x}");
     (format!("sl{}", &hex[..12]), format!("sp{}", &hex[..12]))
+}
+
+/// Whether `name` is one of `port_names`' (`sl`/`sp` and 12 hex digits).
+fn is_port_name(name: &str) -> bool {
+    (name.starts_with("sl") || name.starts_with("sp"))
+        && name.len() == 14
+        && name[2..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 impl PodNetwork {
@@ -128,7 +137,7 @@ impl PodNetwork {
             .install_node(&wiring)
             .context("attaching the gateway and tunnel programs")?;
         let report = pods.reconcile().await?;
-        info!(live = report.live, stale = ?report.stale, orphan_addresses = ?report.orphan_addresses, "reconciled with the previous state");
+        info!(live = report.live, stale = ?report.stale, orphan_addresses = ?report.orphan_addresses, orphan_links = ?report.orphan_links, "reconciled with the previous state");
         Ok(pods)
     }
 
@@ -154,13 +163,14 @@ impl PodNetwork {
                     .push(format!("{}/{}", ep.container_id, ep.ifname));
             }
         }
-        for (ip, id, ifname) in self.ipam.reservations()? {
-            if !live
-                .iter()
-                .any(|ep| ep.container_id == id && ep.ifname == ifname)
-            {
-                self.ipam.release(&id, &ifname)?;
-                report.orphan_addresses.push(ip);
+        report.orphan_addresses = self.release_unrecorded(&Default::default())?;
+        // Veths of an ADD that died before writing its record (both ends still here if it died
+        // before moving one into the pod).
+        for (name, index) in self.nl.links().await? {
+            if is_port_name(&name) && !live.iter().any(|ep| ep.host_ifname == name) {
+                self.datapath.detach_port(&name)?;
+                self.nl.delete_link(index).await?;
+                report.orphan_links.push(name);
             }
         }
         self.datapath.sync(&self.desired(&live))?;
@@ -294,6 +304,9 @@ impl PodNetwork {
             Command::Add => self.add(&request).await.map(Some),
             Command::Del => self.del(&request).await.map(|()| None),
             Command::Check => self.check(&request).await.map(|()| None),
+            // Answered by `serve_one` without waiting for the node's lock.
+            Command::Status => Ok(None),
+            Command::Gc => self.gc(&request.valid_attachments).await.map(|()| None),
         };
         match reply {
             Ok(result) => AgentReply::Ok(result),
@@ -489,17 +502,26 @@ impl PodNetwork {
 
     /// Idempotent: an unknown container or a second DEL is success, as the spec requires.
     async fn del(&mut self, req: &AgentRequest) -> Result<(), CniError> {
+        self.remove(&req.container_id, &req.ifname).await
+    }
+
+    /// Removes a pod interface's entries, veth and address, whatever is left of them.
+    pub(super) async fn remove(
+        &mut self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<(), CniError> {
         let record = self
             .store
-            .get(&req.container_id, &req.ifname)
+            .get(container_id, ifname)
             .map_err(|e| io("reading endpoint records")(e.into()))?;
         let host = record.as_ref().map_or_else(
-            || port_names(&req.container_id, &req.ifname).0,
+            || port_names(container_id, ifname).0,
             |ep| ep.host_ifname.clone(),
         );
         // Entries go first, the address last, so no address is reused while still programmed.
         self.store
-            .remove(&req.container_id, &req.ifname)
+            .remove(container_id, ifname)
             .map_err(|e| io("removing the endpoint record")(e.into()))?;
         self.sync()
             .map_err(datapath_err("removing datapath entries"))?;
@@ -514,10 +536,31 @@ impl PodNetwork {
         }
         let released = self
             .ipam
-            .release(&req.container_id, &req.ifname)
+            .release(container_id, ifname)
             .map_err(|e| io("releasing the address")(e.into()))?;
-        info!(container = %req.container_id, released = ?released, "pod deleted");
+        info!(container = %container_id, released = ?released, "pod deleted");
         Ok(())
+    }
+
+    /// Releases the addresses reserved for attachments neither recorded nor in `keep`: what an
+    /// ADD that died between its reservation and its record left. Returns them.
+    pub(super) fn release_unrecorded(
+        &mut self,
+        keep: &std::collections::BTreeSet<(&str, &str)>,
+    ) -> Result<Vec<IpAddr>> {
+        let recorded = self.store.list()?;
+        let mut released = Vec::new();
+        for (ip, id, ifname) in self.ipam.reservations()? {
+            let known = keep.contains(&(id.as_str(), ifname.as_str()))
+                || recorded
+                    .iter()
+                    .any(|ep| ep.container_id == id && ep.ifname == ifname);
+            if !known {
+                self.ipam.release(&id, &ifname)?;
+                released.push(ip);
+            }
+        }
+        Ok(released)
     }
 
     async fn check(&mut self, req: &AgentRequest) -> Result<(), CniError> {
@@ -611,6 +654,7 @@ pub async fn serve(
     socket: &Path,
     pods: Arc<Mutex<PodNetwork>>,
     rounds: Option<ProgramRounds>,
+    health: Arc<Health>,
 ) -> Result<()> {
     let dir = socket
         .parent()
@@ -626,8 +670,9 @@ pub async fn serve(
         let (stream, _) = listener.accept().await?;
         let pods = pods.clone();
         let rounds = rounds.clone();
+        let health = health.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, pods, rounds).await {
+            if let Err(e) = serve_one(stream, pods, rounds, &health).await {
                 warn!("CNI connection failed: {e:#}");
             }
         });
@@ -638,11 +683,16 @@ async fn serve_one(
     stream: UnixStream,
     pods: Arc<Mutex<PodNetwork>>,
     rounds: Option<ProgramRounds>,
+    health: &Health,
 ) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
     let reply = match serde_json::from_str::<AgentRequest>(&line) {
+        Ok(request) if request.command == Command::Status => match health.check() {
+            Ok(()) => AgentReply::Ok(None),
+            Err(why) => AgentReply::Error(CniError::new(code::LIMITED_CONNECTIVITY, why)),
+        },
         Ok(request) => {
             let add = request.command == Command::Add;
             let pod = request.pod.clone();
