@@ -131,8 +131,8 @@ pub struct Config {
     #[serde(default)]
     pub feature_gates: FeatureGates,
     /// Sizes of the datapath's maps by name (`sluice_common::map_names::RESIZABLE`), like
-    /// Cilium's `bpf-*-map-max`; absent: the sizes the eBPF object declares. Pinned maps of
-    /// another size are refused at start.
+    /// Cilium's `bpf-*-map-max`; absent: the sizes the eBPF object declares. A pinned map of
+    /// another size is replaced at start (see `datapath::ebpf::layout`).
     #[serde(default)]
     pub bpf_map_sizes: BTreeMap<String, u32>,
 }

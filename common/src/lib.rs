@@ -25,6 +25,7 @@ pub mod map_names {
     pub const STAGE_PACKETS: &str = "STAGE_PACKETS";
     pub const DROPS: &str = "DROPS";
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const LAYOUT: &str = "LAYOUT";
 
     /// The maps whose size the agent config may set (`bpfMapSizes`), with the size the object
     /// declares. The per-pod maps (ENDPOINTS, SPOOF_GUARD, ENDPOINT_POLICY) are sized for any
@@ -42,7 +43,13 @@ pub mod map_names {
         (EXTERNAL_IPS, super::MAX_EXTERNAL_IPS),
     ];
 
-    pub const ALL: [&str; 19] = [
+    /// Format numbers of the maps whose keys or values changed meaning at an unchanged size; a
+    /// map not listed is at format 1. The agent records each map's format in LAYOUT (by its
+    /// index in `ALL`) and replaces a pin of another format rather than adopt it.
+    pub const FORMATS: [(&str, u32); 0] = [];
+
+    /// Every map, in the order LAYOUT indexes them (append only).
+    pub const ALL: [&str; 20] = [
         ENDPOINTS,
         SPOOF_GUARD,
         REMOTE_NODES,
@@ -62,6 +69,7 @@ pub mod map_names {
         STAGE_PACKETS,
         DROPS,
         FRAGMENTS,
+        LAYOUT,
     ];
 }
 

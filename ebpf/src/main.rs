@@ -57,6 +57,11 @@ static POLICY_EXACT: HashMap<PolicyKey, PolicyRule> =
 #[map]
 static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
 
+/// The format of every map (by its index in `map_names::ALL`), written by the agent that created
+/// the pins, so the next one knows what it adopts. Never read by the programs.
+#[map]
+static LAYOUT: Array<u32> = Array::with_max_entries(32, 0);
+
 /// Classifier: the ports of IPv4 datagrams whose first fragment went by, for their later
 /// fragments.
 #[map]

@@ -180,3 +180,25 @@ fn a_reply_after_a_long_silence_still_comes_from_the_frontend() {
         "the reply refreshed its entry"
     );
 }
+
+#[test]
+fn an_entry_an_older_agent_wrote_is_kept_and_timed_from_its_next_packet() {
+    let (mut h, set) = service(IPPROTO_UDP);
+    let flow = client(IPPROTO_UDP);
+    assert_eq!(send(&mut h, flow, 0), ip(PEER_V4));
+    replace_endpoint(&mut h, set);
+    // Agents before entries kept time left the upper bits zero.
+    let mut older = entry(&h, flow.key());
+    older.flags &= nat_flags::MASK;
+    h.maps.service_nat.insert(flow.key(), older, 0).unwrap();
+    assert_eq!(
+        send(&mut h, flow, 0),
+        ip(PEER_V4),
+        "the connection keeps its endpoint"
+    );
+    assert_ne!(
+        entry(&h, flow.key()).flags >> nat_flags::SEEN_SHIFT,
+        0,
+        "timed from now on"
+    );
+}

@@ -133,17 +133,30 @@ impl PodNetwork {
             gateway_ip,
             tunnel,
         };
+        // Maps that could not be adopted start empty: the pods are isolated (allowing nothing
+        // until the first policy round) and the maps filled before any new program runs on them.
+        if pods.node.isolate_new_pods && pods.datapath.isolation_lost() {
+            let addrs: Vec<_> = pods
+                .store
+                .list()?
+                .iter()
+                .flat_map(|ep| ep.ips.iter().map(|n| ip_key(n.ip())))
+                .collect();
+            warn!(pods = addrs.len(), "the previous agent's policy maps were replaced: every pod allows nothing until NetworkPolicy is programmed");
+            pods.datapath.isolate_pending(&addrs)?;
+        }
+        let report = pods.reconcile().await?;
         pods.datapath
             .install_node(&wiring)
             .context("attaching the gateway and tunnel programs")?;
-        let report = pods.reconcile().await?;
+        pods.attach_ports()?;
         info!(live = report.live, stale = ?report.stale, orphan_addresses = ?report.orphan_addresses, orphan_links = ?report.orphan_links, "reconciled with the previous state");
         Ok(pods)
     }
 
-    /// Drops the records, reservations and entries of pods whose interface is gone, keeps the
-    /// live ones, and re-attaches the (possibly newer) program to every live port.
-    pub async fn reconcile(&mut self) -> Result<ReconcileReport> {
+    /// Drops the records, reservations and entries of pods whose interface is gone, and makes
+    /// the maps hold the live ones.
+    async fn reconcile(&mut self) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
         let mut live = Vec::new();
         for ep in self.store.list()? {
@@ -174,11 +187,16 @@ impl PodNetwork {
             }
         }
         self.datapath.sync(&self.desired(&live))?;
-        for ep in &live {
-            self.datapath.attach_port(&ep.host_ifname)?;
-        }
         report.live = live.len();
         Ok(report)
+    }
+
+    /// Attaches the (possibly newer) program to every live pod's port, replacing the old one.
+    fn attach_ports(&mut self) -> Result<()> {
+        for ep in self.store.list()? {
+            self.datapath.attach_port(&ep.host_ifname)?;
+        }
+        Ok(())
     }
 
     fn desired(&self, endpoints: &[LocalEndpoint]) -> Pipeline {

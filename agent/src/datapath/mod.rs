@@ -43,6 +43,9 @@ pub trait Datapath: Send {
     /// Isolates a new pod's addresses in both directions, allowing nothing, until the next
     /// `sync_policy` gives them their policies (`POLICY_PENDING`).
     fn isolate_pending(&mut self, addrs: &[IpKey]) -> Result<()>;
+    /// Whether the isolation a previous agent programmed is gone (its maps could not be
+    /// adopted): until the next `sync_policy`, every pod must be isolated pending.
+    fn isolation_lost(&self) -> bool;
     /// Starts processing what arrives on the node's uplink: Services from outside the cluster.
     fn attach_uplink(&mut self, ifname: &str) -> Result<()>;
     /// Makes the Service frontends and backends equal to `desired`; connections whose frontend

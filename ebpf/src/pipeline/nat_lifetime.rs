@@ -23,6 +23,11 @@ pub fn now() -> u32 {
 #[inline(always)]
 pub fn fresh(entry: &NatEntry, proto: u8, now: u32) -> bool {
     let seen = entry.flags >> nat_flags::SEEN_SHIFT;
+    // An entry of an agent that kept no time: fresh, and timed from its next packet on, so an
+    // upgrade does not rebalance every connection.
+    if seen == 0 {
+        return true;
+    }
     let age = now.wrapping_sub(seen) % TICKS;
     let timeout = match proto {
         IPPROTO_TCP if entry.flags & nat_flags::CLOSING != 0 => ct_timeout::TCP_CLOSING,

@@ -3,8 +3,10 @@
 //!
 //! Everything it creates outlives the agent process: maps are pinned, tcx links are pinned,
 //! netlink filters belong to the interface. A restarted agent adopts them (the same pins are
-//! reused, attachments are replaced in place), so forwarding never stops with the agent.
+//! reused, attachments are replaced in place), so forwarding never stops with the agent; a pin
+//! of another layout than this agent's is replaced instead (`layout`).
 
+pub mod layout;
 mod maps;
 mod policy_maps;
 mod service_flush;
@@ -16,7 +18,6 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::MapData,
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
@@ -72,6 +73,8 @@ pub struct EbpfDatapath {
     maps: Maps,
     pin_dir: PathBuf,
     attach: Attach,
+    /// The pins found of another layout, replaced at load.
+    replaced: Vec<layout::Replaced>,
 }
 
 /// Makes sure `dir` lives on a bpffs, mounting one at /sys/fs/bpf if nothing is mounted there.
@@ -104,28 +107,6 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
         .with_context(|| format!("creating {}", dir.display()))
 }
 
-/// A pin outlives the config that sized it, and aya adopts a pinned map whatever its size: the
-/// agent refuses to run on one of another size than configured rather than silently ignore
-/// `bpfMapSizes`.
-fn check_pinned_sizes(pin_dir: &Path, map_sizes: &[(&'static str, u32)]) -> Result<()> {
-    for &(name, size) in map_sizes {
-        let path = pin_dir.join(name);
-        let pinned = MapData::from_pin(&path)
-            .and_then(|m| m.info())
-            .with_context(|| format!("reading the size of pinned map {}", path.display()))?
-            .max_entries();
-        if pinned != size {
-            bail!(
-                "pinned map {} holds {pinned} entries, but {size} are configured \
-                 (bpfMapSizes.{name}): remove the pin to resize it (its entries are rebuilt; \
-                 what it held, such as connections, is lost) or set bpfMapSizes.{name}: {pinned}",
-                path.display()
-            );
-        }
-    }
-    Ok(())
-}
-
 impl EbpfDatapath {
     /// `map_sizes`: the size each resizable map is to have (`Settings::map_sizes`).
     pub fn load(
@@ -135,6 +116,8 @@ impl EbpfDatapath {
     ) -> Result<EbpfDatapath> {
         let attach = Attach::resolve(mode)?;
         ensure_bpffs(pin_dir)?;
+        let declared = layout::declared(EBPF_OBJECT, map_sizes)?;
+        let replaced = layout::replace_mismatched(pin_dir, &declared)?;
         let mut loader = EbpfLoader::new();
         for name in map_names::ALL {
             loader.map_pin_path(name, pin_dir.join(name));
@@ -145,7 +128,7 @@ impl EbpfDatapath {
         let mut bpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
-        check_pinned_sizes(pin_dir, map_sizes)?;
+        layout::record(&mut bpf, &declared)?;
         for name in [
             program_names::FROM_POD,
             program_names::FROM_GATEWAY,
@@ -166,6 +149,7 @@ impl EbpfDatapath {
             maps,
             pin_dir: pin_dir.to_path_buf(),
             attach,
+            replaced,
         })
     }
 
@@ -321,6 +305,12 @@ impl Datapath for EbpfDatapath {
 
     fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
         self.attach_ingress(program_names::FROM_UPLINK, ifname)
+    }
+
+    fn isolation_lost(&self) -> bool {
+        self.replaced
+            .iter()
+            .any(|r| r.map == map_names::ENDPOINT_POLICY)
     }
 
     fn sync_services(&mut self, desired: &ServiceTables) -> Result<SyncReport> {
