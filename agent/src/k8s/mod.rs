@@ -2,6 +2,7 @@
 //! reflector stores — the cluster store. Nothing here touches the kernel: `remote_routes` turns the
 //! store into plain data for the pipeline.
 
+mod node_changes;
 mod slice;
 
 pub use slice::{Endpoint, EndpointSlice};
@@ -57,7 +58,8 @@ pub struct ClusterStore {
     /// The highest resourceVersion any watch event carried: what the store has seen.
     pub observed: Arc<AtomicU64>,
     /// Events of the kinds the Service tables are compiled from (Node, Service,
-    /// EndpointSlice): unchanged, the tables need no recompiling.
+    /// EndpointSlice; of Nodes only those that change what the tables read, not heartbeats):
+    /// unchanged, the tables need no recompiling.
     pub service_events: Arc<AtomicU64>,
 }
 
@@ -98,15 +100,17 @@ where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    watch_with(api, Default::default(), config, signals)
+    watch_with(api, Default::default(), config, signals, |_| true)
 }
 
-/// As [`watch`], for kinds known only at run time (`DynamicObject` with its `ApiResource`).
+/// As [`watch`], for kinds known only at run time (`DynamicObject` with its `ApiResource`);
+/// `counts` tells the events that count in `signals.events` (every one changes the store).
 fn watch_with<K>(
     api: Api<K>,
     dyntype: K::DynamicType,
     config: watcher::Config,
     signals: Signals,
+    mut counts: impl FnMut(&watcher::Event<K>) -> bool + Send + 'static,
 ) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
@@ -138,7 +142,9 @@ where
                             .observed
                             .fetch_max(rv.unwrap_or(0), Ordering::AcqRel);
                     }
-                    signals.events.fetch_add(1, Ordering::AcqRel);
+                    if counts(&event) {
+                        signals.events.fetch_add(1, Ordering::AcqRel);
+                    }
                     signals.changed.notify_one()
                 }
                 // The backoff retries; a 410 Gone makes the watcher relist.
@@ -165,14 +171,21 @@ impl ClusterStore {
                 pools,
                 all(),
                 signals.clone(),
+                |_| true,
             )
         });
         ClusterStore {
-            nodes: watch(
-                Api::<Node>::all(client.clone()),
-                all(),
-                signals.counting(&service_events),
-            ),
+            nodes: {
+                // Heartbeats do not recompile the Services.
+                let mut changes = node_changes::NodeChanges::default();
+                watch_with(
+                    Api::<Node>::all(client.clone()),
+                    (),
+                    all(),
+                    signals.counting(&service_events),
+                    move |event| changes.relevant(event),
+                )
+            },
             namespaces: watch(
                 Api::<Namespace>::all(client.clone()),
                 all(),

@@ -113,8 +113,10 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
         };
     }
     flow(meta, &mut s.key);
-    let now = nat_lifetime::now();
     if let Some(entry) = SERVICE_NAT.get_ptr_mut(&s.key) {
+        // Read only for packets of load-balanced connections: a pod's other packets do not pay
+        // for the clock.
+        let now = nat_lifetime::now();
         // SAFETY: a pointer into the map from a successful lookup; other CPUs may only make its
         // time fresher. Not copied out: LLVM copies with a memcpy call whose return value the
         // verifier cannot follow.
@@ -162,6 +164,7 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
     if !pick(meta, service, s) {
         return failed(DropReason::NoEndpoints);
     }
+    let now = nat_lifetime::now();
     super::passed(Stage::ServiceLB);
     // Written field by field into the per-CPU slot: whole-struct temporaries would take stack.
     let hairpin = scope == scope::INTERNAL && s.endpoint.addr == meta.src;
