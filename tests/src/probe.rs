@@ -326,6 +326,17 @@ impl Session {
         Session { conn }
     }
 
+    /// `n` sessions, each with the pod that answered its first question.
+    pub fn open_many(ns: &Path, ip: Ipv4Addr, port: u16, n: usize) -> Vec<(String, Session)> {
+        (0..n)
+            .map(|_| {
+                let mut session = Session::open(ns, ip, port);
+                let pod = session.ask().expect("session answers");
+                (pod, session)
+            })
+            .collect()
+    }
+
     /// The pod answering, or how the exchange failed.
     pub fn ask(&mut self) -> std::io::Result<String> {
         use std::io::{BufRead, BufReader, Write};
@@ -337,6 +348,15 @@ impl Session {
         }
         Ok(line.trim().to_string())
     }
+}
+
+/// Whether a session failed the way one whose connection the other side never saw fails: reset
+/// (or closed), never left hanging.
+pub fn was_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof | ErrorKind::BrokenPipe
+    )
 }
 
 /// Echo servers for sessions: every line gets the pod's name back. Threads end with the test.

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use sluice_tests::{
     in_netns,
     lab::{Lab, LabOptions},
-    probe::{session_server, Session},
+    probe::{self, session_server, Session},
     require_root,
 };
 
@@ -149,13 +149,7 @@ fn connections_end_with_their_endpoint_or_frontend_and_drain_from_a_terminating_
 
     // TCP: sessions on both endpoints; web-1 terminates while web-2 is ready.
     programmed(&mut lab, vec![both_ready]);
-    let mut sessions: Vec<(String, Session)> = (0..16)
-        .map(|_| {
-            let mut session = Session::open(&client, vip, SESSION_PORT);
-            let pod = session.ask().expect("session answers");
-            (pod, session)
-        })
-        .collect();
+    let mut sessions = Session::open_many(&client, vip, SESSION_PORT, 16);
     assert!(
         sessions.iter().any(|(pod, _)| pod == "default/web-1")
             && sessions.iter().any(|(pod, _)| pod == "default/web-2"),
@@ -188,12 +182,7 @@ fn connections_end_with_their_endpoint_or_frontend_and_drain_from_a_terminating_
             Err(e) => {
                 assert_eq!(pod, "default/web-1", "web-2's session broke: {e}");
                 assert!(
-                    matches!(
-                        e.kind(),
-                        std::io::ErrorKind::ConnectionReset
-                            | std::io::ErrorKind::UnexpectedEof
-                            | std::io::ErrorKind::BrokenPipe
-                    ),
+                    probe::was_reset(&e),
                     "web-1's session is reset, not left hanging: {e}"
                 );
             }

@@ -47,6 +47,20 @@ fn web_ingress(name: &str, from: Value) -> Value {
         "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [{"from": from}]}})
 }
 
+fn client_on_node_2() -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "client", "namespace": "default", "labels": {"app": "client"}},
+        "spec": {"nodeName": "node-2", "containers": [{"name": "c", "image": "x"}]}})
+}
+
+/// A UDP ClusterIP Service in front of the web pod.
+fn udp_service(name: &str, cluster_ip: &str, port: u16, target_port: u16) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"clusterIP": cluster_ip, "selector": {"app": "web"},
+            "ports": [{"port": port, "targetPort": target_port, "protocol": "UDP"}]}})
+}
+
 /// Whether an outside client gets through the NodePort of each node.
 fn from_outside(lab: &Lab) -> [bool; 2] {
     let outside = lab.external().path();
@@ -107,13 +121,8 @@ fn snat_node_port_traffic_is_judged_alike_on_every_node() {
 fn an_endpoints_port_unreachable_reaches_an_isolated_client() {
     let mut lab = lab(Encap::Vxlan);
     lab.apply(vec![
-        json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "client", "namespace": "default", "labels": {"app": "client"}},
-            "spec": {"nodeName": "node-2", "containers": [{"name": "c", "image": "x"}]}}),
-        json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "closed", "namespace": "default"},
-            "spec": {"clusterIP": "10.96.0.53", "selector": {"app": "web"},
-                "ports": [{"port": 53, "targetPort": 9999, "protocol": "UDP"}]}}),
+        client_on_node_2(),
+        udp_service("closed", "10.96.0.53", 53, 9999),
         json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": "client-deny-in", "namespace": "default"},
             "spec": {"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Ingress"]}}),
@@ -144,13 +153,8 @@ fn an_endpoints_port_unreachable_reaches_an_isolated_client() {
 fn a_fragmented_datagram_reaches_an_isolated_endpoint_through_a_cluster_ip() {
     let mut lab = lab(Encap::Vxlan);
     lab.apply(vec![
-        json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "client", "namespace": "default", "labels": {"app": "client"}},
-            "spec": {"nodeName": "node-2", "containers": [{"name": "c", "image": "x"}]}}),
-        json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "web-udp", "namespace": "default"},
-            "spec": {"clusterIP": "10.96.0.80", "selector": {"app": "web"},
-                "ports": [{"port": 8053, "targetPort": PORT, "protocol": "UDP"}]}}),
+        client_on_node_2(),
+        udp_service("web-udp", "10.96.0.80", 8053, PORT),
         json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": "web-udp-from-client", "namespace": "default"},
             "spec": {"podSelector": {"matchLabels": {"app": "web"}},
