@@ -34,8 +34,20 @@ pub fn ebpf_cargo(subcommand: &str) -> Result<Command> {
         tools.join("bin").display(),
         std::env::var("PATH").unwrap_or_default()
     );
+    let mut cmd = toolchain_cargo();
+    cmd.current_dir(root().join("ebpf"))
+        .env("PATH", path)
+        .env("LD_LIBRARY_PATH", toolchain.sysroot()?.join("lib"));
+    toolchain.apply(&mut cmd);
+    cmd.args([subcommand, "--release", "--target-dir"])
+        .arg(root().join("target/ebpf"));
+    Ok(cmd)
+}
+
+/// `cargo` without the outer cargo's toolchain variables, which would override the toolchain
+/// chosen for it (`+TOOLCHAIN`, rust-toolchain.toml).
+pub fn toolchain_cargo() -> Command {
     let mut cmd = Command::new("cargo");
-    // The outer cargo's toolchain variables would override ebpf/rust-toolchain.toml.
     for var in [
         "RUSTUP_TOOLCHAIN",
         "RUSTC",
@@ -47,13 +59,7 @@ pub fn ebpf_cargo(subcommand: &str) -> Result<Command> {
     ] {
         cmd.env_remove(var);
     }
-    cmd.current_dir(root().join("ebpf"))
-        .env("PATH", path)
-        .env("LD_LIBRARY_PATH", toolchain.sysroot()?.join("lib"));
-    toolchain.apply(&mut cmd);
-    cmd.args([subcommand, "--release", "--target-dir"])
-        .arg(root().join("target/ebpf"));
-    Ok(cmd)
+    cmd
 }
 
 pub fn release() -> Result<()> {

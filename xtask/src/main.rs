@@ -1,7 +1,9 @@
-//! `cargo xtask setup | build | test | demo | bench`: the only entry points a newcomer needs.
+//! `cargo xtask setup | build | test | demo | lab | bench | fuzz`: the only entry points a newcomer
+//! needs.
 
 mod bench;
 mod build;
+mod fuzz;
 mod setup;
 
 use std::process::Command;
@@ -39,6 +41,15 @@ enum Cmd {
         #[command(subcommand)]
         which: Option<bench::Which>,
     },
+    /// Fuzz the CNI plugin's input, the agent config and the policy and Service compilers
+    /// (cargo fuzz), each for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -49,6 +60,7 @@ fn main() -> Result<()> {
         Cmd::Demo => demo(),
         Cmd::Lab => lab(),
         Cmd::Bench { which } => bench::run(which.unwrap_or(bench::Which::All)),
+        Cmd::Fuzz { seconds, targets } => fuzz::run_targets(seconds, &targets),
     }
 }
 

@@ -18,16 +18,46 @@ use crate::config::default_cni_socket;
 /// How long the plugin waits for the agent; kubelet's own CNI timeout is longer.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A checked invocation: what to ask the agent, where, and the version to answer in.
+#[derive(Debug)]
+pub struct Call {
+    pub version: String,
+    pub socket: PathBuf,
+    pub request: AgentRequest,
+}
+
 /// Runs one CNI invocation. `Ok` holds what goes to stdout (may be empty).
 pub fn run(env: &HashMap<String, String>, stdin: &[u8]) -> Result<String, (String, CniError)> {
-    let command = env.get("CNI_COMMAND").map(String::as_str).unwrap_or("");
-    if command == "VERSION" {
+    if env.get("CNI_COMMAND").map(String::as_str) == Some("VERSION") {
         let reply =
             serde_json::json!({ "cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS });
         return Ok(reply.to_string());
     }
-    // Errors are reported in the config's version when we could read it.
+    let call = parse(env, stdin)?;
+    let command = call.request.command;
+    let reply = ask_agent(&call.socket, &call.request).map_err(|e| match command {
+        // STATUS: an agent that does not answer cannot serve ADD.
+        Command::Status => CniError {
+            code: code::PLUGIN_NOT_AVAILABLE,
+            ..e
+        },
+        _ => e,
+    });
+    match reply {
+        Ok(AgentReply::Ok(Some(mut result))) => {
+            result.cni_version = call.version;
+            Ok(serde_json::to_string(&result).expect("results always serialize"))
+        }
+        Ok(AgentReply::Ok(None)) => Ok(String::new()),
+        Ok(AgentReply::Error(err)) | Err(err) => Err((call.version, err)),
+    }
+}
+
+/// Checks an invocation's environment and configuration, asking nothing yet. An error comes
+/// with the version to report it in: the configuration's, when it could be read.
+pub fn parse(env: &HashMap<String, String>, stdin: &[u8]) -> Result<Call, (String, CniError)> {
     let mut version = "1.1.0".to_string();
+    let command = env.get("CNI_COMMAND").map(String::as_str).unwrap_or("");
     let result = (|| {
         let command = match command {
             "ADD" => Command::Add,
@@ -62,23 +92,11 @@ pub fn run(env: &HashMap<String, String>, stdin: &[u8]) -> Result<String, (Strin
             Command::Status | Command::Gc => runtime_request(command, &conf)?,
             _ => request(command, env)?,
         };
-        let socket = conf.socket.clone().unwrap_or_else(default_cni_socket);
-        let reply = ask_agent(&socket, &request).map_err(|e| match command {
-            // STATUS: an agent that does not answer cannot serve ADD.
-            Command::Status => CniError {
-                code: code::PLUGIN_NOT_AVAILABLE,
-                ..e
-            },
-            _ => e,
-        })?;
-        match reply {
-            AgentReply::Ok(Some(mut result)) => {
-                result.cni_version = conf.cni_version.clone();
-                Ok(serde_json::to_string(&result).expect("results always serialize"))
-            }
-            AgentReply::Ok(None) => Ok(String::new()),
-            AgentReply::Error(err) => Err(err),
-        }
+        Ok(Call {
+            version: conf.cni_version.clone(),
+            socket: conf.socket.clone().unwrap_or_else(default_cni_socket),
+            request,
+        })
     })();
     result.map_err(|err| (version, err))
 }
