@@ -75,8 +75,8 @@ fn udp_checksum(src: [u8; 4], dst: [u8; 4], segment: &[u8]) -> u16 {
 /// fragment's must agree), ports, and whether its UDP checksum holds.
 fn reassemble(first: &[u8], later: &[u8]) -> ([u8; 4], [u8; 4], u16, u16, bool) {
     assert_eq!(
-        bytes(first, 26..34),
-        bytes(later, 26..34),
+        first[26..34],
+        later[26..34],
         "both fragments carry the same addresses"
     );
     for fragment in [first, later] {
@@ -94,10 +94,6 @@ fn reassemble(first: &[u8], later: &[u8]) -> ([u8; 4], [u8; 4], u16, u16, bool) 
     let valid = carried == udp_checksum(src, dst, &segment);
     let port = |at: usize| u16::from_be_bytes([segment[at], segment[at + 1]]);
     (src, dst, port(0), port(2), valid)
-}
-
-fn bytes(frame: &[u8], range: std::ops::Range<usize>) -> Vec<u8> {
-    frame[range].to_vec()
 }
 
 fn udp_client() -> Flow {

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use sluice_common::ServiceKey;
 use sluice_tests::{
-    in_netns,
+    cni_call, in_netns,
     lab::{Lab, LabOptions},
-    probe, require_root,
+    probe, require_root, CniOutput,
 };
 
 const PORT: u16 = 80;
@@ -45,6 +45,15 @@ fn get(lab: &Lab, address: String, path: &'static str) -> (u16, String) {
         probe::http_get(&address, path)
     })
     .unwrap_or_else(|| panic!("{path} answers"))
+}
+
+/// CNI 1.1 STATUS, as the runtime asks it of the node's plugin.
+fn status(lab: &Lab) -> CniOutput {
+    let conf = format!(
+        r#"{{"cniVersion":"1.1.0","name":"sluice","type":"sluice-cni","socket":"{}"}}"#,
+        lab.nodes[0].node.socket().display()
+    );
+    cni_call(&[("CNI_COMMAND", "STATUS")], conf.as_bytes())
 }
 
 fn wait_for(lab: &Lab, what: &str, timeout: Duration, done: impl Fn() -> bool) {
@@ -146,6 +155,9 @@ fn a_failing_part_is_retried_and_reported_while_the_others_are_programmed() {
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["serviceProxyHealthy"], false, "{body}");
     assert_eq!(body["localEndpoints"], 1, "{body}");
+    let (code, msg) = status(&lab).error();
+    assert_eq!(code, 51, "STATUS while programming keeps failing: {msg}");
+    assert!(msg.contains("rounds in a row"), "{msg}");
     let metrics = get(&lab, HEALTH.into(), "/metrics").1;
     let failures: u64 = metrics
         .lines()
@@ -180,6 +192,12 @@ fn a_failing_part_is_retried_and_reported_while_the_others_are_programmed() {
         get(&lab, HEALTH.into(), "/readyz").0 == 200
     });
     assert_eq!(get(&lab, health_check, "/").0, 200);
+    let ready = status(&lab);
+    assert_eq!(
+        (ready.code, ready.stdout.as_str()),
+        (0, ""),
+        "STATUS once recovered"
+    );
     let extra = lab.service_ip("default", "extra").expect("a ClusterIP");
     let netns = lab.kubelet.pod("default/c").expect("pod").netns.path();
     let reply = probe::tcp(&netns, None, extra, 8080).expect("the new Service answers");

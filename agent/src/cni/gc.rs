@@ -6,7 +6,10 @@ use std::collections::BTreeSet;
 
 use tracing::info;
 
-use super::{server::PodNetwork, Attachment, CniError};
+use super::{
+    server::{io, PodNetwork},
+    Attachment, CniError,
+};
 
 impl PodNetwork {
     pub(super) async fn gc(&mut self, valid: &[Attachment]) -> Result<(), CniError> {
@@ -14,10 +17,7 @@ impl PodNetwork {
             .iter()
             .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
             .collect();
-        let endpoints = self.endpoints().map_err(|e| {
-            CniError::new(super::code::IO_FAILURE, "reading endpoint records")
-                .with_details(format!("{e:#}"))
-        })?;
+        let endpoints = self.endpoints().map_err(io("reading endpoint records"))?;
         let mut removed = Vec::new();
         for ep in endpoints {
             if !keep.contains(&(ep.container_id.as_str(), ep.ifname.as_str())) {
@@ -25,10 +25,8 @@ impl PodNetwork {
                 removed.push(format!("{}/{}", ep.container_id, ep.ifname));
             }
         }
-        self.release_unrecorded(&keep).map_err(|e| {
-            CniError::new(super::code::IO_FAILURE, "releasing addresses")
-                .with_details(format!("{e:#}"))
-        })?;
+        self.release_unrecorded(&keep)
+            .map_err(io("releasing addresses"))?;
         info!(?removed, kept = keep.len(), "CNI GC");
         Ok(())
     }

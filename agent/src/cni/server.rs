@@ -58,7 +58,7 @@ pub struct ReconcileReport {
     pub orphan_links: Vec<String>,
 }
 
-fn io(msg: &str) -> impl FnOnce(anyhow::Error) -> CniError + '_ {
+pub(super) fn io(msg: &str) -> impl FnOnce(anyhow::Error) -> CniError + '_ {
     move |e| CniError::new(code::IO_FAILURE, msg).with_details(format!("{e:#}"))
 }
 

@@ -36,14 +36,6 @@ impl fmt::Display for Layout {
     }
 }
 
-/// A pin that was replaced, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Replaced {
-    pub map: &'static str,
-    pub pinned: Layout,
-    pub declared: Layout,
-}
-
 fn format_of(name: &str) -> u32 {
     map_names::FORMATS
         .iter()
@@ -99,12 +91,12 @@ fn pinned_formats(pin_dir: &Path) -> BTreeMap<&'static str, u32> {
 }
 
 /// Compares every pin with `declared` and unlinks those that differ, so the loader creates them
-/// anew. A pin that cannot be read is replaced too: the agent never runs on maps it does not
-/// understand.
+/// anew; returns the maps replaced. A pin that cannot be read is replaced too: the agent never
+/// runs on maps it does not understand.
 pub fn replace_mismatched(
     pin_dir: &Path,
     declared: &BTreeMap<&'static str, Layout>,
-) -> Result<Vec<Replaced>> {
+) -> Result<Vec<&'static str>> {
     let formats = pinned_formats(pin_dir);
     let mut replaced = Vec::new();
     for (&name, &want) in declared {
@@ -123,17 +115,8 @@ pub fn replace_mismatched(
             });
         let pinned = match pinned {
             Ok(layout) if layout == want => continue,
-            Ok(layout) => layout,
-            Err(e) => {
-                warn!(map = name, "pinned map unreadable ({e}): replaced");
-                Layout {
-                    map_type: u32::MAX,
-                    key_size: 0,
-                    value_size: 0,
-                    max_entries: 0,
-                    format: 0,
-                }
-            }
+            Ok(layout) => layout.to_string(),
+            Err(e) => format!("unreadable: {e}"),
         };
         warn!(
             map = name,
@@ -141,11 +124,7 @@ pub fn replace_mismatched(
              rebuilt or, for connections, started over"
         );
         std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
-        replaced.push(Replaced {
-            map: name,
-            pinned,
-            declared: want,
-        });
+        replaced.push(name);
     }
     Ok(replaced)
 }

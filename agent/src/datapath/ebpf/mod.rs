@@ -73,8 +73,8 @@ pub struct EbpfDatapath {
     maps: Maps,
     pin_dir: PathBuf,
     attach: Attach,
-    /// The pins found of another layout, replaced at load.
-    replaced: Vec<layout::Replaced>,
+    /// The maps whose pins were of another layout, replaced at load.
+    replaced: Vec<&'static str>,
 }
 
 /// Makes sure `dir` lives on a bpffs, mounting one at /sys/fs/bpf if nothing is mounted there.
@@ -308,9 +308,7 @@ impl Datapath for EbpfDatapath {
     }
 
     fn isolation_lost(&self) -> bool {
-        self.replaced
-            .iter()
-            .any(|r| r.map == map_names::ENDPOINT_POLICY)
+        self.replaced.contains(&map_names::ENDPOINT_POLICY)
     }
 
     fn sync_services(&mut self, desired: &ServiceTables) -> Result<SyncReport> {
