@@ -69,10 +69,18 @@ async fn round(cluster: &ClusterStore, client: &Client, me: &str) -> external_ip
     state
 }
 
-/// Waits until the store has caught up with the server.
+/// Waits until the store has seen the server's last write (whichever kind's stream carries it).
 async fn caught_up(cluster: &ClusterStore, server: &ApiServer) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while cluster.observed.load(std::sync::atomic::Ordering::Acquire) < server.resource_version() {
+    let seen = || {
+        cluster
+            .observed
+            .iter()
+            .map(|(_, rv)| rv.load(std::sync::atomic::Ordering::Acquire))
+            .max()
+            .unwrap_or(0)
+    };
+    while seen() < server.resource_version() {
         assert!(Instant::now() < deadline, "the store did not catch up");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

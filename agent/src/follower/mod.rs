@@ -91,7 +91,7 @@ pub async fn start(setup: Setup) -> Result<ProgramRounds> {
         uplink: None,
         services_compiled_at: None,
         service_names: BTreeMap::new(),
-        programmed_revision: 0,
+        programmed_revisions: BTreeMap::new(),
     };
     let mut backoff = Backoff::default();
     follower.round(&mut backoff).await;
@@ -128,8 +128,8 @@ struct Follower {
     /// else (a pod, a policy) does not recompile them.
     services_compiled_at: Option<u64>,
     service_names: BTreeMap<u32, String>,
-    /// The store's revision the last round that programmed everything had read.
-    programmed_revision: u64,
+    /// Per kind, the store's revision the last round that programmed everything had read.
+    programmed_revisions: BTreeMap<&'static str, u64>,
 }
 
 /// A part of a round that failed.
@@ -209,8 +209,13 @@ impl Follower {
 
     async fn program(&mut self) -> Failures {
         let mut failures = Failures::default();
-        // Read before the stores: everything up to this version is in what gets programmed.
-        let revision = self.cluster.observed.load(Ordering::Acquire);
+        // Read before the stores: everything up to these versions is in what gets programmed.
+        let revisions: Vec<(&'static str, u64)> = self
+            .cluster
+            .observed
+            .iter()
+            .map(|(kind, rv)| (*kind, rv.load(Ordering::Acquire)))
+            .collect();
         let service_events = self.cluster.service_events.load(Ordering::Acquire);
         let nodes = self.cluster.nodes.state();
         let pod_network = self.pods.clone();
@@ -272,14 +277,14 @@ impl Follower {
         if let Some(tables) = &tables {
             // Only a round that programmed everything may say it caught up.
             if failures.0.is_empty() {
-                self.programmed_revision = revision;
+                self.programmed_revisions.extend(revisions);
             }
             let written = report::write_names(
                 &self.state_dir,
                 tables,
                 &self.service_names,
                 &all_pods,
-                self.programmed_revision,
+                &self.programmed_revisions,
             );
             failures.part("names", written);
         }

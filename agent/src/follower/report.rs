@@ -74,7 +74,7 @@ pub(super) fn write_names(
     tables: &PolicyTables,
     services: &BTreeMap<u32, String>,
     pods: &[Arc<Pod>],
-    revision: u64,
+    revisions: &BTreeMap<&'static str, u64>,
 ) -> Result<()> {
     let rules: BTreeMap<u32, String> = tables
         .rules
@@ -92,13 +92,13 @@ pub(super) fn write_names(
             addresses.insert(ip.ip.clone(), name.clone());
         }
     }
-    // `programmedResourceVersion` tells the lab (and operators) how far the datapath has caught
-    // up with the API server.
+    // `programmedResourceVersions` tells the lab (and operators) how far the datapath has caught
+    // up with the API server, per watched kind.
     let names = serde_json::json!({
         "rules": rules,
         "pods": addresses,
         "services": services,
-        "programmedResourceVersion": revision,
+        "programmedResourceVersions": revisions,
     });
     let path = state_dir.join("names.json");
     let tmp = path.with_extension("tmp");

@@ -55,8 +55,10 @@ pub struct ClusterStore {
     pub external_ip_pools: Option<Store<DynamicObject>>,
     /// Signalled after every watch event of any kind.
     pub changed: Arc<Notify>,
-    /// The highest resourceVersion any watch event carried: what the store has seen.
-    pub observed: Arc<AtomicU64>,
+    /// Per watched kind, the highest resourceVersion its stream carried: what the store has seen
+    /// of that kind. Kept apart because the streams are independent: one may be ahead of
+    /// another, so a maximum across them would claim events not yet received.
+    pub observed: Vec<(&'static str, Arc<AtomicU64>)>,
     /// Events of the kinds the Service tables are compiled from (Node, Service,
     /// EndpointSlice; of Nodes only those that change what the tables read, not heartbeats):
     /// unchanged, the tables need no recompiling.
@@ -77,8 +79,8 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-/// What every watch event touches: the shared "something changed" signal and highest
-/// resourceVersion, and a counter of the events of this kind's group.
+/// What every watch event touches: the shared "something changed" signal, the highest
+/// resourceVersion of this kind's stream, and a counter of the events of this kind's group.
 #[derive(Clone)]
 struct Signals {
     changed: Arc<Notify>,
@@ -90,6 +92,20 @@ impl Signals {
     fn counting(&self, events: &Arc<AtomicU64>) -> Signals {
         Signals {
             events: events.clone(),
+            ..self.clone()
+        }
+    }
+
+    /// These signals with a resourceVersion of its own for `kind`, registered in `observed`.
+    fn kind(
+        &self,
+        kind: &'static str,
+        observed: &mut Vec<(&'static str, Arc<AtomicU64>)>,
+    ) -> Signals {
+        let rv = Arc::new(AtomicU64::new(0));
+        observed.push((kind, rv.clone()));
+        Signals {
+            observed: rv,
             ..self.clone()
         }
     }
@@ -159,10 +175,11 @@ impl ClusterStore {
     pub fn start(client: Client, gates: FeatureGates) -> ClusterStore {
         let signals = Signals {
             changed: Arc::new(Notify::new()),
-            observed: Arc::new(AtomicU64::new(0)),
+            observed: Arc::default(),
             events: Arc::default(),
         };
         let service_events = Arc::new(AtomicU64::new(0));
+        let mut observed = Vec::new();
         let all = watcher::Config::default;
         let external_ip_pools = gates.service_external_ip.then(|| {
             let pools = external_ip::pool_resource();
@@ -170,42 +187,60 @@ impl ClusterStore {
                 Api::<DynamicObject>::all_with(client.clone(), &pools),
                 pools,
                 all(),
-                signals.clone(),
+                signals.kind("ExternalIPPool", &mut observed),
                 |_| true,
             )
         });
+        // Heartbeats do not recompile the Services.
+        let mut node_changes = node_changes::NodeChanges::default();
+        let nodes = watch_with(
+            Api::<Node>::all(client.clone()),
+            (),
+            all(),
+            signals
+                .counting(&service_events)
+                .kind("Node", &mut observed),
+            move |event| node_changes.relevant(event),
+        );
+        let namespaces = watch(
+            Api::<Namespace>::all(client.clone()),
+            all(),
+            signals.kind("Namespace", &mut observed),
+        );
+        let pods = watch(
+            Api::<Pod>::all(client.clone()),
+            all(),
+            signals.kind("Pod", &mut observed),
+        );
+        let services = watch(
+            Api::<Service>::all(client.clone()),
+            all(),
+            signals
+                .counting(&service_events)
+                .kind("Service", &mut observed),
+        );
+        let endpoint_slices = watch(
+            Api::<EndpointSlice>::all(client.clone()),
+            all(),
+            signals
+                .counting(&service_events)
+                .kind("EndpointSlice", &mut observed),
+        );
+        let network_policies = watch(
+            Api::<NetworkPolicy>::all(client),
+            all(),
+            signals.kind("NetworkPolicy", &mut observed),
+        );
         ClusterStore {
-            nodes: {
-                // Heartbeats do not recompile the Services.
-                let mut changes = node_changes::NodeChanges::default();
-                watch_with(
-                    Api::<Node>::all(client.clone()),
-                    (),
-                    all(),
-                    signals.counting(&service_events),
-                    move |event| changes.relevant(event),
-                )
-            },
-            namespaces: watch(
-                Api::<Namespace>::all(client.clone()),
-                all(),
-                signals.clone(),
-            ),
-            pods: watch(Api::<Pod>::all(client.clone()), all(), signals.clone()),
-            services: watch(
-                Api::<Service>::all(client.clone()),
-                all(),
-                signals.counting(&service_events),
-            ),
-            endpoint_slices: watch(
-                Api::<EndpointSlice>::all(client.clone()),
-                all(),
-                signals.counting(&service_events),
-            ),
-            network_policies: watch(Api::<NetworkPolicy>::all(client), all(), signals.clone()),
+            nodes,
+            namespaces,
+            pods,
+            services,
+            endpoint_slices,
+            network_policies,
             external_ip_pools,
             changed: signals.changed,
-            observed: signals.observed,
+            observed,
             service_events,
         }
     }

@@ -95,16 +95,40 @@ pub struct LabNode {
 /// poll.
 #[derive(serde::Deserialize)]
 struct Reported {
-    #[serde(rename = "programmedResourceVersion")]
-    programmed: u64,
+    #[serde(rename = "programmedResourceVersions")]
+    programmed: BTreeMap<String, u64>,
 }
 
+/// The watched kinds, as the agent names them, with their API resource.
+const WATCHED: [(&str, &str); 6] = [
+    ("Node", "nodes"),
+    ("Namespace", "namespaces"),
+    ("Pod", "pods"),
+    ("Service", "services"),
+    ("EndpointSlice", "endpointslices"),
+    ("NetworkPolicy", "networkpolicies"),
+];
+
 impl LabNode {
-    /// The resourceVersion up to which the agent reports the API state programmed (in
-    /// `names.json`); 0 before its first report.
-    pub fn programmed_revision(&self) -> u64 {
+    /// Per kind, the resourceVersion up to which the agent reports that kind programmed (in
+    /// `names.json`); empty before its first report.
+    pub fn programmed_revisions(&self) -> BTreeMap<String, u64> {
         let names = std::fs::read(self.node.dir.join("state/names.json")).unwrap_or_default();
-        serde_json::from_slice::<Reported>(&names).map_or(0, |r| r.programmed)
+        serde_json::from_slice::<Reported>(&names)
+            .map_or_else(|_| BTreeMap::new(), |r| r.programmed)
+    }
+
+    /// The kinds whose `targets` revision the agent has not reported programmed yet.
+    pub fn behind(&self, targets: &BTreeMap<String, u64>) -> Vec<String> {
+        let reported = self.programmed_revisions();
+        targets
+            .iter()
+            .filter(|(kind, target)| reported.get(*kind).copied().unwrap_or(0) < **target)
+            .map(|(kind, target)| {
+                let at = reported.get(kind).copied().unwrap_or(0);
+                format!("{kind} at {at} of {target}")
+            })
+            .collect()
     }
 }
 
@@ -256,12 +280,12 @@ impl Lab {
     /// L3Forwarding, and every other node's pod CIDR (encap: REMOTE_NODES; noEncap: routes).
     pub fn wait_programmed(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let target = self.revision();
+        let target = self.revisions();
         loop {
             let pending: Vec<String> = self
                 .nodes
                 .iter()
-                .filter_map(|n| self.unprogrammed(n, target).err())
+                .filter_map(|n| self.unprogrammed(n, &target).err())
                 .collect();
             if pending.is_empty() {
                 return Ok(());
@@ -276,38 +300,31 @@ impl Lab {
         }
     }
 
-    /// The newest resourceVersion among the objects that exist. (A deletion's version is not
-    /// among them: an agent that relisted never saw it. Deletions are checked by their effect.)
-    fn revision(&self) -> u64 {
-        [
-            "nodes",
-            "namespaces",
-            "pods",
-            "services",
-            "endpointslices",
-            "networkpolicies",
-        ]
-        .iter()
-        .flat_map(|kind| self.api.list(kind, None))
-        .filter_map(|o| {
-            o["metadata"]["resourceVersion"]
-                .as_str()?
-                .parse::<u64>()
-                .ok()
-        })
-        .max()
-        .unwrap_or(0)
+    /// Per watched kind, the newest resourceVersion among its objects that exist. (A deletion's
+    /// version is not among them: an agent that relisted never saw it. Deletions are checked by
+    /// their effect.) The lab's API server numbers versions, so the lab may compare them within
+    /// a kind; the agent only reports them.
+    pub fn revisions(&self) -> BTreeMap<String, u64> {
+        WATCHED
+            .iter()
+            .filter_map(|(kind, resource)| {
+                let newest = self
+                    .api
+                    .list(resource, None)
+                    .iter()
+                    .filter_map(|o| o["metadata"]["resourceVersion"].as_str()?.parse().ok())
+                    .max()?;
+                Some((kind.to_string(), newest))
+            })
+            .collect()
     }
 
     /// What `node`'s agent has not programmed yet: API objects up to `target` (it reports how
     /// far it got in `names.json`), its pods, the other nodes' pod CIDRs.
-    fn unprogrammed(&self, node: &LabNode, target: u64) -> Result<(), String> {
-        let reported = node.programmed_revision();
-        if reported < target {
-            return Err(format!(
-                "{}: programmed up to resourceVersion {reported} of {target}",
-                node.name
-            ));
+    fn unprogrammed(&self, node: &LabNode, target: &BTreeMap<String, u64>) -> Result<(), String> {
+        let behind = node.behind(target);
+        if !behind.is_empty() {
+            return Err(format!("{}: programmed {}", node.name, behind.join(", ")));
         }
         let pipeline = sluice_agent::datapath::ebpf::Maps::from_pins(&node.node.bpffs)
             .and_then(|m| m.pipeline())

@@ -59,7 +59,7 @@ pub fn run(scale: &Scale) -> Result<()> {
         create(&lab, installed..n, &[server_ip])?;
         installed = n;
         let vip = SocketAddrV4::new(allocated_ip(&lab, 0)?, SERVICE_PORT);
-        wait_reported(&lab.nodes[0], lab.api.resource_version())?;
+        wait_reported(&lab.nodes[0], &lab.revisions())?;
         lab.wait_programmed(Duration::from_secs(60))?;
         ensure!(
             maps.service_entries()?.0.len() == n as usize,

@@ -8,6 +8,7 @@ mod per_packet;
 mod programming;
 
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
@@ -121,13 +122,13 @@ fn allocated_ip(lab: &Lab, i: u32) -> Result<Ipv4Addr> {
         .with_context(|| format!("svc-{i} has no IPv4 ClusterIP"))
 }
 
-/// Waits until `node`'s agent reports resourceVersion `target` programmed; the time it took.
-fn wait_reported(node: &LabNode, target: u64) -> Result<Duration> {
+/// Waits until `node`'s agent reports every kind programmed up to `target`; the time it took.
+fn wait_reported(node: &LabNode, target: &BTreeMap<String, u64>) -> Result<Duration> {
     let start = Instant::now();
-    while node.programmed_revision() < target {
+    while !node.behind(target).is_empty() {
         if start.elapsed() > Duration::from_secs(300) {
             bail!(
-                "{} did not report resourceVersion {target} programmed within 300 s",
+                "{} did not report {target:?} programmed within 300 s",
                 node.name
             );
         }

@@ -78,14 +78,14 @@ pub fn run(scale: &Scale) -> Result<()> {
     })?;
     let start = Instant::now();
     lab.add_node(0)?;
-    wait_reported(&lab.nodes[0], lab.api.resource_version())?;
+    wait_reported(&lab.nodes[0], &lab.revisions())?;
     let joined_empty = start.elapsed();
     let empty = memory(&lab.nodes[0])?;
 
     let start = Instant::now();
     create(&lab, 0..n, &endpoints_of(1, &[]))?;
     let written = start.elapsed();
-    let lag = wait_reported(&lab.nodes[0], lab.api.resource_version())?;
+    let lag = wait_reported(&lab.nodes[0], &lab.revisions())?;
     let full = memory(&lab.nodes[0])?;
     let (objects, tables) = weigh(&lab)?;
     ensure!(
@@ -97,7 +97,7 @@ pub fn run(scale: &Scale) -> Result<()> {
     lab.nodes[0].node.kill_agent();
     let start = Instant::now();
     lab.add_node(1)?;
-    wait_reported(&lab.nodes[1], lab.api.resource_version())?;
+    wait_reported(&lab.nodes[1], &lab.revisions())?;
     let joined_full = start.elapsed();
     let joined = memory(&lab.nodes[1])?;
     ensure!(
