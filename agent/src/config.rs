@@ -235,7 +235,7 @@ pub struct NodeNetwork {
     pub isolate_new_pods: bool,
 }
 
-fn invalid(field: &'static str, value: &dyn ToString, reason: &str) -> ConfigError {
+pub(crate) fn invalid(field: &'static str, value: &dyn ToString, reason: &str) -> ConfigError {
     ConfigError::Invalid {
         field,
         value: value.to_string(),
@@ -243,18 +243,24 @@ fn invalid(field: &'static str, value: &dyn ToString, reason: &str) -> ConfigErr
     }
 }
 
-/// A pod CIDR as the config or a Node object gives it: IPv4, network address, room for pods.
-pub fn parse_pod_cidr(field: &'static str, text: &str) -> Result<(IpNetwork, IpAddr), ConfigError> {
-    let pod_cidr: IpNetwork = text
+/// A CIDR given as its network address.
+pub(crate) fn parse_network(field: &'static str, text: &str) -> Result<IpNetwork, ConfigError> {
+    let cidr: IpNetwork = text
         .parse()
         .map_err(|e: ipnetwork::IpNetworkError| invalid(field, &text, &e.to_string()))?;
-    if pod_cidr.network() != pod_cidr.ip() {
+    if cidr.network() != cidr.ip() {
         return Err(invalid(
             field,
             &text,
             "host bits are set; give the network address",
         ));
     }
+    Ok(cidr)
+}
+
+/// A pod CIDR as the config or a Node object gives it: IPv4, network address, room for pods.
+pub fn parse_pod_cidr(field: &'static str, text: &str) -> Result<(IpNetwork, IpAddr), ConfigError> {
+    let pod_cidr = parse_network(field, text)?;
     let gateway_ip = match pod_cidr {
         // Every pod address gets an entry in the per-pod maps, which cannot grow.
         IpNetwork::V4(net) if net.prefix() < 32 - MAX_ENDPOINTS.ilog2() as u8 => {

@@ -1,7 +1,9 @@
-//! The Sluice node agent, its CNI plugin and its operator CLI share this library.
+//! The Sluice node agent, its CNI plugin, its operator CLI and the cluster-wide controller share
+//! this library.
 
 pub mod cni;
 pub mod config;
+pub mod controller;
 pub mod datapath;
 pub mod endpoints;
 pub mod external_ip;
@@ -14,3 +16,12 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod service_health;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), for the daemons.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+}

@@ -49,19 +49,20 @@ pub fn bin(name: &str) -> PathBuf {
 /// What the lab created and has not removed yet, so a signal handler can remove it all when the
 /// normal drop path will not run (Ctrl-C).
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Created {
+pub(crate) enum Created {
     Netns(String),
-    Agent(u32),
+    /// A process we started (an agent, a controller), by PID.
+    Process(u32),
     Dir(PathBuf),
 }
 
 static CREATED: std::sync::Mutex<Vec<Created>> = std::sync::Mutex::new(Vec::new());
 
-fn register(item: Created) {
+pub(crate) fn register(item: Created) {
     CREATED.lock().unwrap_or_else(|e| e.into_inner()).push(item);
 }
 
-fn unregister(item: &Created) {
+pub(crate) fn unregister(item: &Created) {
     CREATED
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -73,7 +74,7 @@ fn unregister(item: &Created) {
 pub fn emergency_cleanup() {
     let items = std::mem::take(&mut *CREATED.lock().unwrap_or_else(|e| e.into_inner()));
     for item in &items {
-        if let Created::Agent(pid) = item {
+        if let Created::Process(pid) = item {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(*pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
@@ -88,7 +89,7 @@ pub fn emergency_cleanup() {
             Created::Dir(path) => {
                 let _ = std::fs::remove_dir_all(path);
             }
-            Created::Agent(_) => {}
+            Created::Process(_) => {}
         }
     }
 }
@@ -164,6 +165,17 @@ pub fn sh(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Spawns `cmd` in the network namespace `netns` is open on (and the caller's mount namespace).
+pub(crate) fn spawn_in(cmd: &mut Command, netns: File) -> std::io::Result<Child> {
+    // SAFETY: only async-signal-safe work (setns) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+        });
+    }
+    cmd.spawn()
+}
+
 /// A node: its namespace, its agent process, its state and bpffs directories.
 pub struct Node {
     pub ns: Netns,
@@ -237,14 +249,7 @@ impl Node {
             .stdout(log.try_clone()?)
             .stderr(log)
             .env("RUST_LOG", "info");
-        // SAFETY: only async-signal-safe work (setns) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::sched::setns(netns.as_fd(), CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)
-            });
-        }
-        let mut child = cmd.spawn().context("starting sluice-agent")?;
+        let mut child = spawn_in(&mut cmd, netns).context("starting sluice-agent")?;
         // With Kubernetes the agent first lists every watched kind and waits for its podCIDR.
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.socket().exists() {
@@ -263,7 +268,7 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        register(Created::Agent(child.id()));
+        register(Created::Process(child.id()));
         self.agent = Some(child);
         Ok(())
     }
@@ -273,7 +278,7 @@ impl Node {
         if let Some(mut child) = self.agent.take() {
             let _ = child.kill();
             let _ = child.wait();
-            unregister(&Created::Agent(child.id()));
+            unregister(&Created::Process(child.id()));
         }
     }
 
@@ -353,7 +358,7 @@ impl Drop for Node {
             }
             let _ = child.kill();
             let _ = child.wait();
-            unregister(&Created::Agent(child.id()));
+            unregister(&Created::Process(child.id()));
         }
         let _ = std::fs::remove_dir_all(&self.bpffs);
         let _ = std::fs::remove_dir_all(&self.dir);

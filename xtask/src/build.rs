@@ -69,7 +69,7 @@ pub fn release() -> Result<()> {
     println!(
         "built: {}",
         root()
-            .join("target/release/{sluice-agent,sluice-cni,sluicectl}")
+            .join("target/release/{sluice-agent,sluice-cni,sluicectl,sluice-controller}")
             .display()
     );
     Ok(())

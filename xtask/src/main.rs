@@ -3,6 +3,7 @@
 
 mod bench;
 mod build;
+mod chart_tools;
 mod fuzz;
 mod setup;
 
@@ -28,7 +29,8 @@ enum Cmd {
         #[arg(long, value_enum)]
         ebpf_toolchain: Option<setup::EbpfToolchain>,
     },
-    /// Build the eBPF object and the release binaries (sluice-agent, sluice-cni, sluicectl).
+    /// Build the eBPF object and the release binaries (sluice-agent, sluice-cni, sluicectl,
+    /// sluice-controller).
     Build,
     /// fmt check, clippy -D warnings, unit tests, then the root network-namespace tests.
     Test,

@@ -1,7 +1,8 @@
 //! What a new machine lacks, installed idempotently: Debian packages the tests and benchmarks
 //! use, the toolchain that builds the eBPF crate (the pinned nightly with rust-src, installed when
 //! missing), and bpf-linker built against that toolchain's own libLLVM (so the linker's LLVM is
-//! exactly rustc's). A second run only checks, in seconds.
+//! exactly rustc's), and the chart tests' helm and kubernetes-validate (`chart_tools`). A second
+//! run only checks, in seconds.
 //!
 //! When rustup cannot install the pinned nightly, setup falls back to the stable toolchain with
 //! `RUSTC_BOOTSTRAP=1` (which lets its cargo accept `-Z build-std=core`) and stable's rust-src,
@@ -28,6 +29,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("ping", "iputils-ping"),
     ("iptables-legacy", "iptables"),
+    ("unzip", "unzip"),
 ];
 
 /// The toolchain that builds the eBPF crate.
@@ -181,10 +183,15 @@ fn linker_ready(toolchain: EbpfToolchain) -> Result<bool> {
 pub fn check() -> Result<()> {
     let toolchain = EbpfToolchain::chosen()?;
     let packages = missing_packages();
-    if !packages.is_empty() || !toolchain.ready() || !linker_ready(toolchain)? {
+    if !packages.is_empty()
+        || !toolchain.ready()
+        || !linker_ready(toolchain)?
+        || !crate::chart_tools::ready()
+    {
         bail!(
             "this machine is not set up (missing: packages {packages:?}, the {} toolchain with \
-             rust-src and rustfmt, or bpf-linker): run `cargo xtask setup`",
+             rust-src and rustfmt, bpf-linker, or helm and kubernetes-validate): run `cargo \
+             xtask setup`",
             toolchain.name()
         );
     }
@@ -304,9 +311,11 @@ pub fn run_setup(requested: Option<EbpfToolchain>) -> Result<()> {
             .arg("--root")
             .arg(&tools))?;
     }
+    crate::chart_tools::install()?;
     check()?;
     println!(
-        "setup complete: packages, the {} toolchain and bpf-linker ({}) are in place",
+        "setup complete: packages, the {} toolchain, bpf-linker, helm and kubernetes-validate \
+         ({}) are in place",
         toolchain.name(),
         tools_dir().join("bin").display()
     );

@@ -49,11 +49,7 @@ fn main() -> Result<()> {
 }
 
 async fn agent() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    sluice_agent::init_logging();
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading the config file {}", args.config.display()))?;

@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use sluice_agent::{
+    cni::install,
     datapath::ebpf::Maps,
     model::{key_ip, policy::protocol_name},
 };
@@ -53,6 +54,18 @@ enum Cmd {
         #[arg(long)]
         no_follow: bool,
     },
+    /// Install the CNI plugin and its network config on the host (the agent pod's init
+    /// container): the binary first, then the config, each replaced atomically.
+    InstallCni {
+        #[arg(long, default_value = "/usr/local/bin/sluice-cni")]
+        plugin: PathBuf,
+        #[arg(long, default_value = "/etc/sluice/10-sluice.conflist")]
+        conflist: PathBuf,
+        #[arg(long, default_value = "/host/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "/host/etc/cni/net.d")]
+        conf_dir: PathBuf,
+    },
 }
 
 /// What the agent writes to `names.json`.
@@ -92,6 +105,23 @@ impl Names {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Cmd::InstallCni {
+        plugin,
+        conflist,
+        bin_dir,
+        conf_dir,
+    } = &args.command
+    {
+        // Runs before any agent: no maps to read.
+        let (plugin, conf) = install::install(&install::Install {
+            plugin,
+            conflist,
+            bin_dir,
+            conf_dir,
+        })?;
+        println!("installed {} and {}", plugin.display(), conf.display());
+        return Ok(());
+    }
     let mut maps = Maps::from_pins(&args.bpffs_dir)?;
     match args.command {
         Cmd::Stats => {
@@ -212,6 +242,7 @@ fn main() -> Result<()> {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        Cmd::InstallCni { .. } => unreachable!("handled before the maps are opened"),
     }
     Ok(())
 }

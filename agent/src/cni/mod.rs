@@ -2,6 +2,7 @@
 //! the agent, which does the work behind a root-only unix socket.
 
 mod gc;
+pub mod install;
 pub mod plugin;
 pub mod rounds;
 pub mod server;

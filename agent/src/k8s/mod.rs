@@ -2,6 +2,7 @@
 //! reflector stores — the cluster store. Nothing here touches the kernel: `remote_routes` turns the
 //! store into plain data for the pipeline.
 
+pub mod access;
 mod node_changes;
 mod slice;
 
@@ -267,9 +268,20 @@ impl ClusterStore {
                 .state()
                 .into_iter()
                 .find(|n| n.metadata.name.as_deref() == Some(node_name));
-            match node.as_deref().map(pod_cidrs) {
-                Some(cidrs) if !cidrs.is_empty() => return cidrs[0],
-                Some(_) => warn!(node = node_name, "waiting for the Node's spec.podCIDR"),
+            match node.as_deref().map(|n| (pod_cidrs(n), n)) {
+                Some((cidrs, _)) if !cidrs.is_empty() => return cidrs[0],
+                Some((_, n)) if n.spec.as_ref().is_some_and(|s| s.pod_cidr.is_some()) => warn!(
+                    node = node_name,
+                    "waiting for an IPv4 podCIDR: the Node has only IPv6 (or invalid) podCIDRs, \
+                     and IPv6 pods are not supported yet"
+                ),
+                Some(_) => warn!(
+                    node = node_name,
+                    "waiting for the Node's spec.podCIDR: turn on NodeIPAM in sluice-controller \
+                     (chart values nodeIPAM.enable and nodeIPAM.clusterCIDRs), or let \
+                     kube-controller-manager allocate (--allocate-node-cidrs, as kubeadm \
+                     --pod-network-cidr does), or set it on the Node"
+                ),
                 None => warn!(node = node_name, "waiting for the Node object"),
             }
             tokio::select! {

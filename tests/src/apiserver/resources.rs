@@ -82,6 +82,8 @@ pub(crate) const RESOURCES: &[Resource] = &[
     ),
     // What agents record on their Node (kube-rs's Recorder writes events.k8s.io/v1).
     res("events.k8s.io", "v1", "events", "Event", true, false),
+    // sluice-controller's leader election.
+    res("coordination.k8s.io", "v1", "leases", "Lease", true, false),
 ];
 
 pub(crate) const NAMESPACES: usize = 1;

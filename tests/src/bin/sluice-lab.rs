@@ -30,7 +30,7 @@ use sluice_tests::lab::{
     manifests,
     report::{probe_all, truth_table, Protocol, Report, Step},
     services::{Frontend, Source},
-    Encap, Lab, LabOptions,
+    Encap, Lab, LabOptions, Values,
 };
 
 /// Where a running `up` keeps its control files.
@@ -62,6 +62,10 @@ enum Cmd {
         encap: String,
         #[arg(long)]
         json: PathBuf,
+        /// A values file for the chart (deploy/chart/sluice): sluice-controller runs as the
+        /// chart configures it; with nodeIPAM.enable, Nodes get their podCIDRs from it.
+        #[arg(long)]
+        values: Option<PathBuf>,
     },
     /// Bring a cluster up and keep it until Ctrl-C or `sluice-lab down`.
     Up {
@@ -71,6 +75,10 @@ enum Cmd {
         encap: String,
         #[arg(long, value_delimiter = ',', default_value = "80,81")]
         ports: Vec<u16>,
+        /// A values file for the chart (deploy/chart/sluice): sluice-controller runs as the
+        /// chart configures it; with nodeIPAM.enable, Nodes get their podCIDRs from it.
+        #[arg(long)]
+        values: Option<PathBuf>,
     },
     /// Apply a manifest file to the running cluster.
     Apply {
@@ -132,6 +140,7 @@ fn main() -> Result<()> {
             datapath,
             encap,
             json,
+            values,
         } => {
             if datapath != "ebpf" {
                 bail!("--datapath {datapath:?}: only ebpf is available yet");
@@ -147,13 +156,22 @@ fn main() -> Result<()> {
                 ports: ports.clone(),
             };
             guarded(&stop, || {
-                matrix(options, &manifests, &ports, &protocols, &json, &stop)
+                matrix(
+                    options,
+                    values.as_deref(),
+                    &manifests,
+                    &ports,
+                    &protocols,
+                    &json,
+                    &stop,
+                )
             })
         }
         Cmd::Up {
             nodes,
             encap,
             ports,
+            values,
         } => {
             let options = LabOptions {
                 nodes,
@@ -161,7 +179,7 @@ fn main() -> Result<()> {
                 attach_mode: "auto".into(),
                 ports,
             };
-            guarded(&stop, || up(options, &stop))
+            guarded(&stop, || up(options, values.as_deref(), &stop))
         }
         Cmd::Apply { file } => apply(&file),
         Cmd::Status => {
@@ -199,6 +217,7 @@ fn guarded(stop: &Arc<AtomicBool>, f: impl FnOnce() -> Result<()> + Send) -> Res
 
 fn matrix(
     options: LabOptions,
+    values: Option<&Path>,
     dirs: &[PathBuf],
     ports: &[u16],
     protocols: &[Protocol],
@@ -206,7 +225,7 @@ fn matrix(
     stop: &AtomicBool,
 ) -> Result<()> {
     let started = Instant::now();
-    let mut lab = Lab::up(options)?;
+    let mut lab = start(options, values)?;
     println!(
         "cluster up: {} nodes in {:.1?}",
         lab.nodes.len(),
@@ -250,7 +269,21 @@ fn index_legend(probes: &[sluice_tests::lab::report::Probe]) -> String {
         .join("  ")
 }
 
-fn up(options: LabOptions, stop: &AtomicBool) -> Result<()> {
+/// The lab, with sluice-controller as the chart configures it when a values file is given.
+fn start(options: LabOptions, values: Option<&Path>) -> Result<Lab> {
+    match values {
+        Some(file) => Lab::up_with_values(
+            options,
+            Values {
+                file,
+                controller: "",
+            },
+        ),
+        None => Lab::up(options),
+    }
+}
+
+fn up(options: LabOptions, values: Option<&Path>, stop: &AtomicBool) -> Result<()> {
     let state = Path::new(STATE_DIR);
     if state.join("pid").exists() {
         bail!(
@@ -262,7 +295,7 @@ fn up(options: LabOptions, stop: &AtomicBool) -> Result<()> {
     std::fs::create_dir_all(&requests)?;
     std::fs::write(state.join("pid"), std::process::id().to_string())?;
     let result = (|| {
-        let mut lab = Lab::up(options)?;
+        let mut lab = start(options, values)?;
         println!(
             "lab up: {} nodes; kubeconfig {} (API server inside the lab namespace {})",
             lab.nodes.len(),

@@ -4,6 +4,7 @@
 //! `sluice-cni`; an EndpointSlice controller derives slices from Services. An external client on
 //! the switch plays a host outside the cluster. Everything is deleted when the `Lab` drops.
 
+pub mod controller;
 pub mod controllers;
 pub mod kubelet;
 pub mod manifests;
@@ -32,6 +33,14 @@ pub const SWITCH_IP: &str = "192.168.77.254";
 pub const API_PORT: u16 = 6443;
 /// The cluster CIDR; node i gets 10.244.i.0/24 (the lab plays NodeIPAM).
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// What the chart's values configure in the lab (`Lab::up_with_values`).
+pub struct Values<'a> {
+    /// A values file for the chart `deploy/chart/sluice`.
+    pub file: &'a std::path::Path,
+    /// Controller settings replacing the chart's (YAML lines), e.g. a short Lease.
+    pub controller: &'a str,
+}
+
 /// The external client's address, on the switch's subnet with the nodes (192.168.77.i).
 pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 200);
 
@@ -137,10 +146,16 @@ impl LabNode {
 pub struct Lab {
     pub kubelet: Kubelet,
     pub nodes: Vec<LabNode>,
+    /// `sluice-controller` replicas (with `Lab::up_with_values`).
+    pub controllers: Vec<controller::Controller>,
     pub api: ApiServer,
     pub options: LabOptions,
     /// Added to every agent's config file.
     agent_config: String,
+    /// The chart's controller config and the lab's additions, when controllers run.
+    controller_config: Option<(String, String)>,
+    /// Nodes register without a podCIDR: the controller's NodeIPAM gives them one.
+    node_ipam: bool,
     pub dir: PathBuf,
     external: Netns,
     pub switch: Netns,
@@ -159,7 +174,29 @@ impl Lab {
 
     /// A lab whose agents get `agent_config` (YAML lines) added to their config file.
     pub fn up_with_agent_config(options: LabOptions, agent_config: &str) -> Result<Lab> {
+        Lab::build(options, agent_config, None)
+    }
+
+    /// A lab with `sluice-controller` configured from a chart values file, as the chart
+    /// configures it; with NodeIPAM on, Nodes register without a podCIDR and get theirs from
+    /// the controller.
+    pub fn up_with_values(options: LabOptions, values: Values) -> Result<Lab> {
+        let config = controller::render_config(values.file)?;
+        Lab::build(options, "", Some((config, values.controller.to_string())))
+    }
+
+    fn build(
+        options: LabOptions,
+        agent_config: &str,
+        controller_config: Option<(String, String)>,
+    ) -> Result<Lab> {
         crate::require_root();
+        let node_ipam = match &controller_config {
+            Some((config, _)) => sluice_agent::controller::config::ControllerConfig::parse(config)?
+                .node_ipam()?
+                .is_some(),
+            None => false,
+        };
         let switch = Netns::new("slab")?;
         switch.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
         switch.exec(&[
@@ -180,9 +217,12 @@ impl Lab {
         let mut lab = Lab {
             kubelet: Kubelet::default(),
             nodes: Vec::new(),
+            controllers: Vec::new(),
             api,
             options: options.clone(),
             agent_config: agent_config.to_string(),
+            controller_config,
+            node_ipam,
             dir,
             external,
             switch,
@@ -190,6 +230,9 @@ impl Lab {
         lab.create(
             json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}),
         )?;
+        if lab.controller_config.is_some() {
+            lab.start_controller()?;
+        }
         for index in 0..options.nodes {
             lab.add_node(index)?;
         }
@@ -207,17 +250,42 @@ impl Lab {
         self.dir.join("kubeconfig")
     }
 
-    /// Registers node `index` (as its kubelet would) and starts its agent.
+    /// Starts one more `sluice-controller` replica (`Lab::up_with_values` starts the first).
+    pub fn start_controller(&mut self) -> Result<()> {
+        let (config, extra) = self
+            .controller_config
+            .clone()
+            .context("this lab was not configured from chart values")?;
+        let replica = controller::Controller::start(
+            &self.dir,
+            &self.switch,
+            &config,
+            &self.kubeconfig_path(),
+            &extra,
+            self.controllers.len(),
+        )?;
+        self.controllers.push(replica);
+        Ok(())
+    }
+
+    /// Registers node `index` (as its kubelet would) and starts its agent. Without NodeIPAM the
+    /// lab plays it (node i gets 10.244.i.0/24); with it, the Node registers without a podCIDR
+    /// and its agent waits for the controller to assign one.
     pub fn add_node(&mut self, index: usize) -> Result<()> {
         let name = format!("node-{}", index + 1);
         let ip = Ipv4Addr::new(192, 168, 77, index as u8 + 1);
-        let pod_cidr: IpNetwork = format!("10.244.{index}.0/24").parse()?;
         let ns = Netns::new("sln")?;
         plug(&self.switch, &format!("p{index}"), &ns, ip)?;
+        let spec = if self.node_ipam {
+            json!({})
+        } else {
+            let pod_cidr = format!("10.244.{index}.0/24");
+            json!({"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]})
+        };
         self.create(json!({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-            "spec": {"podCIDR": pod_cidr.to_string(), "podCIDRs": [pod_cidr.to_string()]},
+            "spec": spec,
             "status": {
                 "addresses": [{"type": "InternalIP", "address": ip.to_string()}, {"type": "Hostname", "address": name}],
                 "conditions": [{"type": "Ready", "status": "True"}],
@@ -234,6 +302,12 @@ impl Lab {
         );
         let node = Node::start_in(ns, config, vec![("NODE_NAME".into(), name.clone())])
             .with_context(|| format!("starting the agent of {name}"))?;
+        // The agent serves only once it knows its podCIDR.
+        let pod_cidr: IpNetwork = self
+            .api
+            .get("nodes", None, &name)
+            .and_then(|n| n["spec"]["podCIDR"].as_str()?.parse().ok())
+            .with_context(|| format!("{name} has no podCIDR after its agent started"))?;
         self.nodes.push(LabNode {
             name,
             ip,

@@ -1,0 +1,84 @@
+//! `sluice-controller`: what is decided once for the whole cluster rather than on each node.
+//! Today that is NodeIPAM (podCIDRs for Nodes, `node_ipam`), done by one replica at a time under
+//! a Lease (`lease`); the other replicas stand by.
+
+pub mod config;
+pub mod lease;
+pub mod node_ipam;
+pub mod nodes;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
+use kube::{
+    runtime::events::{Recorder, Reporter},
+    Api, Client,
+};
+use tracing::{info, warn};
+
+use self::{
+    config::NodeIpamSettings,
+    lease::{Elector, Timing},
+    nodes::NodeIpamController,
+};
+
+pub struct Setup {
+    pub client: Client,
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub identity: String,
+    pub lease_duration: Duration,
+    /// `None`: NodeIPAM is off, and the controller has nothing to do yet but hold the Lease.
+    pub node_ipam: Option<NodeIpamSettings>,
+}
+
+/// Leads when it can, works while it leads, and gives the Lease up when `shutdown` completes.
+pub async fn run(setup: Setup, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    let mut elector = Elector::new(
+        Api::<Lease>::namespaced(setup.client.clone(), &setup.lease_namespace),
+        &setup.lease_name,
+        &setup.identity,
+        Timing::from_duration(setup.lease_duration),
+    );
+    let recorder = Recorder::new(
+        setup.client.clone(),
+        Reporter {
+            controller: "sluice-controller".into(),
+            instance: Some(setup.identity.clone()),
+        },
+    );
+    if setup.node_ipam.is_none() {
+        info!("NodeIPAM is off (nodeIPAM.enableNodeIPAM, featureGates.NodeIPAM): Nodes keep the podCIDRs their platform gives them");
+    }
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = &mut shutdown => return Ok(()),
+        }
+        let work = async {
+            match &setup.node_ipam {
+                Some(settings) => {
+                    let nodes = Api::<Node>::all(setup.client.clone());
+                    NodeIpamController::new(nodes, settings.clone(), recorder.clone())
+                        .run()
+                        .await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = work => {
+                if let Err(e) = result {
+                    warn!("NodeIPAM stopped: {e:#}");
+                }
+            }
+            _ = elector.hold() => warn!("no longer leading: standing by"),
+            _ = &mut shutdown => {
+                elector.release().await;
+                return Ok(());
+            }
+        }
+    }
+}

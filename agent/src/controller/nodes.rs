@@ -1,0 +1,226 @@
+//! NodeIPAM against the API: a watch on Nodes feeds [`NodeIpam`]; a Node without a podCIDR gets
+//! one block per cluster CIDR in `spec.podCIDR`/`spec.podCIDRs`. Every (re)list rebuilds the
+//! bookkeeping from the Nodes, so a deletion the watch missed is not a leak.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use anyhow::Result;
+use futures::StreamExt;
+use ipnetwork::IpNetwork;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use kube::{
+    api::{Patch, PatchParams},
+    runtime::{
+        events::{Event, EventType, Recorder},
+        watcher::{self, Event as WatchEvent},
+        WatchStreamExt,
+    },
+    Api,
+};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::{
+    config::NodeIpamSettings,
+    node_ipam::{Conflict, NodeIpam},
+};
+
+/// How soon a Node whose podCIDR could not be written (API error, exhaustion) is tried again.
+const RETRY: Duration = Duration::from_secs(5);
+
+/// Every podCIDR a Node has, both families; entries that do not parse are reported and left out.
+pub fn node_pod_cidrs(node: &Node) -> (Vec<IpNetwork>, Vec<String>) {
+    let spec = node.spec.as_ref();
+    let texts: Vec<&String> = match spec.and_then(|s| s.pod_cidrs.as_ref()) {
+        Some(list) if !list.is_empty() => list.iter().collect(),
+        _ => spec.and_then(|s| s.pod_cidr.as_ref()).into_iter().collect(),
+    };
+    let mut cidrs = Vec::new();
+    let mut bad = Vec::new();
+    for text in texts {
+        match text.parse() {
+            Ok(cidr) => cidrs.push(cidr),
+            Err(_) => bad.push(text.clone()),
+        }
+    }
+    (cidrs, bad)
+}
+
+pub struct NodeIpamController {
+    api: Api<Node>,
+    settings: NodeIpamSettings,
+    ipam: NodeIpam,
+    recorder: Recorder,
+    /// Nodes still waiting for a podCIDR after a failed attempt.
+    retry: BTreeSet<String>,
+    /// Nodes whose exhaustion was reported: once, not every retry.
+    exhausted: BTreeSet<String>,
+}
+
+impl NodeIpamController {
+    pub fn new(api: Api<Node>, settings: NodeIpamSettings, recorder: Recorder) -> Self {
+        NodeIpamController {
+            api,
+            ipam: NodeIpam::new(&settings),
+            settings,
+            recorder,
+            retry: BTreeSet::new(),
+            exhausted: BTreeSet::new(),
+        }
+    }
+
+    /// Follows the Nodes until the stream ends (it does not: the watcher relists on errors).
+    pub async fn run(mut self) -> Result<()> {
+        let mut stream = watcher::watcher(self.api.clone(), watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let mut listed: Vec<Node> = Vec::new();
+        let mut tick = tokio::time::interval(RETRY);
+        loop {
+            tokio::select! {
+                event = stream.next() => match event {
+                    None => return Ok(()),
+                    Some(Err(e)) => warn!("watching Nodes: {e}"),
+                    Some(Ok(WatchEvent::Init)) => listed.clear(),
+                    Some(Ok(WatchEvent::InitApply(node))) => listed.push(node),
+                    Some(Ok(WatchEvent::InitDone)) => self.rebuild(std::mem::take(&mut listed)).await,
+                    Some(Ok(WatchEvent::Apply(node))) => self.apply(&node).await,
+                    Some(Ok(WatchEvent::Delete(node))) => {
+                        let name = node.metadata.name.unwrap_or_default();
+                        self.ipam.release(&name);
+                        self.retry.remove(&name);
+                        self.exhausted.remove(&name);
+                    }
+                },
+                _ = tick.tick(), if !self.retry.is_empty() => self.retry_pending().await,
+            }
+        }
+    }
+
+    /// A full list: what every Node holds first, so that no block goes to a Node while a later
+    /// one in the list still holds it; then the Nodes without a podCIDR.
+    async fn rebuild(&mut self, nodes: Vec<Node>) {
+        self.ipam = NodeIpam::new(&self.settings);
+        self.retry.clear();
+        let (with, without): (Vec<Node>, Vec<Node>) = nodes
+            .into_iter()
+            .partition(|n| !node_pod_cidrs(n).0.is_empty());
+        for node in &with {
+            self.apply(node).await;
+        }
+        for node in &without {
+            self.apply(node).await;
+        }
+        info!(
+            "NodeIPAM: {} Nodes with podCIDRs, {} assigned now",
+            with.len(),
+            without.len() - self.retry.len()
+        );
+    }
+
+    async fn apply(&mut self, node: &Node) {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let (cidrs, bad) = node_pod_cidrs(node);
+        for text in bad {
+            self.report(
+                node,
+                "InvalidPodCIDR",
+                format!("podCIDR {text:?} is not a CIDR"),
+            )
+            .await;
+        }
+        if !cidrs.is_empty() {
+            self.retry.remove(&name);
+            for conflict in self.ipam.observe(&name, &cidrs) {
+                self.report_conflict(node, &conflict).await;
+            }
+            return;
+        }
+        if let Err(e) = self.assign(node).await {
+            warn!(node = %name, "assigning a podCIDR: {e:#}");
+            self.retry.insert(name);
+        }
+    }
+
+    async fn retry_pending(&mut self) {
+        for name in std::mem::take(&mut self.retry) {
+            match self.api.get_opt(&name).await {
+                Ok(Some(node)) => self.apply(&node).await,
+                Ok(None) => self.ipam.release(&name),
+                Err(e) => {
+                    warn!(node = %name, "reading the Node: {e}");
+                    self.retry.insert(name);
+                }
+            }
+        }
+    }
+
+    /// Allocates and writes the Node's blocks. The patch carries the resourceVersion the Node
+    /// was read at: if another writer (kube-controller-manager's allocator, a platform) set a
+    /// podCIDR meanwhile, the API refuses it, the blocks go back, and the Node's own podCIDR is
+    /// observed when the watch brings it.
+    async fn assign(&mut self, node: &Node) -> Result<()> {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let blocks = match self.ipam.allocate(&name) {
+            Ok(blocks) => blocks,
+            Err(exhausted) => {
+                if self.exhausted.insert(name) {
+                    self.report(node, "PodCIDRExhausted", exhausted.to_string())
+                        .await;
+                }
+                anyhow::bail!(exhausted);
+            }
+        };
+        let texts: Vec<String> = blocks.iter().map(ToString::to_string).collect();
+        let patch = json!({
+            "metadata": {"resourceVersion": node.metadata.resource_version},
+            "spec": {"podCIDR": texts[0], "podCIDRs": texts},
+        });
+        match self
+            .api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                self.exhausted.remove(&name);
+                info!(node = %name, podCIDRs = ?texts, "assigned");
+                Ok(())
+            }
+            Err(e) => {
+                self.ipam.release(&name);
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn report_conflict(&self, node: &Node, conflict: &Conflict) {
+        let reason = match conflict {
+            Conflict::OutsideClusterCidrs { .. } => "PodCIDROutsideClusterCIDRs",
+            Conflict::HeldByNode { .. } => "PodCIDRConflict",
+            Conflict::OverlapsServiceCidr { .. } => "PodCIDROverlapsServiceCIDR",
+        };
+        self.report(node, reason, conflict.to_string()).await;
+    }
+
+    async fn report(&self, node: &Node, reason: &str, note: String) {
+        let name = node.metadata.name.as_deref().unwrap_or_default();
+        warn!(node = name, reason, "{note}");
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(name.to_string()),
+            uid: node.metadata.uid.clone(),
+            ..ObjectReference::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(note),
+            action: "AllocatePodCIDR".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            warn!(node = name, "recording the Node event {reason}: {e}");
+        }
+    }
+}
