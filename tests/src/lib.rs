@@ -3,6 +3,7 @@
 //! TCP/UDP probes. Everything it creates is deleted when its guard drops, also on panic.
 
 pub mod apiserver;
+pub mod containerd;
 pub mod lab;
 pub mod probe;
 pub mod test_run;
@@ -185,6 +186,17 @@ pub struct Node {
     config: String,
     env: Vec<(String, String)>,
     agent: Option<Child>,
+    runner: Runner,
+}
+
+/// How a node's agent runs.
+#[derive(Clone, Debug)]
+pub enum Runner {
+    /// The workspace's debug binary, as a process of ours.
+    Process,
+    /// The release image under containerd (`ctr run` in the foreground, so that our child
+    /// process stands for the container and signals to it are forwarded).
+    Image { containerd: PathBuf, image: String },
 }
 
 impl Node {
@@ -197,6 +209,16 @@ impl Node {
 
     /// A node in an existing namespace, with extra config lines and agent environment.
     pub fn start_in(ns: Netns, config: String, env: Vec<(String, String)>) -> Result<Node> {
+        Node::start_with(ns, config, env, Runner::Process)
+    }
+
+    /// A node whose agent runs as `runner` says.
+    pub fn start_with(
+        ns: Netns,
+        config: String,
+        env: Vec<(String, String)>,
+        runner: Runner,
+    ) -> Result<Node> {
         let dir = std::env::temp_dir().join(&ns.name);
         let bpffs = PathBuf::from("/sys/fs/bpf/sluice").join(&ns.name);
         std::fs::create_dir_all(&dir)?;
@@ -209,6 +231,7 @@ impl Node {
             config,
             env,
             agent: None,
+            runner,
         };
         std::fs::write(node.config_path(), node.config_file())?;
         node.start_agent()?;
@@ -242,13 +265,8 @@ impl Node {
             .append(true)
             .open(self.dir.join("agent.log"))?;
         let _ = std::fs::remove_file(self.socket());
-        let mut cmd = Command::new(bin("sluice-agent"));
-        cmd.arg("--config")
-            .arg(self.config_path())
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .env("RUST_LOG", "info");
+        let mut cmd = self.agent_command();
+        cmd.stdout(log.try_clone()?).stderr(log);
         let mut child = spawn_in(&mut cmd, netns).context("starting sluice-agent")?;
         // With Kubernetes the agent first lists every watched kind and waits for its podCIDR.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -273,8 +291,65 @@ impl Node {
         Ok(())
     }
 
+    fn agent_command(&self) -> Command {
+        let mut env: Vec<(String, String)> = self.env.clone();
+        env.push(("RUST_LOG".into(), "info".into()));
+        match &self.runner {
+            Runner::Process => {
+                let mut cmd = Command::new(bin("sluice-agent"));
+                cmd.arg("--config").arg(self.config_path()).envs(env);
+                cmd
+            }
+            Runner::Image { containerd, image } => {
+                // The node's paths mean the same inside: its directory, the bpffs, the pods'
+                // network namespaces (rslave: namespaces created later appear too).
+                let bind = |path: &Path, propagation: &str| {
+                    format!(
+                        "type=bind,src={0},dst={0},options=rbind:rw:{propagation}",
+                        path.display()
+                    )
+                };
+                let mut cmd = Command::new("ctr");
+                cmd.arg("--address")
+                    .arg(containerd)
+                    .args(["--namespace", "sluice-tests", "run", "--rm"])
+                    .args(["--snapshotter", "native", "--privileged"])
+                    .arg("--with-ns")
+                    .arg(format!("network:{}", self.ns.path().display()))
+                    .args(["--mount", &bind(&self.dir, "rprivate")])
+                    .args(["--mount", &bind(Path::new("/sys/fs/bpf"), "rslave")])
+                    .args(["--mount", &bind(Path::new("/run/netns"), "rslave")]);
+                for (k, v) in env {
+                    cmd.arg("--env").arg(format!("{k}={v}"));
+                }
+                cmd.arg(image)
+                    .arg(&self.ns.name)
+                    .arg("sluice-agent")
+                    .arg("--config")
+                    .arg(self.config_path());
+                cmd
+            }
+        }
+    }
+
     /// SIGKILL: the agent gets no chance to clean up, as in a crash or OOM kill.
     pub fn kill_agent(&mut self) {
+        if let Runner::Image { containerd, .. } = &self.runner {
+            // Killing `ctr` would leave the container running.
+            let _ = Command::new("ctr")
+                .arg("--address")
+                .arg(containerd)
+                .args([
+                    "--namespace",
+                    "sluice-tests",
+                    "tasks",
+                    "kill",
+                    "-s",
+                    "SIGKILL",
+                ])
+                .arg(&self.ns.name)
+                .status();
+        }
         if let Some(mut child) = self.agent.take() {
             let _ = child.kill();
             let _ = child.wait();

@@ -5,6 +5,7 @@ mod bench;
 mod build;
 mod chart_tools;
 mod fuzz;
+mod image;
 mod setup;
 
 use std::process::Command;
@@ -32,7 +33,8 @@ enum Cmd {
     /// Build the eBPF object and the release binaries (sluice-agent, sluice-cni, sluicectl,
     /// sluice-controller).
     Build,
-    /// fmt check, clippy -D warnings, unit tests, then the root network-namespace tests.
+    /// fmt check, clippy -D warnings, unit tests, the image, then the root network-namespace,
+    /// chart and image tests.
     Test,
     /// Build, then run the single-node demo: three pods through the real CNI, probed, counters shown.
     Demo,
@@ -43,6 +45,9 @@ enum Cmd {
         #[command(subcommand)]
         which: Option<bench::Which>,
     },
+    /// Build the container image (an OCI archive for ctr, podman and docker) from the release
+    /// binaries, under target/image.
+    Image,
     /// Fuzz the CNI plugin's input, the agent config and the policy and Service compilers
     /// (cargo fuzz), each for a bounded time.
     Fuzz {
@@ -58,6 +63,7 @@ fn main() -> Result<()> {
     match Args::parse().command {
         Cmd::Setup { ebpf_toolchain } => setup::run_setup(ebpf_toolchain),
         Cmd::Build => build::release(),
+        Cmd::Image => image::build().map(|_| ()),
         Cmd::Test => test(),
         Cmd::Demo => demo(),
         Cmd::Lab => lab(),
@@ -109,6 +115,8 @@ fn test() -> Result<()> {
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     run(cargo().args(["test", "--workspace", "--lib", "--bins"]))?;
     require_root("the integration tests")?;
+    // The image tests run what ships: the release binaries in the image.
+    image::build()?;
     run(cargo().args([
         "test",
         "-p",

@@ -30,6 +30,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     ("iptables-legacy", "iptables"),
     ("unzip", "unzip"),
+    // The image tests: a private containerd with runc, and podman loading the archive.
+    ("containerd", "containerd"),
+    ("runc", "runc"),
+    ("podman", "podman"),
 ];
 
 /// The toolchain that builds the eBPF crate.
