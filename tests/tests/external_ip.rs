@@ -20,7 +20,7 @@ use nix::sys::socket::{
 use serde_json::{json, Value};
 use sluice_agent::{
     config::FeatureGates,
-    external_ip::{self, StatusWrite, POOL_ANNOTATION},
+    external_ip::{self, Role, StatusWrite, POOL_ANNOTATION},
     k8s::ClusterStore,
 };
 use sluice_tests::{
@@ -52,8 +52,12 @@ fn lb_service(name: &str, pool: &str) -> Value {
     })
 }
 
-/// One round as the writer agent: plan on the store, write.
-async fn round(cluster: &ClusterStore, client: &Client, me: &str) -> external_ip::ExternalIpState {
+/// One round: plan on the store as `role`, write what it says.
+async fn round(
+    cluster: &ClusterStore,
+    client: &Client,
+    role: Role<'_>,
+) -> external_ip::ExternalIpState {
     let pools = cluster.external_ip_pools.as_ref().unwrap().state();
     let services = cluster.services.state();
     let nodes = cluster.nodes.state();
@@ -61,7 +65,7 @@ async fn round(cluster: &ClusterStore, client: &Client, me: &str) -> external_ip
         pools.iter().map(|p| p.as_ref()),
         services.iter().map(|s| s.as_ref()),
         nodes.iter().map(|n| n.as_ref()),
-        me,
+        role,
     );
     external_ip::apply_writes(client, &state.writes)
         .await
@@ -92,7 +96,7 @@ fn ingress(server: &ApiServer, name: &str) -> Value {
 }
 
 #[tokio::test]
-async fn the_writer_allocates_through_the_status_subresource() {
+async fn the_controller_allocates_through_the_status_subresource() {
     let server = ApiServer::start(TcpListener::bind("127.0.0.1:0").unwrap());
     for node in ["node-a", "node-b"] {
         server.create(ready_node(node)).unwrap();
@@ -120,9 +124,9 @@ async fn the_writer_allocates_through_the_status_subresource() {
     let cluster = ClusterStore::start(client.clone(), gates);
     cluster.wait_until_ready().await.unwrap();
 
-    let state = round(&cluster, &client, "node-b").await;
-    assert_eq!(state.writes, [], "node-b is not the writer");
-    let state = round(&cluster, &client, "node-a").await;
+    let state = round(&cluster, &client, Role::Node("node-b")).await;
+    assert_eq!(state.writes, [], "a node writes nothing");
+    let state = round(&cluster, &client, Role::Controller).await;
     assert_eq!(state.errors, []);
     assert_eq!(state.writes.len(), 3, "{:?}", state.writes);
     assert_eq!(ingress(&server, "db"), json!([{"ip": "198.51.100.10"}]));
@@ -137,10 +141,10 @@ async fn the_writer_allocates_through_the_status_subresource() {
     // The reflectors see the statuses: the next round has nothing to write, and the owner of each
     // IP is one of the two nodes, the same on both.
     caught_up(&cluster, &server).await;
-    let state = round(&cluster, &client, "node-a").await;
+    let state = round(&cluster, &client, Role::Controller).await;
     assert_eq!(state.writes, []);
-    let owned_a = state.owned.clone();
-    let owned_b = round(&cluster, &client, "node-b").await.owned;
+    let owned_a = round(&cluster, &client, Role::Node("node-a")).await.owned;
+    let owned_b = round(&cluster, &client, Role::Node("node-b")).await.owned;
     assert!(owned_a.is_disjoint(&owned_b));
     let all: Vec<IpAddr> = owned_a.union(&owned_b).copied().collect();
     assert_eq!(
@@ -161,7 +165,7 @@ async fn the_writer_allocates_through_the_status_subresource() {
         .await
         .unwrap();
     caught_up(&cluster, &server).await;
-    let state = round(&cluster, &client, "node-a").await;
+    let state = round(&cluster, &client, Role::Controller).await;
     assert_eq!(state.writes.len(), 2, "{:?}", state.writes);
     assert_eq!(ingress(&server, "db"), Value::Null);
     assert_eq!(ingress(&server, "web"), json!([{"ip": "198.51.100.11"}]));

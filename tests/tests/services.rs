@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use serde_json::{json, Value};
 use sluice_tests::{
-    lab::{services::Source, Encap, Lab, LabOptions},
+    lab::{services::Source, Encap, Lab, LabOptions, Values},
     probe::{self, session_server, Reply, Session},
     require_root,
 };
@@ -22,13 +22,38 @@ fn pod(name: &str, node: usize, app: &str) -> Value {
 
 fn lab(encap: Encap) -> Lab {
     require_root();
-    let mut lab = Lab::up(LabOptions {
+    let lab = Lab::up(options(encap)).expect("lab up");
+    with_web(lab)
+}
+
+fn options(encap: Encap) -> LabOptions {
+    LabOptions {
         nodes: 2,
         encap,
         attach_mode: "auto".into(),
         ports: vec![PORT],
-    })
+    }
+}
+
+/// A lab with sluice-controller, configured by the chart with the ServiceExternalIP gate on.
+fn lab_with_controller(encap: Encap) -> Lab {
+    require_root();
+    let file = std::env::temp_dir().join(format!("sluice-eip-{}.yaml", std::process::id()));
+    std::fs::write(&file, "featureGates:\n  ServiceExternalIP: true\n").unwrap();
+    let lab = Lab::up_with_values(
+        options(encap),
+        Values {
+            file: &file,
+            controller: "",
+        },
+    )
     .expect("lab up");
+    let _ = std::fs::remove_file(&file);
+    with_web(lab)
+}
+
+/// Clients and web pods on both nodes, and the Service `web` in front of the web pods.
+fn with_web(mut lab: Lab) -> Lab {
     lab.apply(vec![
         pod("client-1", 1, "client"),
         pod("client-2", 2, "client"),
@@ -426,24 +451,24 @@ fn owns(lab: &Lab, node: usize, ip: Ipv4Addr) -> bool {
         .is_ok()
 }
 
-/// ServiceExternalIP: a LoadBalancer Service gets an IP from an ExternalIPPool, one node answers
-/// ARP for it, and when that node goes away the other takes the IP over (gratuitous ARP) and
-/// outside clients reach the Service again.
+fn lab_pool() -> Value {
+    json!({
+        "apiVersion": "crd.antrea.io/v1beta1", "kind": "ExternalIPPool",
+        "metadata": {"name": "lab-pool"},
+        "spec": {"ipRanges": [{"start": "192.168.77.100", "end": "192.168.77.109"}],
+                 "nodeSelector": {}},
+    })
+}
+
+/// ServiceExternalIP: a LoadBalancer Service gets an IP from an ExternalIPPool (sluice-controller
+/// allocates), one node answers ARP for it, and when that node goes away the other takes the IP
+/// over (gratuitous ARP) and outside clients reach the Service again.
 #[test]
 fn load_balancer_ip_from_a_pool_fails_over() {
-    let mut lab = lab(Encap::Vxlan);
+    let mut lab = lab_with_controller(Encap::Vxlan);
     let mut svc = cluster_ip_service("shop", "web", json!({"type": "LoadBalancer"}));
     svc["metadata"]["annotations"] = json!({"service.antrea.io/external-ip-pool": "lab-pool"});
-    lab.apply(vec![
-        json!({
-            "apiVersion": "crd.antrea.io/v1beta1", "kind": "ExternalIPPool",
-            "metadata": {"name": "lab-pool"},
-            "spec": {"ipRanges": [{"start": "192.168.77.100", "end": "192.168.77.109"}],
-                     "nodeSelector": {}},
-        }),
-        svc,
-    ])
-    .expect("apply");
+    lab.apply(vec![lab_pool(), svc]).expect("apply");
     let mut ip = None;
     assert!(
         eventually(Duration::from_secs(10), || {
@@ -529,6 +554,46 @@ fn load_balancer_ip_from_a_pool_fails_over() {
             "served by the surviving endpoint"
         );
     }
+}
+
+/// A LoadBalancer IP that another implementation wrote (MetalLB, played by this test) is served
+/// all the same, and sluice-controller, busy with its own pool, leaves it alone.
+#[test]
+fn load_balancer_ip_written_by_another_implementation_is_served() {
+    let mut lab = lab_with_controller(Encap::Vxlan);
+    let mut pooled = cluster_ip_service("pooled", "web", json!({"type": "LoadBalancer"}));
+    pooled["metadata"]["annotations"] = json!({"service.antrea.io/external-ip-pool": "lab-pool"});
+    let metal = cluster_ip_service("metal", "web", json!({"type": "LoadBalancer"}));
+    lab.apply(vec![lab_pool(), pooled, metal]).expect("apply");
+    let ip: Ipv4Addr = "192.168.77.160".parse().unwrap();
+    let status = json!({"status": {"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}}});
+    lab.api
+        .merge_patch_status("services", Some("default"), "metal", &status)
+        .expect("MetalLB writes the status");
+    let ingress = |lab: &Lab, name: &str| {
+        lab.service("default", name).unwrap()["status"]["loadBalancer"]["ingress"][0]["ip"].clone()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || ingress(&lab, "pooled")
+            .is_string()),
+        "the controller is at work on its own pool"
+    );
+    lab.wait_programmed(Duration::from_secs(20))
+        .expect("programmed");
+    // MetalLB in BGP mode: the network routes the IP to a node.
+    let outside = lab.external().path();
+    for node in ["node-1", "node-2"] {
+        lab.route_from_external(ip, node).expect("route");
+        let replies = tcp_many(&outside, ip, 8080, 20);
+        assert_eq!(spread(&replies).len(), 2, "through {node}: both endpoints");
+    }
+    let counts = spread(&tcp_many(&netns_of(&lab, "client-1"), ip, 8080, 20));
+    assert_eq!(counts.len(), 2, "from a pod: {counts:?}");
+    assert_eq!(
+        ingress(&lab, "metal"),
+        ip.to_string(),
+        "left as MetalLB wrote it"
+    );
 }
 
 /// externalIPs routed to a node by the network in front of the cluster; the health-check node

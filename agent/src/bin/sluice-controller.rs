@@ -1,5 +1,5 @@
-//! sluice-controller: the cluster-wide decisions (NodeIPAM), by one replica at a time under a
-//! `coordination.k8s.io` Lease.
+//! sluice-controller: the cluster-wide decisions (NodeIPAM, ServiceExternalIP's allocation), by
+//! one replica at a time under a `coordination.k8s.io` Lease.
 
 use std::path::PathBuf;
 
@@ -14,7 +14,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
 #[derive(Parser)]
-#[command(version, about = "Sluice controller: NodeIPAM under a Lease")]
+#[command(
+    version,
+    about = "Sluice controller: NodeIPAM and LoadBalancer IP allocation under a Lease"
+)]
 struct Args {
     /// The controller config file (YAML).
     #[arg(
@@ -78,6 +81,7 @@ async fn main() -> Result<()> {
             identity,
             lease_duration,
             node_ipam,
+            external_ips: config.feature_gates.service_external_ip,
         },
         shutdown,
     )

@@ -1,8 +1,10 @@
-//! `sluice-controller`: what is decided once for the whole cluster rather than on each node.
-//! Today that is NodeIPAM (podCIDRs for Nodes, `node_ipam`), done by one replica at a time under
-//! a Lease (`lease`); the other replicas stand by.
+//! `sluice-controller`: what is decided once for the whole cluster rather than on each node:
+//! NodeIPAM (podCIDRs for Nodes, `node_ipam`) and ServiceExternalIP's allocation
+//! (`external_ips`), done by one replica at a time under a Lease (`lease`); the other replicas
+//! stand by.
 
 pub mod config;
+pub mod external_ips;
 pub mod lease;
 pub mod node_ipam;
 pub mod nodes;
@@ -29,8 +31,10 @@ pub struct Setup {
     pub lease_name: String,
     pub identity: String,
     pub lease_duration: Duration,
-    /// `None`: NodeIPAM is off, and the controller has nothing to do yet but hold the Lease.
+    /// `None`: NodeIPAM is off.
     pub node_ipam: Option<NodeIpamSettings>,
+    /// The ServiceExternalIP feature gate.
+    pub external_ips: bool,
 }
 
 /// Leads when it can, works while it leads, and gives the Lease up when `shutdown` completes.
@@ -57,7 +61,7 @@ pub async fn run(setup: Setup, shutdown: impl std::future::Future<Output = ()>) 
             _ = elector.acquire() => {}
             _ = &mut shutdown => return Ok(()),
         }
-        let work = async {
+        let node_ipam = async {
             match &setup.node_ipam {
                 Some(settings) => {
                     let nodes = Api::<Node>::all(setup.client.clone());
@@ -68,10 +72,24 @@ pub async fn run(setup: Setup, shutdown: impl std::future::Future<Output = ()>) 
                 None => std::future::pending().await,
             }
         };
+        let external_ips = async {
+            match setup.external_ips {
+                true => external_ips::run(setup.client.clone()).await,
+                false => std::future::pending().await,
+            }
+        };
+        // Either ending (an error) ends the term: leading is taken up again from scratch.
+        let work = async {
+            tokio::select! {
+                result = node_ipam => result,
+                result = external_ips => result,
+            }
+        };
         tokio::select! {
             result = work => {
                 if let Err(e) = result {
-                    warn!("NodeIPAM stopped: {e:#}");
+                    warn!("stopped: {e:#}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
             _ = elector.hold() => warn!("no longer leading: standing by"),

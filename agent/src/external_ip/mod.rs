@@ -4,24 +4,22 @@
 //! and one Ready node that the pool's `nodeSelector` matches answers ARP for it; when that node
 //! goes (deleted, or its Ready condition not True) another eligible node takes over.
 //!
-//! Antrea does this with a central controller (allocation) and a memberlist cluster (ownership).
-//! Sluice has no central controller: every agent runs [`plan`] on the same cluster store and gets
-//! the same answer, which is safe without a lock because:
-//! - Only one agent writes: the agent of the Ready node with the lowest name. Every agent agrees
-//!   on it from the Node objects alone and the next one takes over when it goes, so there are no
-//!   write races and no Lease to keep. The price, shared with ownership: a node reported Ready
-//!   whose agent is down still counts, so writes stall (and its IPs stay with it) until it is
-//!   NotReady or deleted.
+//! As in Antrea, allocation is central: `sluice-controller`, while it holds its Lease, is the
+//! one writer of Service and pool statuses ([`Role::Controller`]). Ownership is not: every agent
+//! runs [`plan`] on the same cluster state ([`Role::Node`]) and gets the same answer, with no
+//! cluster membership protocol:
 //! - Allocation is stateless: the Services' statuses are the allocation record. An IP is in use
 //!   while a Service that asks for its pool holds it, so a deleted Service frees its IP with no
-//!   write and an agent restart loses nothing.
+//!   write and a controller restart or handover loses nothing.
 //! - Ownership is rendezvous hashing over the eligible nodes (see `owner`), so a node leaving moves
-//!   only its own IPs.
+//!   only its own IPs. The price: a node reported Ready whose agent is down keeps its IPs until it
+//!   is NotReady or deleted.
+//! - A LoadBalancer IP that something else wrote (MetalLB, a cloud) is left alone here and served
+//!   by the datapath all the same, as every `status.loadBalancer.ingress` IP is.
 //!
 //! Left out: `spec.loadBalancerIP` (asking for a given IP), IPv6 announcement (see [`announce`]).
-//! The caller wires it up: `plan` after each store change, [`apply_writes`] with the writes (only
-//! the writer agent gets any), the `owned` IPs to the datapath and [`announce`] for each IP that
-//! became owned.
+//! The callers wire it up: the controller applies the writes ([`apply_writes`]); an agent gives
+//! its `owned` IPs to the datapath and [`announce`]s each IP that became owned.
 
 mod allocate;
 mod garp;
@@ -58,15 +56,22 @@ pub fn pool_resource() -> ApiResource {
     )
 }
 
+/// Who plans: the controller writes statuses; a node learns which IPs it answers for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role<'a> {
+    Controller,
+    Node(&'a str),
+}
+
 /// What [`plan`] decided.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ExternalIpState {
-    /// Status writes, for the writer agent only (empty on every other node): releases first, then
+    /// Status writes, for the controller only (empty for a node): releases first, then
     /// assignments, then pool usage, so an IP is never on two Services at once.
     pub writes: Vec<StatusWrite>,
     /// Every IP handed out once the writes are done.
     pub assignments: BTreeMap<IpAddr, Assignment>,
-    /// The IPs this node answers for.
+    /// The IPs this node answers for (empty for the controller).
     pub owned: BTreeSet<IpAddr>,
     pub errors: Vec<ExternalIpError>,
 }
@@ -152,15 +157,15 @@ pub enum ExternalIpError {
     },
 }
 
-/// Decides, for the node `my_node`, which status writes to make (if it is the writer), which IPs
-/// every Service has, and which of them this node answers for. Pure and deterministic: every agent
-/// gets the same answer from the same cluster state. Never fails: what cannot be done is in
-/// `errors`.
+/// Decides which IPs every Service has and which node answers for each; for the controller,
+/// the status writes that make it so, for a node, the IPs it answers for. Pure and
+/// deterministic: every agent gets the same answer from the same cluster state. Never fails:
+/// what cannot be done is in `errors`.
 pub fn plan<'a>(
     pools: impl IntoIterator<Item = &'a DynamicObject>,
     services: impl IntoIterator<Item = &'a Service>,
     nodes: impl IntoIterator<Item = &'a Node>,
-    my_node: &str,
+    role: Role,
 ) -> ExternalIpState {
     let mut errors = Vec::new();
     let pools = pool::parse_pools(pools, &mut errors);
@@ -199,14 +204,16 @@ pub fn plan<'a>(
             )
         })
         .collect();
-    let owned = assignments
-        .iter()
-        .filter(|(_, a)| a.owner.as_deref() == Some(my_node))
-        .map(|(ip, _)| *ip)
-        .collect();
+    let owned = match role {
+        Role::Node(me) => assignments
+            .iter()
+            .filter(|(_, a)| a.owner.as_deref() == Some(me))
+            .map(|(ip, _)| *ip)
+            .collect(),
+        Role::Controller => BTreeSet::new(),
+    };
 
-    let writer = ready.iter().map(|(name, _)| *name).min();
-    let writes = if writer == Some(my_node) {
+    let writes = if role == Role::Controller {
         let mut writes = allocation.writes;
         for (name, pool) in &pools.valid {
             let used = assignments.values().filter(|a| &a.pool == name).count();

@@ -32,7 +32,10 @@ impl fmt::Display for WriteError {
                 StatusWrite::Service { .. } => "services/status",
                 StatusWrite::PoolUsage { .. } => "externalippools/status (crd.antrea.io)",
             };
-            write!(f, " (the agent's ClusterRole needs `patch` on {what})")?;
+            write!(
+                f,
+                " (sluice-controller's ClusterRole needs `patch` on {what})"
+            )?;
         }
         Ok(())
     }
@@ -61,7 +64,7 @@ impl fmt::Display for WriteErrors {
 /// deletion already released what the write would have.
 pub async fn apply_writes(client: &Client, writes: &[StatusWrite]) -> Result<(), WriteErrors> {
     let params = PatchParams {
-        field_manager: Some("sluice-agent".into()),
+        field_manager: Some("sluice-controller".into()),
         ..PatchParams::default()
     };
     let mut failed = Vec::new();

@@ -67,7 +67,7 @@ pub async fn start(setup: Setup) -> Result<ProgramRounds> {
         alloc: Allocator::seeded(&kernel_policy),
         rounds: rounds.clone(),
         recorder: Recorder::new(
-            setup.client.clone(),
+            setup.client,
             Reporter {
                 controller: "sluice-agent".into(),
                 instance: Some(setup.own.clone()),
@@ -78,7 +78,6 @@ pub async fn start(setup: Setup) -> Result<ProgramRounds> {
         metrics: setup.metrics,
         health: setup.health,
         cluster: setup.cluster,
-        client: setup.client,
         owned: BTreeSet::new(),
         external_ip_errors: Vec::new(),
         own: setup.own,
@@ -109,7 +108,6 @@ struct Follower {
     recorder: Recorder,
     /// Why the last policy sync failed (closed), if it did.
     policy_sync_error: Option<String>,
-    client: kube::Client,
     /// The LoadBalancer IPs this node answers for (ServiceExternalIP).
     owned: BTreeSet<IpAddr>,
     external_ip_errors: Vec<ExternalIpError>,

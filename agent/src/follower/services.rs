@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use k8s_openapi::api::core::v1::Node;
 use sluice_common::{ExternalIp, IpKey};
 use tracing::{info, warn};
@@ -52,8 +52,8 @@ impl Follower {
         Ok(())
     }
 
-    /// ServiceExternalIP: LoadBalancer IPs handed out from the pools (by one agent), and the
-    /// ones this node owns answered for on its uplink, announced when they arrive.
+    /// ServiceExternalIP: of the LoadBalancer IPs sluice-controller hands out from the pools,
+    /// the ones this node owns, answered for on its uplink and announced when they arrive.
     pub(super) async fn external_ips(&mut self, nodes: &[Arc<Node>]) -> Result<()> {
         let Some(pools) = &self.cluster.external_ip_pools else {
             return Ok(());
@@ -64,7 +64,7 @@ impl Follower {
             pools.iter().map(|p| p.as_ref()),
             services.iter().map(|s| s.as_ref()),
             nodes.iter().map(|n| n.as_ref()),
-            &self.own,
+            external_ip::Role::Node(&self.own),
         );
         if plan.errors != self.external_ip_errors {
             for error in &plan.errors {
@@ -72,13 +72,8 @@ impl Follower {
             }
             self.external_ip_errors = plan.errors.clone();
         }
-        // A status write that fails fails the part (and so is retried), after this node's
-        // own addresses are programmed.
-        let written = external_ip::apply_writes(&self.client, &plan.writes)
-            .await
-            .map_err(|e| anyhow!("ServiceExternalIP: {e}"));
         let Some((uplink, mac)) = &self.uplink else {
-            return written;
+            return Ok(());
         };
         let entries: BTreeMap<IpKey, ExternalIp> = plan
             .owned
@@ -104,6 +99,6 @@ impl Follower {
             }
         }
         self.owned = plan.owned;
-        written
+        Ok(())
     }
 }

@@ -33,8 +33,7 @@ const fn with_external_ip(access: Access) -> Access {
 
 const WATCH: &[&str] = &["list", "watch"];
 
-/// `sluice-agent`: the watches of `k8s::ClusterStore`, the statuses `external_ip::status`
-/// writes, the Node events of `follower::report`.
+/// `sluice-agent`: the watches of `k8s::ClusterStore`, the Node events of `follower::report`.
 pub const AGENT: &[Access] = &[
     rule("", "nodes", WATCH),
     rule("", "namespaces", WATCH),
@@ -44,15 +43,18 @@ pub const AGENT: &[Access] = &[
     rule("networking.k8s.io", "networkpolicies", WATCH),
     rule("events.k8s.io", "events", &["create", "patch"]),
     with_external_ip(rule("crd.antrea.io", "externalippools", WATCH)),
-    with_external_ip(rule("crd.antrea.io", "externalippools/status", &["patch"])),
-    with_external_ip(rule("", "services/status", &["patch"])),
 ];
 
 /// `sluice-controller`, cluster-wide: NodeIPAM's watch, re-read and patch of Nodes
-/// (`controller::nodes`), its Node events.
+/// (`controller::nodes`), its Node events, and ServiceExternalIP's watches and status writes
+/// (`controller::external_ips`, `external_ip::status`).
 pub const CONTROLLER: &[Access] = &[
     rule("", "nodes", &["get", "list", "watch", "patch"]),
     rule("events.k8s.io", "events", &["create", "patch"]),
+    with_external_ip(rule("", "services", WATCH)),
+    with_external_ip(rule("", "services/status", &["patch"])),
+    with_external_ip(rule("crd.antrea.io", "externalippools", WATCH)),
+    with_external_ip(rule("crd.antrea.io", "externalippools/status", &["patch"])),
 ];
 
 /// `sluice-controller`, in its own namespace: the Lease (`controller::lease`).

@@ -172,6 +172,21 @@ where
     reader
 }
 
+/// A reflector store of every object of a kind, with `changed` signalled after each event:
+/// for the controller, which needs a few kinds, not the agent's whole [`ClusterStore`].
+pub fn follow<K>(api: Api<K>, dyntype: K::DynamicType, changed: Arc<Notify>) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let signals = Signals {
+        changed,
+        observed: Arc::default(),
+        events: Arc::default(),
+    };
+    watch_with(api, dyntype, watcher::Config::default(), signals, |_| true)
+}
+
 impl ClusterStore {
     pub fn start(client: Client, gates: FeatureGates) -> ClusterStore {
         let signals = Signals {

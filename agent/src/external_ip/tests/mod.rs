@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use kube::api::DynamicObject;
 use serde_json::{json, Value};
 
-use super::{plan, ExternalIpState, StatusWrite, POOL_ANNOTATION};
+use super::{plan, ExternalIpState, Role, StatusWrite, POOL_ANNOTATION};
 
 fn pool(name: &str, spec: Value) -> DynamicObject {
     serde_json::from_value(json!({
@@ -59,8 +59,17 @@ fn nodes(names: &[&str]) -> Vec<Node> {
     names.iter().map(|n| node(n, true, json!({}))).collect()
 }
 
+/// The controller's writes with what node `me` answers for; both roles must agree on the
+/// assignments.
 fn run(pools: &[DynamicObject], services: &[Service], nodes: &[Node], me: &str) -> ExternalIpState {
-    plan(pools, services, nodes, me)
+    let controller = plan(pools, services, nodes, Role::Controller);
+    let node = plan(pools, services, nodes, Role::Node(me));
+    assert_eq!(node.assignments, controller.assignments);
+    assert!(node.writes.is_empty() && controller.owned.is_empty());
+    ExternalIpState {
+        owned: node.owned,
+        ..controller
+    }
 }
 
 /// The Service writes, as (service, IPs written).
