@@ -15,6 +15,7 @@ pub mod masquerade;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod overlap;
 pub mod service_health;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), for the daemons.

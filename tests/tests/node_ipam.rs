@@ -1,6 +1,6 @@
 //! NodeIPAM in the lab: `sluice-controller`, configured by the chart from a values file, gives
 //! Nodes their podCIDRs; a podCIDR a Node already has takes precedence; conflicts become Node
-//! events while the others are served; agents wait for a late podCIDR; two replicas share one
+//! events (a Node's address inside a cluster CIDR too) while the others are served; agents wait for a late podCIDR; two replicas share one
 //! Lease, and the standby takes over when the leader dies.
 
 use std::{
@@ -152,6 +152,21 @@ fn nodes_get_pod_cidrs_from_the_controller_an_existing_one_takes_precedence() {
     });
     assert_eq!(twin.0, "PodCIDRConflict");
     assert!(twin.1.contains("node-1"), "{}", twin.1);
+    // A Node whose own address lies in the cluster CIDR: pods would shadow it.
+    lab.create(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "shadowed"},
+        "spec": {"podCIDR": "10.244.9.0/24"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "10.244.200.7"}]},
+    }))
+    .unwrap();
+    let shadowed = wait_for("the address event", Duration::from_secs(10), || {
+        events_for(&lab, "shadowed").into_iter().next()
+    });
+    assert_eq!(shadowed.0, "ClusterCIDROverlapsNodeAddress");
+    assert_eq!(
+        shadowed.1,
+        "cluster CIDR 10.244.0.0/16 overlaps the Node's address 10.244.200.7 (InternalIP)"
+    );
     lab.add_node(2)
         .expect("node-3 is served after the conflicts");
     assert_eq!(

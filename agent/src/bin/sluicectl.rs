@@ -3,12 +3,14 @@
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use sluice_agent::{
     cni::install,
     datapath::ebpf::Maps,
     model::{key_ip, policy::protocol_name},
+    net::Netlink,
+    overlap::{self, Network, NetworkReport, Origin},
 };
 use sluice_common::{nat_flags, scope, BackendKey, PolicyEvent, DIRECTION_INGRESS, VERDICT_ALLOW};
 
@@ -54,6 +56,10 @@ enum Cmd {
         #[arg(long)]
         no_follow: bool,
     },
+    /// Overlapping networks: this node's pod CIDR, the other nodes' and the Service CIDR against
+    /// each other and the node's interfaces and routes, read now; and which setting gave the
+    /// node its pod CIDR. Exits 1 when something overlaps.
+    Check,
     /// Install the CNI plugin and its network config on the host (the agent pod's init
     /// container): the binary first, then the config, each replaced atomically.
     InstallCni {
@@ -121,6 +127,9 @@ fn main() -> Result<()> {
         })?;
         println!("installed {} and {}", plugin.display(), conf.display());
         return Ok(());
+    }
+    if let Cmd::Check = &args.command {
+        return check(&args.state_dir);
     }
     let mut maps = Maps::from_pins(&args.bpffs_dir)?;
     match args.command {
@@ -242,7 +251,60 @@ fn main() -> Result<()> {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        Cmd::InstallCni { .. } => unreachable!("handled before the maps are opened"),
+        Cmd::InstallCni { .. } | Cmd::Check => unreachable!("handled before the maps are opened"),
     }
     Ok(())
+}
+
+/// `sluicectl check`: the cluster's networks as the agent last knew them (`network.json`),
+/// against the host's networks as they are now.
+fn check(state_dir: &std::path::Path) -> Result<()> {
+    let path = state_dir.join("network.json");
+    let text = std::fs::read(&path).with_context(|| {
+        format!(
+            "reading {}: the agent writes it once it follows the cluster (with Kubernetes)",
+            path.display()
+        )
+    })?;
+    let report: NetworkReport = serde_json::from_slice(&text)?;
+    let host = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async { Netlink::new()?.host_networks(&report.own_devices).await })?;
+    let host: Vec<Network> = host
+        .iter()
+        .map(|h| Network::host(&report.node, h))
+        .collect();
+    println!("node {}", report.node);
+    println!(
+        "podCIDR {} from {}",
+        report.pod_cidr, report.pod_cidr_source
+    );
+    let service = report
+        .cluster
+        .iter()
+        .find(|n| n.origin == Origin::ServiceCidr)
+        .map_or("not set (serviceCIDR)".to_string(), |n| {
+            format!("{} from the agent config's serviceCIDR", n.cidr)
+        });
+    println!("Service CIDR {service}");
+    let pod_cidrs = report
+        .cluster
+        .iter()
+        .filter(|n| matches!(n.origin, Origin::PodCidr { .. }))
+        .count();
+    let others = pod_cidrs.saturating_sub(1);
+    println!(
+        "other nodes' pod CIDRs: {others}; host networks checked: {}",
+        host.len()
+    );
+    let found = overlap::find(&report.cluster, &host);
+    if found.is_empty() {
+        println!("no overlapping networks");
+        return Ok(());
+    }
+    for o in &found {
+        println!("OVERLAP: {o}");
+    }
+    std::process::exit(1);
 }

@@ -275,6 +275,10 @@ impl PodNetwork {
         self.node.gateway_ip
     }
 
+    pub fn pod_cidr(&self) -> IpNetwork {
+        self.node.pod_cidr
+    }
+
     /// Programs the other nodes' pod CIDRs: datapath entries (encap), node routes, and the
     /// masquerade exceptions. Only what changed is rewritten.
     pub async fn set_remote_routes(&mut self, mut remotes: Vec<RemoteRoute>) -> Result<()> {

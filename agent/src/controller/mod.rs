@@ -13,11 +13,10 @@ use std::time::Duration;
 
 use anyhow::Result;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
-use kube::{
-    runtime::events::{Recorder, Reporter},
-    Api, Client,
-};
+use kube::{Api, Client};
 use tracing::{info, warn};
+
+use crate::k8s::EventSink;
 
 use self::{
     config::NodeIpamSettings,
@@ -45,13 +44,7 @@ pub async fn run(setup: Setup, shutdown: impl std::future::Future<Output = ()>) 
         &setup.identity,
         Timing::from_duration(setup.lease_duration),
     );
-    let recorder = Recorder::new(
-        setup.client.clone(),
-        Reporter {
-            controller: "sluice-controller".into(),
-            instance: Some(setup.identity.clone()),
-        },
-    );
+    let events = EventSink::new(setup.client.clone(), "sluice-controller", &setup.identity);
     if setup.node_ipam.is_none() {
         info!("NodeIPAM is off (nodeIPAM.enableNodeIPAM, featureGates.NodeIPAM): Nodes keep the podCIDRs their platform gives them");
     }
@@ -65,7 +58,7 @@ pub async fn run(setup: Setup, shutdown: impl std::future::Future<Output = ()>) 
             match &setup.node_ipam {
                 Some(settings) => {
                     let nodes = Api::<Node>::all(setup.client.clone());
-                    NodeIpamController::new(nodes, settings.clone(), recorder.clone())
+                    NodeIpamController::new(nodes, settings.clone(), events.clone())
                         .run()
                         .await
                 }

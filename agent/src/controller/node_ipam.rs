@@ -146,6 +146,12 @@ pub enum Conflict {
         pod_cidr: IpNetwork,
         service_cidr: IpNetwork,
     },
+    /// A cluster CIDR holds one of the Node's own addresses: pods would shadow the node.
+    HoldsNodeAddress {
+        cluster_cidr: IpNetwork,
+        address: std::net::IpAddr,
+        kind: String,
+    },
 }
 
 impl std::fmt::Display for Conflict {
@@ -171,6 +177,14 @@ impl std::fmt::Display for Conflict {
             } => write!(
                 f,
                 "podCIDR {pod_cidr} overlaps the Service CIDR {service_cidr}"
+            ),
+            Conflict::HoldsNodeAddress {
+                cluster_cidr,
+                address,
+                kind,
+            } => write!(
+                f,
+                "cluster CIDR {cluster_cidr} overlaps the Node's address {address} ({kind})"
             ),
         }
     }
@@ -271,6 +285,23 @@ impl NodeIpam {
         conflicts.dedup();
         self.nodes.insert(node.to_string(), pod_cidrs.to_vec());
         conflicts
+    }
+
+    /// The Node's own addresses (`(address, type)`) that a cluster CIDR holds.
+    pub fn address_conflicts(&self, addresses: &[(std::net::IpAddr, String)]) -> Vec<Conflict> {
+        let mut found = Vec::new();
+        for set in &self.sets {
+            for (address, kind) in addresses {
+                if set.cluster.contains(*address) {
+                    found.push(Conflict::HoldsNodeAddress {
+                        cluster_cidr: set.cluster,
+                        address: *address,
+                        kind: kind.clone(),
+                    });
+                }
+            }
+        }
+        found
     }
 
     /// One free block per cluster CIDR, in their order, for a Node without a podCIDR. All or

@@ -166,3 +166,18 @@ fn a_large_cluster_cidr_is_served_without_scanning_it() {
     assert_eq!(ipam.allocate("last").unwrap(), vec![net("10.0.156.64/30")]);
     assert!(start.elapsed() < std::time::Duration::from_secs(2));
 }
+
+#[test]
+fn a_cluster_cidr_holding_a_node_address_is_reported() {
+    let ipam = ipam(&[("10.0.0.0/8", 24)], &[]);
+    let addresses = [
+        ("10.0.0.5".parse().unwrap(), "InternalIP".to_string()),
+        ("192.168.1.5".parse().unwrap(), "ExternalIP".to_string()),
+    ];
+    let found = ipam.address_conflicts(&addresses);
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        found[0].to_string(),
+        "cluster CIDR 10.0.0.0/8 overlaps the Node's address 10.0.0.5 (InternalIP)"
+    );
+}

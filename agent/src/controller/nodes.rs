@@ -2,7 +2,11 @@
 //! one block per cluster CIDR in `spec.podCIDR`/`spec.podCIDRs`. Every (re)list rebuilds the
 //! bookkeeping from the Nodes, so a deletion the watch missed is not a leak.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::Duration,
+};
 
 use anyhow::Result;
 use futures::StreamExt;
@@ -11,7 +15,7 @@ use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::{
     api::{Patch, PatchParams},
     runtime::{
-        events::{Event, EventType, Recorder},
+        events::{Event, EventType},
         watcher::{self, Event as WatchEvent},
         WatchStreamExt,
     },
@@ -19,6 +23,8 @@ use kube::{
 };
 use serde_json::json;
 use tracing::{info, warn};
+
+use crate::k8s::EventSink;
 
 use super::{
     config::NodeIpamSettings,
@@ -50,22 +56,25 @@ pub struct NodeIpamController {
     api: Api<Node>,
     settings: NodeIpamSettings,
     ipam: NodeIpam,
-    recorder: Recorder,
+    events: EventSink,
     /// Nodes still waiting for a podCIDR after a failed attempt.
     retry: BTreeSet<String>,
     /// Nodes whose exhaustion was reported: once, not every retry.
     exhausted: BTreeSet<String>,
+    /// Each Node's addresses as last checked against the cluster CIDRs.
+    addresses: BTreeMap<String, Vec<(IpAddr, String)>>,
 }
 
 impl NodeIpamController {
-    pub fn new(api: Api<Node>, settings: NodeIpamSettings, recorder: Recorder) -> Self {
+    pub fn new(api: Api<Node>, settings: NodeIpamSettings, events: EventSink) -> Self {
         NodeIpamController {
             api,
             ipam: NodeIpam::new(&settings),
             settings,
-            recorder,
+            events,
             retry: BTreeSet::new(),
             exhausted: BTreeSet::new(),
+            addresses: BTreeMap::new(),
         }
     }
 
@@ -90,6 +99,7 @@ impl NodeIpamController {
                         self.ipam.release(&name);
                         self.retry.remove(&name);
                         self.exhausted.remove(&name);
+                        self.addresses.remove(&name);
                     }
                 },
                 _ = tick.tick(), if !self.retry.is_empty() => self.retry_pending().await,
@@ -102,6 +112,7 @@ impl NodeIpamController {
     async fn rebuild(&mut self, nodes: Vec<Node>) {
         self.ipam = NodeIpam::new(&self.settings);
         self.retry.clear();
+        self.addresses.clear();
         let (with, without): (Vec<Node>, Vec<Node>) = nodes
             .into_iter()
             .partition(|n| !node_pod_cidrs(n).0.is_empty());
@@ -120,6 +131,18 @@ impl NodeIpamController {
 
     async fn apply(&mut self, node: &Node) {
         let name = node.metadata.name.clone().unwrap_or_default();
+        let addresses: Vec<(IpAddr, String)> = node
+            .status
+            .iter()
+            .flat_map(|s| s.addresses.iter().flatten())
+            .filter_map(|a| Some((a.address.parse().ok()?, a.type_.clone())))
+            .collect();
+        if self.addresses.get(&name) != Some(&addresses) {
+            for conflict in self.ipam.address_conflicts(&addresses) {
+                self.report_conflict(node, &conflict).await;
+            }
+            self.addresses.insert(name.clone(), addresses);
+        }
         let (cidrs, bad) = node_pod_cidrs(node);
         for text in bad {
             self.report(
@@ -198,6 +221,7 @@ impl NodeIpamController {
             Conflict::OutsideClusterCidrs { .. } => "PodCIDROutsideClusterCIDRs",
             Conflict::HeldByNode { .. } => "PodCIDRConflict",
             Conflict::OverlapsServiceCidr { .. } => "PodCIDROverlapsServiceCIDR",
+            Conflict::HoldsNodeAddress { .. } => "ClusterCIDROverlapsNodeAddress",
         };
         self.report(node, reason, conflict.to_string()).await;
     }
@@ -219,7 +243,7 @@ impl NodeIpamController {
             action: "AllocatePodCIDR".into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
+        if let Err(e) = self.events.publish(&event, &reference).await {
             warn!(node = name, "recording the Node event {reason}: {e}");
         }
     }

@@ -5,6 +5,7 @@
 //! re-derives everything from the store, so a write lost to a transient error is not kept lost.
 //! Each part diffs, so an unchanged part costs no map write.
 
+mod overlaps;
 mod report;
 mod services;
 
@@ -18,7 +19,6 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use kube::runtime::events::{Recorder, Reporter};
 use tokio::{sync::Mutex, time::MissedTickBehavior};
 use tracing::{info, warn};
 
@@ -66,13 +66,7 @@ pub async fn start(setup: Setup) -> Result<ProgramRounds> {
     let mut follower = Follower {
         alloc: Allocator::seeded(&kernel_policy),
         rounds: rounds.clone(),
-        recorder: Recorder::new(
-            setup.client,
-            Reporter {
-                controller: "sluice-agent".into(),
-                instance: Some(setup.own.clone()),
-            },
-        ),
+        events: k8s::EventSink::new(setup.client, "sluice-agent", &setup.own),
         policy_sync_error: None,
         health_checks: HealthCheckServers::new(setup.health.clone()),
         metrics: setup.metrics,
@@ -91,6 +85,8 @@ pub async fn start(setup: Setup) -> Result<ProgramRounds> {
         services_compiled_at: None,
         service_names: BTreeMap::new(),
         programmed_revisions: BTreeMap::new(),
+        overlaps_checked: None,
+        overlaps: Vec::new(),
     };
     let mut backoff = Backoff::default();
     follower.round(&mut backoff).await;
@@ -105,7 +101,7 @@ struct Follower {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     /// Events on this agent's Node.
-    recorder: Recorder,
+    events: k8s::EventSink,
     /// Why the last policy sync failed (closed), if it did.
     policy_sync_error: Option<String>,
     /// The LoadBalancer IPs this node answers for (ServiceExternalIP).
@@ -128,6 +124,9 @@ struct Follower {
     service_names: BTreeMap<u32, String>,
     /// Per kind, the store's revision the last round that programmed everything had read.
     programmed_revisions: BTreeMap<&'static str, u64>,
+    /// The cluster networks the overlap check last ran on (`None`: run it), and what it found.
+    overlaps_checked: Option<Vec<crate::overlap::Network>>,
+    overlaps: Vec<crate::overlap::Overlap>,
 }
 
 /// A part of a round that failed.
@@ -167,6 +166,7 @@ impl Follower {
                 _ = resync.tick() => {
                     info!("periodic resync: every part re-derived from the store");
                     self.services_compiled_at = None;
+                    self.overlaps_checked = None;
                 }
             }
             self.round(&mut backoff).await;
@@ -270,6 +270,10 @@ impl Follower {
             }
         }
         drop(pods);
+        // Diagnostics only: a failed check does not fail the round.
+        if let Err(e) = self.check_overlaps(&nodes).await {
+            warn!("checking for overlapping networks: {e:#}");
+        }
         let external_ips = self.external_ips(&nodes).await;
         failures.part("external IPs", external_ips);
         if let Some(tables) = &tables {

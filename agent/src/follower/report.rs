@@ -51,6 +51,11 @@ impl Follower {
             }
         };
         self.policy_sync_error = error;
+        self.publish_on_node(nodes, event).await;
+    }
+
+    /// Records `event` on this agent's Node; a failure is only logged.
+    pub(super) async fn publish_on_node(&self, nodes: &[Arc<Node>], event: Event) {
         let reference = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Node".into()),
@@ -61,7 +66,7 @@ impl Follower {
                 .and_then(|n| n.metadata.uid.clone()),
             ..ObjectReference::default()
         };
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
+        if let Err(e) = self.events.publish(&event, &reference).await {
             warn!("recording the Node event {}: {e}", event.reason);
         }
     }

@@ -22,13 +22,14 @@ use anyhow::{Context, Result};
 use futures::StreamExt;
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Namespace, Node, ObjectReference, Pod, Service},
     networking::v1::NetworkPolicy,
 };
 use kube::{
     api::DynamicObject,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
+        events::{Event, Recorder, Reporter},
         reflector::{self, store::Writer, Store},
         watcher, WatchStreamExt,
     },
@@ -64,6 +65,34 @@ pub struct ClusterStore {
     /// EndpointSlice; of Nodes only those that change what the tables read, not heartbeats):
     /// unchanged, the tables need no recompiling.
     pub service_events: Arc<AtomicU64>,
+}
+
+/// Publishes Events that are each said once, when what they report changes. kube's `Recorder`
+/// folds events that differ only in their note into one series (its key leaves the note out),
+/// which would hide a second, different conflict of the same reason: each event gets a recorder
+/// of its own.
+#[derive(Clone)]
+pub struct EventSink {
+    client: Client,
+    reporter: Reporter,
+}
+
+impl EventSink {
+    pub fn new(client: Client, controller: &str, instance: &str) -> EventSink {
+        EventSink {
+            client,
+            reporter: Reporter {
+                controller: controller.into(),
+                instance: Some(instance.into()),
+            },
+        }
+    }
+
+    pub async fn publish(&self, event: &Event, regarding: &ObjectReference) -> kube::Result<()> {
+        Recorder::new(self.client.clone(), self.reporter.clone())
+            .publish(event, regarding)
+            .await
+    }
 }
 
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {

@@ -20,6 +20,10 @@ use netlink_packet_route::{
 use nix::sched::CloneFlags;
 use rtnetlink::{Handle, LinkGeneve, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
+mod host;
+
+pub use host::HostNetwork;
+
 use crate::{config::TunnelType, model::Mac};
 
 /// Routes the agent owns carry this protocol number, so it finds and replaces exactly its own.
