@@ -76,7 +76,7 @@ impl TunnelType {
 pub struct FeatureGates {
     /// LoadBalancer Service IPs from Antrea ExternalIPPools (`crate::external_ip`). On: the agent
     /// watches `externalippools.crd.antrea.io` (the CRD must be installed: the agent waits for its
-    /// first list) and may write Service and pool statuses.
+    /// first list) and answers for the IPs sluice-controller assigned that its node owns.
     #[serde(rename = "ServiceExternalIP", default)]
     pub service_external_ip: bool,
 }
