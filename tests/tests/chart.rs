@@ -234,6 +234,31 @@ fn the_antrea_pack_values_configure_sluice_as_they_configure_antrea() {
 }
 
 #[test]
+fn the_api_server_override_becomes_the_in_cluster_address() {
+    for (url, host, port) in [
+        ("https://10.0.0.10:6443", "10.0.0.10", "6443"),
+        ("https://api.example.com", "api.example.com", "443"),
+        ("https://[fd00::10]:6443", "fd00::10", "6443"),
+    ] {
+        let set = format!("kubeAPIServerOverride={url}");
+        let objects = render(&None, &["--set", &set]).unwrap();
+        for (kind, name) in [
+            ("DaemonSet", "sluice-agent"),
+            ("Deployment", "sluice-controller"),
+        ] {
+            let env = object(&objects, kind, name)["spec"]["template"]["spec"]["containers"][0]
+                ["env"]
+                .as_sequence()
+                .unwrap()
+                .clone();
+            let var = |n: &str| env.iter().find(|e| e["name"] == n).unwrap()["value"].clone();
+            assert_eq!(var("KUBERNETES_SERVICE_HOST"), host, "{url} {kind}");
+            assert_eq!(var("KUBERNETES_SERVICE_PORT"), port, "{url} {kind}");
+        }
+    }
+}
+
+#[test]
 fn component_image_keys_win_over_image() {
     let values = Some(chart().join("ci/antrea-1.15-images-values.yaml"));
     let objects = render(&values, &[]).unwrap();

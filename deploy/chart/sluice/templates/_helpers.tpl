@@ -152,11 +152,12 @@ nodeIPAM:
 {{/* The API server's address for pods that cannot use the in-cluster Service yet. */}}
 {{- define "sluice.apiServerEnv" -}}
 {{- with .Values.kubeAPIServerOverride }}
-{{- $url := urlParse . }}
-{{- $hostPort := splitList ":" $url.host }}
+{{- $hostPort := (urlParse .).host }}
+{{- $port := regexFind "[0-9]+$" (regexFind ":[0-9]+$" $hostPort) | default "443" }}
+{{- $host := regexReplaceAll ":[0-9]+$" $hostPort "" | trimPrefix "[" | trimSuffix "]" }}
 - name: KUBERNETES_SERVICE_HOST
-  value: {{ index $hostPort 0 | quote }}
+  value: {{ $host | quote }}
 - name: KUBERNETES_SERVICE_PORT
-  value: {{ ternary (index $hostPort 1) "443" (gt (len $hostPort) 1) | quote }}
+  value: {{ $port | quote }}
 {{- end }}
 {{- end -}}
