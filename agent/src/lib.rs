@@ -17,6 +17,7 @@ pub mod model;
 pub mod net;
 pub mod overlap;
 pub mod service_health;
+pub mod table;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), for the daemons.
 pub fn init_logging() {

@@ -159,6 +159,7 @@ fn lab() -> Result<()> {
             "examples/demo",
             "--ports",
             "80,8080",
+            "--expect-all-connected",
             "--json",
         ])
         .arg(report))

@@ -11,6 +11,10 @@ use sluice_agent::{
     model::{key_ip, policy::protocol_name},
     net::Netlink,
     overlap::{self, Network, NetworkReport, Origin},
+    table::{
+        Align::{Left, Right},
+        Table,
+    },
 };
 use sluice_common::{nat_flags, scope, BackendKey, PolicyEvent, DIRECTION_INGRESS, VERDICT_ALLOW};
 
@@ -135,41 +139,44 @@ fn main() -> Result<()> {
     match args.command {
         Cmd::Stats => {
             let counters = maps.counters()?;
-            println!("{:<16} {:>14}", "STAGE", "PACKETS");
+            let mut stages = Table::new(&[("STAGE", Left), ("PACKETS", Right)]);
             for (stage, n) in &counters.stages {
-                println!("{:<16} {:>14}", stage.name(), n);
+                stages.row(vec![stage.name().into(), n.to_string()]);
             }
-            println!();
-            println!("{:<22} {:<14} {:>14}", "DROP REASON", "STAGE", "PACKETS");
+            println!("{}", stages.render());
+            let mut drops =
+                Table::new(&[("DROP REASON", Left), ("STAGE", Left), ("PACKETS", Right)]);
             for (reason, n) in &counters.drops {
-                println!(
-                    "{:<22} {:<14} {:>14}",
-                    reason.name(),
-                    reason.stage().name(),
-                    n
-                );
+                drops.row(vec![
+                    reason.name().into(),
+                    reason.stage().name().into(),
+                    n.to_string(),
+                ]);
             }
+            print!("{}", drops.render());
         }
         Cmd::Pipeline => print!("{}", maps.pipeline()?),
         Cmd::Policy => {
             let names = Names::load(&args.state_dir);
-            println!("{:<48} {:>12} {:>14}", "RULE", "PACKETS", "BYTES");
+            let mut rules = Table::new(&[("RULE", Left), ("PACKETS", Right), ("BYTES", Right)]);
             for (id, stats) in maps.rule_stats()? {
-                println!(
-                    "{:<48} {:>12} {:>14}",
+                rules.row(vec![
                     names.rule(id),
-                    stats.packets,
-                    stats.bytes
-                );
+                    stats.packets.to_string(),
+                    stats.bytes.to_string(),
+                ]);
             }
+            print!("{}", rules.render());
         }
         Cmd::Services => {
             let names = Names::load(&args.state_dir);
             let (frontends, backends) = maps.service_entries()?;
-            println!(
-                "{:<28} {:<8} {:<40} ENDPOINTS",
-                "FRONTEND", "SCOPE", "SERVICE"
-            );
+            let mut table = Table::new(&[
+                ("FRONTEND", Left),
+                ("SCOPE", Left),
+                ("SERVICE", Left),
+                ("ENDPOINTS", Left),
+            ]);
             for (key, service) in &frontends {
                 let frontend = names.endpoint(key_ip(&key.addr), key.port);
                 let scope = if key.scope == scope::EXTERNAL {
@@ -196,13 +203,14 @@ fn main() -> Result<()> {
                     .get(&service.backend_set)
                     .cloned()
                     .unwrap_or_else(|| format!("set {}", service.backend_set));
-                println!(
-                    "{:<28} {:<8} {:<40} {endpoints}",
+                table.row(vec![
                     format!("{frontend}/{}", protocol_name(key.proto)),
-                    scope,
-                    service_name
-                );
+                    scope.into(),
+                    service_name,
+                    endpoints,
+                ]);
             }
+            print!("{}", table.render());
             let connections = maps
                 .service_nat
                 .iter()

@@ -62,6 +62,10 @@ enum Cmd {
         encap: String,
         #[arg(long)]
         json: PathBuf,
+        /// Exit 1 unless every probe connected and was answered by its destination (manifests
+        /// without NetworkPolicy): the run is then a smoke test.
+        #[arg(long)]
+        expect_all_connected: bool,
         /// A values file for the chart (deploy/chart/sluice): sluice-controller runs as the
         /// chart configures it; with nodeIPAM.enable, Nodes get their podCIDRs from it.
         #[arg(long)]
@@ -141,6 +145,7 @@ fn main() -> Result<()> {
             encap,
             json,
             values,
+            expect_all_connected,
         } => {
             if datapath != "ebpf" {
                 bail!("--datapath {datapath:?}: only ebpf is available yet");
@@ -156,7 +161,7 @@ fn main() -> Result<()> {
                 ports: ports.clone(),
             };
             guarded(&stop, || {
-                matrix(
+                let report = matrix(
                     options,
                     values.as_deref(),
                     &manifests,
@@ -164,7 +169,11 @@ fn main() -> Result<()> {
                     &protocols,
                     &json,
                     &stop,
-                )
+                )?;
+                if expect_all_connected {
+                    all_connected(&report)?;
+                }
+                Ok(())
             })
         }
         Cmd::Up {
@@ -223,7 +232,7 @@ fn matrix(
     protocols: &[Protocol],
     json: &Path,
     stop: &AtomicBool,
-) -> Result<()> {
+) -> Result<Report> {
     let started = Instant::now();
     let mut lab = start(options, values)?;
     println!(
@@ -255,6 +264,30 @@ fn matrix(
     std::fs::write(json, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", json.display()))?;
     println!("\nreport: {}", json.display());
+    Ok(report)
+}
+
+/// Fails naming the probes that did not reach their destination.
+fn all_connected(report: &Report) -> Result<()> {
+    let failed: Vec<String> = report
+        .steps
+        .iter()
+        .flat_map(|s| &s.probes)
+        .filter(|p| !p.connected || p.answered_by.as_deref() != Some(p.to.as_str()))
+        .map(|p| format!("{} -> {} {}/{}", p.from, p.to, p.protocol, p.port))
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "{} probe(s) that should connect did not: {}",
+            failed.len(),
+            failed
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
     Ok(())
 }
 
