@@ -89,7 +89,8 @@ impl Network {
     }
 }
 
-fn overlapping(a: IpNetwork, b: IpNetwork) -> bool {
+/// Two CIDRs share addresses (CIDRs nest, so one contains the other's first address).
+pub fn overlaps(a: IpNetwork, b: IpNetwork) -> bool {
     a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
 }
 
@@ -131,7 +132,7 @@ pub fn find(cluster: &[Network], host: &[Network]) -> Vec<Overlap> {
     let mut found = Vec::new();
     for (i, first) in cluster.iter().enumerate() {
         for second in cluster[i + 1..].iter().chain(host) {
-            if overlapping(first.cidr, second.cidr) {
+            if overlaps(first.cidr, second.cidr) {
                 found.push(Overlap {
                     first: first.clone(),
                     second: second.clone(),

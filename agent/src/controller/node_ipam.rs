@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use ipnetwork::IpNetwork;
 
 use super::config::NodeIpamSettings;
+use crate::overlap::overlaps;
 
 /// What holds a block.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -124,10 +125,6 @@ impl CidrSet {
             }
         }
     }
-}
-
-pub fn overlaps(a: IpNetwork, b: IpNetwork) -> bool {
-    a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
 }
 
 /// Something about a Node's podCIDR that an operator must hear of. The podCIDR stays the Node's:

@@ -10,8 +10,7 @@ use std::{
 
 use anyhow::Result;
 use futures::StreamExt;
-use ipnetwork::IpNetwork;
-use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use k8s_openapi::api::core::v1::Node;
 use kube::{
     api::{Patch, PatchParams},
     runtime::{
@@ -24,7 +23,7 @@ use kube::{
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::k8s::EventSink;
+use crate::k8s::{self, EventSink};
 
 use super::{
     config::NodeIpamSettings,
@@ -33,24 +32,6 @@ use super::{
 
 /// How soon a Node whose podCIDR could not be written (API error, exhaustion) is tried again.
 const RETRY: Duration = Duration::from_secs(5);
-
-/// Every podCIDR a Node has, both families; entries that do not parse are reported and left out.
-pub fn node_pod_cidrs(node: &Node) -> (Vec<IpNetwork>, Vec<String>) {
-    let spec = node.spec.as_ref();
-    let texts: Vec<&String> = match spec.and_then(|s| s.pod_cidrs.as_ref()) {
-        Some(list) if !list.is_empty() => list.iter().collect(),
-        _ => spec.and_then(|s| s.pod_cidr.as_ref()).into_iter().collect(),
-    };
-    let mut cidrs = Vec::new();
-    let mut bad = Vec::new();
-    for text in texts {
-        match text.parse() {
-            Ok(cidr) => cidrs.push(cidr),
-            Err(_) => bad.push(text.clone()),
-        }
-    }
-    (cidrs, bad)
-}
 
 pub struct NodeIpamController {
     api: Api<Node>,
@@ -115,7 +96,7 @@ impl NodeIpamController {
         self.addresses.clear();
         let (with, without): (Vec<Node>, Vec<Node>) = nodes
             .into_iter()
-            .partition(|n| !node_pod_cidrs(n).0.is_empty());
+            .partition(|n| !k8s::all_pod_cidrs(n).0.is_empty());
         for node in &with {
             self.apply(node).await;
         }
@@ -143,7 +124,7 @@ impl NodeIpamController {
             }
             self.addresses.insert(name.clone(), addresses);
         }
-        let (cidrs, bad) = node_pod_cidrs(node);
+        let (cidrs, bad) = k8s::all_pod_cidrs(node);
         for text in bad {
             self.report(
                 node,
@@ -229,13 +210,6 @@ impl NodeIpamController {
     async fn report(&self, node: &Node, reason: &str, note: String) {
         let name = node.metadata.name.as_deref().unwrap_or_default();
         warn!(node = name, reason, "{note}");
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Node".into()),
-            name: Some(name.to_string()),
-            uid: node.metadata.uid.clone(),
-            ..ObjectReference::default()
-        };
         let event = Event {
             type_: EventType::Warning,
             reason: reason.into(),
@@ -243,8 +217,8 @@ impl NodeIpamController {
             action: "AllocatePodCIDR".into(),
             secondary: None,
         };
-        if let Err(e) = self.events.publish(&event, &reference).await {
-            warn!(node = name, "recording the Node event {reason}: {e}");
-        }
+        self.events
+            .on_node(name, node.metadata.uid.clone(), &event)
+            .await;
     }
 }

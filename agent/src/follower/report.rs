@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, path::Path, sync::atomic::Ordering, sync::Arc};
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::events::{Event, EventType};
 use tracing::{info, warn};
 
@@ -56,19 +56,11 @@ impl Follower {
 
     /// Records `event` on this agent's Node; a failure is only logged.
     pub(super) async fn publish_on_node(&self, nodes: &[Arc<Node>], event: Event) {
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Node".into()),
-            name: Some(self.own.clone()),
-            uid: nodes
-                .iter()
-                .find(|n| n.metadata.name.as_deref() == Some(&self.own))
-                .and_then(|n| n.metadata.uid.clone()),
-            ..ObjectReference::default()
-        };
-        if let Err(e) = self.events.publish(&event, &reference).await {
-            warn!("recording the Node event {}: {e}", event.reason);
-        }
+        let uid = nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(&self.own))
+            .and_then(|n| n.metadata.uid.clone());
+        self.events.on_node(&self.own, uid, &event).await;
     }
 }
 

@@ -88,10 +88,22 @@ impl EventSink {
         }
     }
 
-    pub async fn publish(&self, event: &Event, regarding: &ObjectReference) -> kube::Result<()> {
-        Recorder::new(self.client.clone(), self.reporter.clone())
-            .publish(event, regarding)
-            .await
+    /// Records `event` on the Node `name`; a failure is only logged.
+    pub async fn on_node(&self, name: &str, uid: Option<String>, event: &Event) {
+        let regarding = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(name.to_string()),
+            uid,
+            ..ObjectReference::default()
+        };
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        if let Err(e) = recorder.publish(event, &regarding).await {
+            warn!(
+                node = name,
+                "recording the Node event {}: {e}", event.reason
+            );
+        }
     }
 }
 
@@ -336,25 +348,33 @@ impl ClusterStore {
     }
 }
 
-/// IPv4 pod CIDRs of a node (`spec.podCIDRs`, or the older `spec.podCIDR`). Unparsable entries
-/// are skipped with a warning: one bad Node must not stop the others.
-pub fn pod_cidrs(node: &Node) -> Vec<IpNetwork> {
+/// Every pod CIDR of a node, both families (`spec.podCIDRs`, or the older `spec.podCIDR`), and
+/// the entries that do not parse.
+pub fn all_pod_cidrs(node: &Node) -> (Vec<IpNetwork>, Vec<String>) {
     let spec = node.spec.as_ref();
     let texts: Vec<&String> = match spec.and_then(|s| s.pod_cidrs.as_ref()) {
         Some(list) if !list.is_empty() => list.iter().collect(),
         _ => spec.and_then(|s| s.pod_cidr.as_ref()).into_iter().collect(),
     };
-    texts
-        .into_iter()
-        .filter_map(|text| match text.parse::<IpNetwork>() {
-            Ok(net @ IpNetwork::V4(_)) => Some(net),
-            Ok(IpNetwork::V6(_)) => None,
-            Err(e) => {
-                warn!(node = ?node.metadata.name, podCIDR = %text, "ignoring invalid podCIDR: {e}");
-                None
-            }
-        })
-        .collect()
+    let mut cidrs = Vec::new();
+    let mut bad = Vec::new();
+    for text in texts {
+        match text.parse() {
+            Ok(cidr) => cidrs.push(cidr),
+            Err(_) => bad.push(text.clone()),
+        }
+    }
+    (cidrs, bad)
+}
+
+/// IPv4 pod CIDRs of a node. Unparsable entries are skipped with a warning: one bad Node must
+/// not stop the others.
+pub fn pod_cidrs(node: &Node) -> Vec<IpNetwork> {
+    let (cidrs, bad) = all_pod_cidrs(node);
+    for text in bad {
+        warn!(node = ?node.metadata.name, podCIDR = %text, "ignoring invalid podCIDR");
+    }
+    cidrs.into_iter().filter(IpNetwork::is_ipv4).collect()
 }
 
 fn internal_ip(node: &Node) -> Option<IpAddr> {
