@@ -3,6 +3,7 @@
 //! TCP/UDP probes. Everything it creates is deleted when its guard drops, also on panic.
 
 pub mod apiserver;
+pub mod cluster;
 pub mod containerd;
 pub mod lab;
 pub mod probe;
@@ -54,6 +55,11 @@ pub(crate) enum Created {
     Netns(String),
     /// A process we started (an agent, a controller), by PID.
     Process(u32),
+    /// A cgroup (the same name under every v1 controller) whose processes are all ours: a
+    /// cluster node's containerd, shims and containers.
+    Cgroup(String),
+    /// A mount point (a mount namespace's file, a bind mount) to unmount.
+    Mount(PathBuf),
     Dir(PathBuf),
 }
 
@@ -82,15 +88,23 @@ pub fn emergency_cleanup() {
             );
         }
     }
+    for item in &items {
+        if let Created::Cgroup(name) = item {
+            cluster::cgroup::remove(name);
+        }
+    }
     for item in items.iter().rev() {
         match item {
             Created::Netns(name) => {
                 let _ = Command::new("ip").args(["netns", "del", name]).status();
             }
+            Created::Mount(path) => {
+                let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+            }
             Created::Dir(path) => {
                 let _ = std::fs::remove_dir_all(path);
             }
-            Created::Process(_) => {}
+            Created::Process(_) | Created::Cgroup(_) => {}
         }
     }
 }
@@ -168,10 +182,21 @@ pub fn sh(cmd: &mut Command) -> Result<String> {
 
 /// Spawns `cmd` in the network namespace `netns` is open on (and the caller's mount namespace).
 pub(crate) fn spawn_in(cmd: &mut Command, netns: File) -> std::io::Result<Child> {
+    spawn_in_namespaces(cmd, vec![(netns, CloneFlags::CLONE_NEWNET)])
+}
+
+/// Spawns `cmd` after joining each namespace (in order) that the files are open on.
+pub(crate) fn spawn_in_namespaces(
+    cmd: &mut Command,
+    namespaces: Vec<(File, CloneFlags)>,
+) -> std::io::Result<Child> {
     // SAFETY: only async-signal-safe work (setns) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            nix::sched::setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            for (file, kind) in &namespaces {
+                nix::sched::setns(file.as_fd(), *kind).map_err(std::io::Error::from)?;
+            }
+            Ok(())
         });
     }
     cmd.spawn()

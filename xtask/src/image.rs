@@ -1,20 +1,16 @@
-//! `cargo xtask image`: the container image, without a Docker daemon or a base image (neither
-//! exists here). The root filesystem holds the four release binaries, the `nft` binary the
-//! masquerade step runs, and the shared libraries each of them loads (as `ldd` resolves them on
-//! this Debian machine, so they come from its packages). One layer; the archive is an OCI image
-//! layout (`index.json`, what `ctr images import` and `podman load` read) that also carries
-//! Docker's `manifest.json`, as `docker save` writes since Docker 25, for `docker load`.
+//! `cargo xtask image`: Sluice's container image (`oci`). The root filesystem holds the four
+//! release binaries, the `nft` binary the masquerade step runs, and the shared libraries each of
+//! them loads (as `ldd` resolves them on this Debian machine, so they come from its packages).
 
-use std::{
-    collections::BTreeSet,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use serde_json::json;
 
-use crate::{build::root, run};
+use crate::{
+    build::root,
+    oci::{self, which},
+};
 
 pub const BINARIES: [&str; 4] = [
     "sluice-agent",
@@ -37,83 +33,11 @@ pub fn archive() -> PathBuf {
     ))
 }
 
-fn which(tool: &str) -> Result<PathBuf> {
-    let out = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()?;
-    if !out.status.success() {
-        bail!("{tool} is not installed (cargo xtask setup installs it)");
-    }
-    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
-}
-
-/// The libraries `binary` loads, the dynamic loader included.
-fn libraries(binary: &Path) -> Result<Vec<PathBuf>> {
-    let out = Command::new("ldd").arg(binary).output()?;
-    if !out.status.success() {
-        bail!(
-            "ldd {}: {}",
-            binary.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let text = String::from_utf8(out.stdout)?;
-    Ok(text
-        .lines()
-        .filter_map(|line| {
-            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
-            let path = line.split("=>").last()?.split_whitespace().next()?;
-            path.starts_with('/').then(|| PathBuf::from(path))
-        })
-        .collect())
-}
-
-/// Copies `from` to `rootfs` + `at` (the file itself where `from` is a symlink).
-fn place(rootfs: &Path, from: &Path, at: &Path) -> Result<()> {
-    let target = rootfs.join(at.strip_prefix("/").unwrap_or(at));
-    std::fs::create_dir_all(target.parent().expect("a file in a directory"))?;
-    std::fs::copy(from, &target)
-        .with_context(|| format!("copying {} into the image", from.display()))?;
-    Ok(())
-}
-
-fn sha256(path: &Path) -> Result<String> {
-    let out = Command::new("sha256sum").arg(path).output()?;
-    let text = String::from_utf8(out.stdout)?;
-    Ok(text
-        .split_whitespace()
-        .next()
-        .context("sha256sum printed nothing")?
-        .to_string())
-}
-
-/// Writes `bytes` as a content-addressed blob; returns its digest and size.
-fn blob(layout: &Path, bytes: &[u8]) -> Result<(String, usize)> {
-    let staging = layout.join("blob.tmp");
-    std::fs::write(&staging, bytes)?;
-    let digest = sha256(&staging)?;
-    std::fs::rename(&staging, layout.join("blobs/sha256").join(&digest))?;
-    Ok((format!("sha256:{digest}"), bytes.len()))
-}
-
-/// A reproducible tar of `dir`: sorted, owned by root, dated 1970.
-fn tar(dir: &Path, out: &Path) -> Result<()> {
-    run(Command::new("tar")
-        .args([
-            "--sort=name",
-            "--mtime=@0",
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-        ])
-        .arg("-C")
-        .arg(dir)
-        .arg("-cf")
-        .arg(out)
-        .arg("."))
-}
-
-fn rootfs(dir: &Path) -> Result<()> {
+pub fn build() -> Result<PathBuf> {
+    crate::build::release()?;
+    let work = root().join("target/image/work");
+    let fs = root().join("target/image/rootfs");
+    let _ = std::fs::remove_dir_all(&fs);
     let release = root().join("target/release");
     let mut programs: Vec<(PathBuf, PathBuf)> = BINARIES
         .iter()
@@ -123,126 +47,23 @@ fn rootfs(dir: &Path) -> Result<()> {
         let path = which(tool)?;
         programs.push((path.clone(), path));
     }
-    let mut libs = BTreeSet::new();
-    for (from, at) in &programs {
-        place(dir, from, at)?;
-        libs.extend(libraries(from)?);
-    }
-    for lib in &libs {
-        place(dir, lib, lib)?;
-    }
-    std::fs::create_dir_all(dir.join("etc"))?;
-    std::fs::write(
-        dir.join("etc/passwd"),
-        "root:x:0:0:root:/root:/sbin/nologin\n",
-    )?;
-    std::fs::write(dir.join("etc/group"), "root:x:0:\n")?;
-    for empty in ["tmp", "root", "run", "var/lib/sluice"] {
-        std::fs::create_dir_all(dir.join(empty))?;
-    }
-    // As on the hosts: runtimes name pod namespaces /var/run/netns/..., which is /run/netns.
-    std::os::unix::fs::symlink("../run", dir.join("var/run"))?;
-    Ok(())
-}
-
-pub fn build() -> Result<PathBuf> {
-    crate::build::release()?;
-    let work = root().join("target/image");
-    let _ = std::fs::remove_dir_all(&work);
-    let fs = work.join("rootfs");
-    let layout = work.join("layout");
-    std::fs::create_dir_all(layout.join("blobs/sha256"))?;
-    rootfs(&fs)?;
-
-    let layer_tar = work.join("layer.tar");
-    tar(&fs, &layer_tar)?;
-    let diff_id = format!("sha256:{}", sha256(&layer_tar)?);
-    run(Command::new("gzip")
-        .args(["-n", "-6", "-f"])
-        .arg(&layer_tar))?;
-    let layer = std::fs::read(work.join("layer.tar.gz"))?;
-    let (layer_digest, layer_size) = blob(&layout, &layer)?;
-
-    let version = env!("CARGO_PKG_VERSION");
-    let config = json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {
-            "Env": ["PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["sluice-agent"],
-            "Labels": {
-                "org.opencontainers.image.title": "sluice",
-                "org.opencontainers.image.version": version,
-            },
-        },
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        "history": [{"created_by": "cargo xtask image", "created": "1970-01-01T00:00:00Z"}],
-        "created": "1970-01-01T00:00:00Z",
-    });
-    let (config_digest, config_size) = blob(&layout, &serde_json::to_vec(&config)?)?;
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config_digest,
-            "size": config_size,
-        },
-        "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            "digest": layer_digest,
-            "size": layer_size,
-        }],
-    });
-    let (manifest_digest, manifest_size) = blob(&layout, &serde_json::to_vec(&manifest)?)?;
+    oci::programs(&fs, &programs)?;
+    std::fs::create_dir_all(fs.join("var/lib/sluice"))?;
     let reference = reference();
-    let index = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest,
-            "size": manifest_size,
-            "platform": {"architecture": "amd64", "os": "linux"},
-            "annotations": {
-                "io.containerd.image.name": reference,
-                "org.opencontainers.image.ref.name": version,
-            },
-        }],
-    });
-    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
-    std::fs::write(
-        layout.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
-    let path = |digest: &str| format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"));
-    let docker = json!([{
-        "Config": path(&config_digest),
-        "RepoTags": [reference.trim_start_matches("docker.io/library/")],
-        "Layers": [path(&layer_digest)],
-    }]);
-    std::fs::write(layout.join("manifest.json"), serde_json::to_vec(&docker)?)?;
     let archive = archive();
-    tar(&layout, &archive)?;
-    let size = std::fs::metadata(&archive)?.len();
-    println!(
-        "built {} ({reference}, {:.1} MiB, {} files in its root filesystem)",
-        archive.display(),
-        size as f64 / (1 << 20) as f64,
-        count_files(&fs)?
-    );
+    oci::write(
+        &oci::Image {
+            reference: &reference,
+            rootfs: &fs,
+            entrypoint: &[],
+            cmd: &["sluice-agent"],
+            labels: json!({
+                "org.opencontainers.image.title": "sluice",
+                "org.opencontainers.image.version": env!("CARGO_PKG_VERSION"),
+            }),
+        },
+        &work,
+        &archive,
+    )?;
     Ok(archive)
-}
-
-fn count_files(dir: &Path) -> Result<usize> {
-    let mut n = 0;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        n += if entry.file_type()?.is_dir() {
-            count_files(&entry.path())?
-        } else {
-            1
-        };
-    }
-    Ok(n)
 }

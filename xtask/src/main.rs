@@ -6,6 +6,8 @@ mod build;
 mod chart_tools;
 mod fuzz;
 mod image;
+mod kubernetes;
+mod oci;
 mod setup;
 
 use std::process::Command;

@@ -34,6 +34,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("containerd", "containerd"),
     ("runc", "runc"),
     ("podman", "podman"),
+    // The lab's Kubernetes cluster: certificates, the CNI loopback plugin containerd's CRI
+    // calls for every pod, the netcat the e2e tests exec in agnhost.
+    ("openssl", "openssl"),
+    ("/usr/lib/cni/loopback", "containernetworking-plugins"),
+    ("nc", "netcat-openbsd"),
+    ("curl", "curl"),
 ];
 
 /// The toolchain that builds the eBPF crate.
@@ -191,11 +197,12 @@ pub fn check() -> Result<()> {
         || !toolchain.ready()
         || !linker_ready(toolchain)?
         || !crate::chart_tools::ready()
+        || !crate::kubernetes::ready()
     {
         bail!(
             "this machine is not set up (missing: packages {packages:?}, the {} toolchain with \
-             rust-src and rustfmt, bpf-linker, or helm and kubernetes-validate): run `cargo \
-             xtask setup`",
+             rust-src and rustfmt, bpf-linker, helm and kubernetes-validate, or the lab's \
+             Kubernetes build): run `cargo xtask setup`",
             toolchain.name()
         );
     }
@@ -316,10 +323,11 @@ pub fn run_setup(requested: Option<EbpfToolchain>) -> Result<()> {
             .arg(&tools))?;
     }
     crate::chart_tools::install()?;
+    crate::kubernetes::build()?;
     check()?;
     println!(
         "setup complete: packages, the {} toolchain, bpf-linker, helm and kubernetes-validate \
-         ({}) are in place",
+         ({}), Kubernetes (target/kubernetes) are in place",
         toolchain.name(),
         tools_dir().join("bin").display()
     );

@@ -197,19 +197,7 @@ impl Lab {
                 .is_some(),
             None => false,
         };
-        let switch = Netns::new("slab")?;
-        switch.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
-        switch.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{SWITCH_IP}/24"),
-            "dev",
-            "br0",
-        ])?;
-        switch.exec(&["ip", "link", "set", "br0", "up"])?;
-        let external = Netns::new("slx")?;
-        plug(&switch, "px", &external, EXTERNAL_IP)?;
+        let (switch, external) = switch()?;
         let api = ApiServer::start(bind_api(&switch)?);
         let dir = std::env::temp_dir().join(&switch.name);
         std::fs::create_dir_all(&dir)?;
@@ -495,9 +483,28 @@ impl Lab {
     }
 }
 
+/// The lab namespace with the switch (the bridge `br0` at [`SWITCH_IP`]), and the external
+/// client plugged into it.
+pub(crate) fn switch() -> Result<(Netns, Netns)> {
+    let switch = Netns::new("slab")?;
+    switch.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
+    switch.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{SWITCH_IP}/24"),
+        "dev",
+        "br0",
+    ])?;
+    switch.exec(&["ip", "link", "set", "br0", "up"])?;
+    let external = Netns::new("slx")?;
+    plug(&switch, "px", &external, EXTERNAL_IP)?;
+    Ok((switch, external))
+}
+
 /// Links `ns` to the switch through port `port` of the bridge, as `eth0` with `ip`/24 and a
 /// default route via the switch.
-fn plug(switch: &Netns, port: &str, ns: &Netns, ip: Ipv4Addr) -> Result<()> {
+pub(crate) fn plug(switch: &Netns, port: &str, ns: &Netns, ip: Ipv4Addr) -> Result<()> {
     switch.exec(&[
         "ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
     ])?;

@@ -1,0 +1,389 @@
+//! A real Kubernetes cluster on one machine, built from source by `cargo xtask setup` (see
+//! docs/lab.md): etcd, kube-apiserver, kube-controller-manager and kube-scheduler in the lab
+//! namespace beside the switch; on every node a kubelet with containerd in a network, mount and
+//! cgroup namespace of its own; Sluice installed with `helm install` of `deploy/chart/sluice`,
+//! its DaemonSet and controller running from the image `cargo xtask image` built, imported into
+//! each node's containerd with the pause and agnhost images. Everything is ended and removed when
+//! the `Cluster` drops.
+
+pub mod cgroup;
+mod control_plane;
+mod daemon;
+mod node;
+mod pki;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+pub use control_plane::{ControlPlane, ControllerManager};
+pub use daemon::Daemon;
+pub use node::KubeNode;
+pub use pki::Pki;
+
+use crate::{register, require_root, unregister, Created, Netns};
+
+pub const API_URL: &str = "https://192.168.77.254:6443";
+/// The lab's own values for the chart: its network, as a platform team's values file gives it.
+const LAB_VALUES: &str = include_str!("lab-values.yaml");
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A binary of the lab's Kubernetes build (`target/kubernetes/bin`).
+pub fn kube_bin(name: &str) -> PathBuf {
+    let path = root().join("target/kubernetes/bin").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: cargo xtask setup builds the lab's Kubernetes",
+        path.display()
+    );
+    path
+}
+
+/// An image archive of the lab's Kubernetes build (`pause`, `agnhost`).
+fn kube_image(name: &str) -> PathBuf {
+    let path = root().join(format!("target/kubernetes/images/{name}.oci.tar"));
+    assert!(
+        path.exists(),
+        "{} is missing: cargo xtask setup builds it",
+        path.display()
+    );
+    path
+}
+
+/// The agnhost image the release's e2e tests run (built by `cargo xtask setup`).
+pub fn agnhost_image() -> String {
+    image_name(&kube_image("agnhost")).expect("the agnhost archive names its image")
+}
+
+/// The name an image archive's index gives its image.
+fn image_name(archive: &Path) -> Result<String> {
+    let out = crate::sh(
+        Command::new("tar")
+            .arg("-xOf")
+            .arg(archive)
+            .arg("./index.json"),
+    )?;
+    let index: Value = serde_json::from_str(&out)?;
+    index["manifests"][0]["annotations"]["io.containerd.image.name"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("{} names no image", archive.display()))
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub nodes: usize,
+    /// A values file for the chart, after the lab's own (`lab-values.yaml`).
+    pub values: Option<PathBuf>,
+    pub controller_manager: ControllerManager,
+}
+
+impl ClusterOptions {
+    pub fn nodes(nodes: usize) -> ClusterOptions {
+        ClusterOptions {
+            nodes,
+            values: None,
+            controller_manager: ControllerManager::default(),
+        }
+    }
+}
+
+/// Fields drop in order: nodes (their pods with them), the control plane, then the namespaces.
+pub struct Cluster {
+    pub nodes: Vec<KubeNode>,
+    pub control_plane: ControlPlane,
+    pub pki: Pki,
+    pub dir: PathBuf,
+    /// A private bind mount holding the nodes' mount-namespace files.
+    mount_dir: PathBuf,
+    pub external: Netns,
+    pub switch: Netns,
+    /// How long `up` took to "all nodes Ready, Sluice running".
+    pub startup: Duration,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        self.control_plane.scheduler.stop();
+        self.control_plane.controller_manager.stop();
+        self.control_plane.apiserver.stop();
+        self.control_plane.etcd.stop();
+        let _ = nix::mount::umount2(&self.mount_dir, nix::mount::MntFlags::MNT_DETACH);
+        unregister(&Created::Mount(self.mount_dir.clone()));
+        let _ = std::fs::remove_dir_all(&self.dir);
+        unregister(&Created::Dir(self.dir.clone()));
+    }
+}
+
+impl Cluster {
+    /// The control plane, `options.nodes` nodes, Sluice installed by its chart; returns once
+    /// every node is Ready and every Sluice pod runs and is ready.
+    pub fn up(options: ClusterOptions) -> Result<Cluster> {
+        require_root();
+        let started = Instant::now();
+        let (switch, external) = crate::lab::switch()?;
+        let dir = std::env::temp_dir().join(&switch.name);
+        std::fs::create_dir_all(&dir)?;
+        register(Created::Dir(dir.clone()));
+        // Mount-namespace files must sit on a private mount (as `ip netns` does for /run/netns).
+        let mount_dir = dir.join("mount-namespaces");
+        std::fs::create_dir_all(&mount_dir)?;
+        crate::sh(
+            Command::new("mount")
+                .arg("--bind")
+                .arg(&mount_dir)
+                .arg(&mount_dir),
+        )?;
+        register(Created::Mount(mount_dir.clone()));
+        crate::sh(Command::new("mount").arg("--make-private").arg(&mount_dir))?;
+
+        let pki = Pki::create(&dir.join("pki"))?;
+        let control_plane = ControlPlane::start(
+            &dir,
+            &pki,
+            &switch,
+            crate::apiserver::SERVICE_CIDR,
+            &options.controller_manager,
+        )?;
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            control_plane,
+            pki,
+            dir,
+            mount_dir,
+            external,
+            switch,
+            startup: Duration::ZERO,
+        };
+        let pause = kube_image("pause");
+        let images = [
+            pause.clone(),
+            kube_image("agnhost"),
+            crate::containerd::image_archive(),
+        ];
+        let sandbox = image_name(&pause)?;
+        for index in 0..options.nodes {
+            let node = KubeNode::start(
+                index,
+                &cluster.dir,
+                &cluster.mount_dir,
+                &cluster.pki,
+                &cluster.switch,
+                &images,
+                &sandbox,
+            )?;
+            cluster.nodes.push(node);
+        }
+        cluster.install_sluice(options.values.as_deref())?;
+        cluster.wait_ready(Duration::from_secs(120))?;
+        cluster.startup = started.elapsed();
+        eprintln!(
+            "cluster up: {} nodes Ready, Sluice running, in {:.1} s",
+            options.nodes,
+            cluster.startup.as_secs_f64()
+        );
+        Ok(cluster)
+    }
+
+    /// The admin's kubeconfig (client certificate in `system:masters`); its server is the
+    /// switch address, reachable from the lab namespace and the nodes.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("admin.kubeconfig")
+    }
+
+    /// `kubectl` as the cluster admin, from the lab namespace.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        control_plane::kubectl_in(&self.switch, &self.kubeconfig(), args)
+    }
+
+    /// `kubectl apply -f -` of `manifest` (YAML).
+    pub fn apply(&self, manifest: &str) -> Result<String> {
+        self.kubectl_with_input(&["apply", "-f", "-"], manifest)
+    }
+
+    pub fn kubectl_with_input(&self, args: &[&str], input: &str) -> Result<String> {
+        use std::io::Write;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.switch.name])
+            .arg(kube_bin("kubectl"))
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(input.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl get ... -o json`, parsed.
+    pub fn get(&self, args: &[&str]) -> Result<Value> {
+        let mut all = vec!["get"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-o", "json"]);
+        Ok(serde_json::from_str(&self.kubectl(&all)?)?)
+    }
+
+    fn install_sluice(&self, values: Option<&Path>) -> Result<()> {
+        let lab_values = self.dir.join("lab-values.yaml");
+        std::fs::write(&lab_values, LAB_VALUES)?;
+        let mut helm = Command::new("ip");
+        helm.args(["netns", "exec", &self.switch.name])
+            .arg(root().join("target/tools/bin/helm"))
+            .args(["install", "sluice"])
+            .arg(root().join("deploy/chart/sluice"))
+            .args(["--namespace", "kube-system", "--kubeconfig"])
+            .arg(self.kubeconfig())
+            .arg("-f")
+            .arg(&lab_values);
+        if let Some(values) = values {
+            helm.arg("-f").arg(values);
+        }
+        crate::sh(&mut helm).context("helm install of deploy/chart/sluice")?;
+        Ok(())
+    }
+
+    /// Waits until every node is Ready and every pod in kube-system runs with all containers
+    /// ready; on timeout the error says what was not, with the pods' and kubelets' state.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pending = self.not_ready()?;
+            if pending.is_empty() {
+                return Ok(());
+            }
+            for node in &mut self.nodes {
+                node.kubelet.check()?;
+                node.containerd.check()?;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the cluster was not ready within {timeout:?}: {}\n{}",
+                    pending.join("; "),
+                    self.diagnose()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn not_ready(&self) -> Result<Vec<String>> {
+        let mut pending = Vec::new();
+        let nodes = self.get(&["nodes"])?;
+        let registered = nodes["items"].as_array().map_or(0, Vec::len);
+        if registered < self.nodes.len() {
+            pending.push(format!(
+                "{registered} of {} nodes registered",
+                self.nodes.len()
+            ));
+        }
+        for node in nodes["items"].as_array().into_iter().flatten() {
+            if !condition(node, "Ready") {
+                pending.push(format!("{} not Ready", node["metadata"]["name"]));
+            }
+        }
+        let pods = self.get(&["pods", "-n", "kube-system"])?;
+        let agents = pods["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["metadata"]["labels"]["app.kubernetes.io/component"] == "agent")
+            .count();
+        if agents < self.nodes.len() {
+            pending.push(format!("{agents} of {} agent pods", self.nodes.len()));
+        }
+        for pod in pods["items"].as_array().into_iter().flatten() {
+            if !condition(pod, "Ready") {
+                pending.push(format!(
+                    "pod {} {}",
+                    pod["metadata"]["name"], pod["status"]["phase"]
+                ));
+            }
+        }
+        Ok(pending)
+    }
+
+    /// Pods, recent events and each kubelet's last errors: what an operator would look at.
+    pub fn diagnose(&self) -> String {
+        let mut out = String::new();
+        for args in [
+            &["get", "pods", "-A", "-o", "wide"][..],
+            &["get", "events", "-A", "--sort-by=.lastTimestamp"][..],
+        ] {
+            out += &format!("$ kubectl {}\n", args.join(" "));
+            out += &self.kubectl(args).unwrap_or_else(|e| format!("{e:#}\n"));
+        }
+        for node in &self.nodes {
+            let log = std::fs::read_to_string(&node.kubelet.log).unwrap_or_default();
+            let errors: Vec<&str> = log.lines().filter(|l| l.starts_with('E')).collect();
+            out += &format!(
+                "{} kubelet errors (last 10):\n{}\n",
+                node.name,
+                errors[errors.len().saturating_sub(10)..].join("\n")
+            );
+        }
+        out
+    }
+
+    pub fn node(&self, name: &str) -> Option<&KubeNode> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Waits until `ready` returns true (checked every 200 ms), or fails naming `what`.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut ready: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            match ready() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => last = Some(e),
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{what}: not within {timeout:?}{}\n{}",
+                    last.map(|e| format!(" (last error: {e:#})"))
+                        .unwrap_or_default(),
+                    self.diagnose()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Whether `object` has condition `kind` with status True.
+pub fn condition(object: &Value, kind: &str) -> bool {
+    object["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == kind && c["status"] == "True")
+}
