@@ -213,3 +213,103 @@ spec:
     );
     Ok(())
 }
+
+/// kubectl on this machine, through the loopback relay, as a user of the cluster runs it.
+fn host_kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> Result<String> {
+    sluice_tests::sh(
+        std::process::Command::new(sluice_tests::cluster::kube_bin("kubectl"))
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(args),
+    )
+}
+
+#[test]
+fn kubectl_on_this_machine_applies_patches_execs_and_port_forwards() -> Result<()> {
+    let cluster = Cluster::up(ClusterOptions::nodes(1))?;
+    let (_proxy, kubeconfig) = cluster.host_access()?;
+    let path = cluster.dir.join("host.kubeconfig");
+    std::fs::write(&path, kubeconfig)?;
+    let kubectl = |args: &[&str]| host_kubectl(&path, args);
+
+    assert!(kubectl(&["get", "nodes"])?.contains("node-1"));
+    // Server-side apply, then a strategic merge patch of a list.
+    let manifest = cluster.dir.join("pod.yaml");
+    std::fs::write(&manifest, netexec_pod("web", "node-1", "app: web"))?;
+    let manifest = manifest.display().to_string();
+    kubectl(&["apply", "--server-side", "-f", &manifest])?;
+    cluster.wait_for("web Ready", Duration::from_secs(60), || {
+        Ok(sluice_tests::cluster::condition(
+            &cluster.get(&["pod", "web"])?,
+            "Ready",
+        ))
+    })?;
+    kubectl(&[
+        "patch",
+        "pod",
+        "web",
+        "--type=strategic",
+        "-p",
+        r#"{"metadata":{"labels":{"tier":"front"}}}"#,
+    ])?;
+    let pod = cluster.get(&["pod", "web", "--show-managed-fields"])?;
+    assert_eq!(pod["metadata"]["labels"]["tier"], "front");
+    assert_eq!(
+        pod["metadata"]["labels"]["app"], "web",
+        "merged, not replaced"
+    );
+    let field_managers: Vec<&str> = pod["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["manager"].as_str())
+        .collect();
+    // Server-side apply records its field manager; the patch its own.
+    assert!(
+        field_managers.contains(&"kubectl") && field_managers.contains(&"kubectl-patch"),
+        "{field_managers:?}"
+    );
+
+    // exec and logs through the kubelet; port-forward through the kubelet and containerd.
+    assert_eq!(
+        kubectl(&["exec", "web", "--", "sh", "-c", "echo $((6 * 7))"])?,
+        "42\n"
+    );
+    // Its output goes to a file: kubectl writes a line per connection, and a closed pipe would
+    // end it.
+    let output = cluster.dir.join("port-forward.log");
+    let mut forward = std::process::Command::new(sluice_tests::cluster::kube_bin("kubectl"))
+        .arg("--kubeconfig")
+        .arg(&path)
+        .args(["port-forward", "pod/web", ":8080"])
+        .stdout(std::fs::File::create(&output)?)
+        .stderr(std::fs::File::create(cluster.dir.join("port-forward.err"))?)
+        .spawn()?;
+    // "Forwarding from 127.0.0.1:41234 -> 8080"
+    let local = (0..100).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        let text = std::fs::read_to_string(&output).ok()?;
+        let address = text.split_whitespace().nth(2)?;
+        address
+            .starts_with("127.0.0.1:")
+            .then(|| address.to_string())
+    });
+    // The first connection sets up the streams to the kubelet: allow it a few tries.
+    let answer = local
+        .as_ref()
+        .and_then(|local| (0..10).find_map(|_| sluice_tests::probe::http_get(local, "/hostname")));
+    let _ = forward.kill();
+    let _ = forward.wait();
+    assert_eq!(
+        answer.map(|(_, body)| body).as_deref(),
+        Some("web"),
+        "port-forward on {local:?}: {}",
+        std::fs::read_to_string(cluster.dir.join("port-forward.err"))?
+    );
+    assert!(kubectl(&["logs", "web"])?.contains("GET /hostname"));
+
+    // Graceful deletion: the kubelet stops the container and the API object goes.
+    kubectl(&["delete", "pod", "web", "--wait=true", "--timeout=60s"])?;
+    assert!(kubectl(&["get", "pods", "-o", "name"])?.trim().is_empty());
+    Ok(())
+}

@@ -1,4 +1,4 @@
-//! `cargo xtask setup | build | test | demo | lab | bench | fuzz`: the only entry points a newcomer
+//! `cargo xtask setup | build | test | demo | lab | conformance | bench | fuzz`: the only entry points a newcomer
 //! needs.
 
 mod bench;
@@ -47,6 +47,16 @@ enum Cmd {
         #[command(subcommand)]
         which: Option<bench::Which>,
     },
+    /// The upstream Kubernetes e2e suites against Sluice on the lab's real cluster: the
+    /// release's [sig-network] Netpol and Services specs (long: see docs/conformance.md).
+    Conformance {
+        /// netpol, services, or both.
+        #[arg(long, default_value = "netpol,services")]
+        suites: String,
+        /// Only the specs whose name contains this.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Build the container image (an OCI archive for ctr, podman and docker) from the release
     /// binaries, under target/image.
     Image,
@@ -69,6 +79,7 @@ fn main() -> Result<()> {
         Cmd::Test => test(),
         Cmd::Demo => demo(),
         Cmd::Lab => lab(),
+        Cmd::Conformance { suites, only } => conformance(&suites, only.as_deref()),
         Cmd::Bench { which } => bench::run(which.unwrap_or(bench::Which::All)),
         Cmd::Fuzz { seconds, targets } => fuzz::run_targets(seconds, &targets),
     }
@@ -165,4 +176,29 @@ fn lab() -> Result<()> {
             "--json",
         ])
         .arg(report))
+}
+
+fn conformance(suites: &str, only: Option<&str>) -> Result<()> {
+    setup::check()?;
+    build::ebpf()?;
+    require_root("the conformance suites")?;
+    // The cluster runs what ships: the chart's pods run the release image.
+    image::build()?;
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    let mut lab = cargo();
+    lab.args([
+        "run",
+        "-q",
+        "-p",
+        "sluice-tests",
+        "--bin",
+        "sluice-lab",
+        "--",
+    ])
+    .args(["conformance", "--suites", suites, "--json"])
+    .arg(build::root().join("target/conformance/results.json"));
+    if let Some(only) = only {
+        lab.args(["--only", only]);
+    }
+    run(&mut lab)
 }

@@ -4,6 +4,8 @@
 //!   sluice-lab matrix --nodes N --manifests DIR [--manifests DIR2 ...] [--ports 80,81]
 //!       [--protocols TCP,UDP] [--datapath ebpf] [--encap vxlan|noencap] --json OUT.json
 //!   sluice-lab up [--nodes N] [--encap vxlan|noencap]   (foreground; Ctrl-C or `down` ends it)
+//!   sluice-lab up --kubernetes [--nodes N] [--values FILE]; sluice-lab kubeconfig
+//!   sluice-lab conformance [--suites netpol,services] [--only TEXT] [--json OUT]
 //!   sluice-lab apply -f FILE | status | down
 //!   sluice-lab probe-service NS/NAME [--port N] [--udp] [--from NS/POD|NODE|external]
 //!       [--frontend cluster-ip|node-port|load-balancer|external-ip] [--node NODE] [--count N]
@@ -26,6 +28,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sluice_tests::cluster::{conformance, Cluster, ClusterOptions};
 use sluice_tests::lab::{
     manifests,
     report::{probe_all, truth_table, Protocol, Report, Step},
@@ -83,7 +86,15 @@ enum Cmd {
         /// chart configures it; with nodeIPAM.enable, Nodes get their podCIDRs from it.
         #[arg(long)]
         values: Option<PathBuf>,
+        /// A real Kubernetes cluster (kube-apiserver, kubelets with containerd) with Sluice
+        /// installed by `helm install` of its chart, instead of the embedded API server; reach
+        /// it with `kubectl --kubeconfig $(sluice-lab kubeconfig)`.
+        #[arg(long)]
+        kubernetes: bool,
     },
+    /// The path of the running `up --kubernetes` cluster's admin kubeconfig, for kubectl and
+    /// helm on this machine.
+    Kubeconfig,
     /// Apply a manifest file to the running cluster.
     Apply {
         #[arg(short = 'f')]
@@ -96,6 +107,22 @@ enum Cmd {
     /// Probe a Service of the running cluster: which endpoint answered each probe and the client
     /// address it saw.
     ProbeService(ProbeArgs),
+    /// Bring up a real Kubernetes cluster with Sluice installed by its chart, run the upstream
+    /// e2e suites against it (the release's e2e.test), print and write the results, tear down.
+    /// Exit 1 when a spec failed.
+    Conformance {
+        /// Suites: netpol ([sig-network] Netpol), services ([sig-network] Services).
+        #[arg(long, value_delimiter = ',', default_value = "netpol,services")]
+        suites: Vec<String>,
+        /// Only the specs whose name contains this.
+        #[arg(long)]
+        only: Option<String>,
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Where the results go (JSON); Ginkgo's reports and logs go beside it.
+        #[arg(long, default_value = "target/conformance/results.json")]
+        json: PathBuf,
+    },
 }
 
 /// `probe-service`'s arguments, and the request the running lab gets.
@@ -178,9 +205,24 @@ fn main() -> Result<()> {
         }
         Cmd::Up {
             nodes,
+            values,
+            kubernetes: true,
+            ..
+        } => guarded(&stop, || up_kubernetes(nodes, values, &stop)),
+        Cmd::Kubeconfig => {
+            let path = Path::new(STATE_DIR).join("kubeconfig");
+            if !path.exists() {
+                bail!("no running `sluice-lab up --kubernetes` cluster");
+            }
+            println!("{}", path.display());
+            Ok(())
+        }
+        Cmd::Up {
+            nodes,
             encap,
             ports,
             values,
+            kubernetes: false,
         } => {
             let options = LabOptions {
                 nodes,
@@ -190,7 +232,21 @@ fn main() -> Result<()> {
             };
             guarded(&stop, || up(options, values.as_deref(), &stop))
         }
+        Cmd::Apply { file } if kubernetes_running() => {
+            print!(
+                "{}",
+                kubectl(&["apply", "-f", &file.display().to_string()])?
+            );
+            Ok(())
+        }
         Cmd::Apply { file } => apply(&file),
+        Cmd::Status if kubernetes_running() => {
+            print!(
+                "{}",
+                kubectl(&["get", "nodes,pods,services", "-A", "-o", "wide"])?
+            );
+            Ok(())
+        }
         Cmd::Status => {
             let status = std::fs::read_to_string(Path::new(STATE_DIR).join("status.txt"))
                 .context("no running lab (start one with `sluice-lab up`)")?;
@@ -198,6 +254,14 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Down => down(),
+        Cmd::Conformance {
+            suites,
+            only,
+            nodes,
+            json,
+        } => guarded(&stop, || {
+            conformance(&suites, only.as_deref(), nodes, &json)
+        }),
         Cmd::ProbeService(args) => {
             // Each probe waits at most 1 s to connect and 1 s for the answer.
             let timeout = Duration::from_secs(30 + 2 * args.count as u64);
@@ -205,6 +269,41 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn conformance(suites: &[String], only: Option<&str>, nodes: usize, json: &Path) -> Result<()> {
+    let suites = suites
+        .iter()
+        .map(|s| conformance::suite(s))
+        .collect::<Result<Vec<_>>>()?;
+    let cluster = Cluster::up(ClusterOptions::nodes(nodes))?;
+    let out = json.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let mut results = Vec::new();
+    for suite in suites {
+        eprintln!("running {} ...", suite.name);
+        let only: Vec<&str> = only.into_iter().collect();
+        let result = conformance::run(&cluster, suite, &only, &out)?;
+        print!("{}", result.summary());
+        results.push(result);
+    }
+    std::fs::write(
+        json,
+        serde_json::to_vec_pretty(&serde_json::json!({
+            "sluice": env!("CARGO_PKG_VERSION"),
+            "kubernetes": cluster.server_version()?,
+            "nodes": nodes,
+            "startupSeconds": cluster.startup.as_secs_f64(),
+            "suites": results,
+        }))?,
+    )?;
+    let failed: usize = results.iter().map(|r| r.failed).sum();
+    if failed > 0 {
+        bail!(
+            "{failed} conformance specs failed (details in {})",
+            json.display()
+        );
+    }
+    Ok(())
 }
 
 /// Runs `f`; a signal while it runs removes everything the lab created and exits 130.
@@ -317,16 +416,9 @@ fn start(options: LabOptions, values: Option<&Path>) -> Result<Lab> {
 }
 
 fn up(options: LabOptions, values: Option<&Path>, stop: &AtomicBool) -> Result<()> {
-    let state = Path::new(STATE_DIR);
-    if state.join("pid").exists() {
-        bail!(
-            "a lab is already running (pid in {}); `sluice-lab down` first",
-            state.join("pid").display()
-        );
-    }
+    let state = claim_state_dir()?;
     let requests = state.join("requests");
     std::fs::create_dir_all(&requests)?;
-    std::fs::write(state.join("pid"), std::process::id().to_string())?;
     let result = (|| {
         let mut lab = start(options, values)?;
         println!(
@@ -361,6 +453,61 @@ fn up(options: LabOptions, values: Option<&Path>, stop: &AtomicBool) -> Result<(
     })();
     let _ = std::fs::remove_dir_all(state);
     result
+}
+
+/// Claims the lab's control directory for this process, or fails naming the running lab.
+fn claim_state_dir() -> Result<&'static Path> {
+    let state = Path::new(STATE_DIR);
+    if state.join("pid").exists() {
+        bail!(
+            "a lab is already running (pid in {}); `sluice-lab down` first",
+            state.join("pid").display()
+        );
+    }
+    std::fs::create_dir_all(state)?;
+    std::fs::write(state.join("pid"), std::process::id().to_string())?;
+    Ok(state)
+}
+
+fn up_kubernetes(nodes: usize, values: Option<PathBuf>, stop: &AtomicBool) -> Result<()> {
+    let state = claim_state_dir()?;
+    let result = (|| {
+        let cluster = Cluster::up(ClusterOptions {
+            values,
+            ..ClusterOptions::nodes(nodes)
+        })?;
+        let (_proxy, kubeconfig) = cluster.host_access()?;
+        let path = state.join("kubeconfig");
+        std::fs::write(&path, kubeconfig)?;
+        println!(
+            "cluster up in {:.1} s: {nodes} nodes Ready, Sluice running ({})
+             kubectl --kubeconfig {} get pods -A
+             stop with Ctrl-C or `sluice-lab down`",
+            cluster.startup.as_secs_f64(),
+            cluster.server_version()?,
+            path.display()
+        );
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(state);
+    result
+}
+
+fn kubernetes_running() -> bool {
+    Path::new(STATE_DIR).join("kubeconfig").exists()
+}
+
+/// kubectl on this machine against the running `up --kubernetes` cluster.
+fn kubectl(args: &[&str]) -> Result<String> {
+    sluice_tests::sh(
+        std::process::Command::new(sluice_tests::cluster::kube_bin("kubectl"))
+            .arg("--kubeconfig")
+            .arg(Path::new(STATE_DIR).join("kubeconfig"))
+            .args(args),
+    )
 }
 
 fn status_text(lab: &Lab) -> String {

@@ -6,7 +6,9 @@
 //! each node's containerd with the pause and agnhost images. Everything is ended and removed when
 //! the `Cluster` drops.
 
+mod api_proxy;
 pub mod cgroup;
+pub mod conformance;
 mod control_plane;
 mod daemon;
 mod node;
@@ -21,6 +23,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub use api_proxy::ApiProxy;
 pub use control_plane::{ControlPlane, ControllerManager};
 pub use daemon::Daemon;
 pub use node::KubeNode;
@@ -200,6 +203,16 @@ impl Cluster {
         self.dir.join("admin.kubeconfig")
     }
 
+    /// A relay from this machine's loopback to the API server, and the admin kubeconfig that
+    /// uses it: `kubectl` and `helm` on the host reach the cluster with it.
+    pub fn host_access(&self) -> Result<(ApiProxy, String)> {
+        let proxy = ApiProxy::start(self.switch.path())?;
+        let kubeconfig = self
+            .pki
+            .kubeconfig(&format!("https://127.0.0.1:{}", proxy.port), "admin");
+        Ok((proxy, kubeconfig))
+    }
+
     /// `kubectl` as the cluster admin, from the lab namespace.
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
         control_plane::kubectl_in(&self.switch, &self.kubeconfig(), args)
@@ -244,6 +257,15 @@ impl Cluster {
         all.extend_from_slice(args);
         all.extend_from_slice(&["-o", "json"]);
         Ok(serde_json::from_str(&self.kubectl(&all)?)?)
+    }
+
+    /// The API server's version (`/version`'s gitVersion), e.g. `v1.35.4`.
+    pub fn server_version(&self) -> Result<String> {
+        let version: Value = serde_json::from_str(&self.kubectl(&["get", "--raw", "/version"])?)?;
+        version["gitVersion"]
+            .as_str()
+            .map(str::to_string)
+            .context("/version has no gitVersion")
     }
 
     fn install_sluice(&self, values: Option<&Path>) -> Result<()> {

@@ -1,0 +1,39 @@
+//! A short subset of the upstream conformance suites (`cargo xtask conformance` runs them all,
+//! docs/conformance.md has the figures): a few specs of the release's e2e.test against Sluice on
+//! the lab's real cluster, so that every change meets the upstream tests, not only ours.
+
+use anyhow::Result;
+use sluice_tests::cluster::{
+    conformance::{self, NETPOL, SERVICES},
+    Cluster, ClusterOptions,
+};
+
+#[test]
+fn upstream_netpol_and_services_specs_pass() -> Result<()> {
+    let cluster = Cluster::up(ClusterOptions::nodes(2))?;
+    let out = conformance::output_dir("ci");
+    let netpol = conformance::run(
+        &cluster,
+        &NETPOL,
+        &[
+            "should support a 'default-deny-ingress' policy",
+            "should allow ingress access from namespace on one named port",
+        ],
+        &out,
+    )?;
+    let services = conformance::run(
+        &cluster,
+        &SERVICES,
+        &[
+            "should serve a basic endpoint from pods",
+            "should have session affinity work for service with type clusterIP",
+        ],
+        &out,
+    )?;
+    for result in [&netpol, &services] {
+        eprint!("{}", result.summary());
+        assert_eq!(result.failed, 0, "{}", result.summary());
+        assert_eq!(result.passed, 2, "{}", result.summary());
+    }
+    Ok(())
+}
