@@ -313,3 +313,107 @@ fn kubectl_on_this_machine_applies_patches_execs_and_port_forwards() -> Result<(
     assert!(kubectl(&["get", "pods", "-o", "name"])?.trim().is_empty());
     Ok(())
 }
+
+fn wait_pods_ready(cluster: &Cluster, count: usize) -> Result<()> {
+    cluster.wait_for(
+        &format!("{count} pods Ready"),
+        Duration::from_secs(60),
+        || {
+            Ok(cluster.get(&["pods"])?["items"]
+                .as_array()
+                .is_some_and(|pods| {
+                    pods.len() == count
+                        && pods
+                            .iter()
+                            .all(|p| sluice_tests::cluster::condition(p, "Ready"))
+                }))
+        },
+    )
+}
+
+const WEB_FROM_ALLOWED: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-allowed}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Ingress]
+  ingress: [{from: [{podSelector: {matchLabels: {role: allowed}}}]}]
+";
+
+/// The fault injections of the embedded lab, for real: the agent's container SIGKILLed (the
+/// kubelet restarts it), kube-apiserver restarted, etcd compacted under the agents' watches.
+/// Through each, an isolated pod stays isolated, and what changes afterwards is programmed.
+#[test]
+fn pods_stay_connected_and_isolated_through_real_faults() -> Result<()> {
+    let mut cluster = Cluster::up(ClusterOptions::nodes(2))?;
+    cluster.apply(
+        &[
+            netexec_pod("a", "node-1", "role: client"),
+            netexec_pod("d", "node-1", "role: allowed"),
+            netexec_pod("b", "node-2", "app: web"),
+        ]
+        .concat(),
+    )?;
+    cluster.apply(WEB_FROM_ALLOWED)?;
+    wait_pods_ready(&cluster, 3)?;
+    let b = pod_ip(&cluster, "b")?;
+    cluster.wait_for("b isolated", Duration::from_secs(20), || {
+        Ok(dial(&cluster, "a", &b, 8080, "http")?.is_empty())
+    })?;
+    assert_eq!(dial(&cluster, "d", &b, 8080, "http")?, ["b"]);
+
+    // 1. The agent on b's node is killed: the datapath keeps its programs and maps meanwhile.
+    cluster.kill_agent("node-2")?;
+    assert!(
+        dial(&cluster, "a", &b, 8080, "http")?.is_empty(),
+        "b let a in while its agent was down"
+    );
+    assert_eq!(dial(&cluster, "d", &b, 8080, "http")?, ["b"]);
+    cluster.wait_for(
+        "the agent on node-2 restarted and Ready",
+        Duration::from_secs(60),
+        || {
+            let pods = cluster.get(&[
+                "pods",
+                "-n",
+                "kube-system",
+                "-l",
+                "app.kubernetes.io/component=agent",
+                "--field-selector",
+                "spec.nodeName=node-2",
+            ])?;
+            let pod = &pods["items"][0];
+            let restarts = pod["status"]["containerStatuses"][0]["restartCount"]
+                .as_u64()
+                .unwrap_or(0);
+            Ok(restarts >= 1 && sluice_tests::cluster::condition(pod, "Ready"))
+        },
+    )?;
+    assert!(dial(&cluster, "a", &b, 8080, "http")?.is_empty());
+    assert_eq!(dial(&cluster, "d", &b, 8080, "http")?, ["b"]);
+
+    // 2. kube-apiserver restarts; a pod created afterwards is wired and isolated.
+    cluster.restart_apiserver(Duration::from_secs(2))?;
+    cluster.apply(&netexec_pod("e", "node-2", "app: web"))?;
+    wait_pods_ready(&cluster, 4)?;
+    let e = pod_ip(&cluster, "e")?;
+    cluster.wait_for("d reaches e", Duration::from_secs(20), || {
+        Ok(dial(&cluster, "d", &e, 8080, "http")? == ["e"])
+    })?;
+    assert!(dial(&cluster, "a", &e, 8080, "http")?.is_empty());
+
+    // 3. etcd compacted and the API server restarted: watches resumed from before the
+    // compaction get 410 Gone and relist; a change made afterwards is programmed.
+    cluster.compact_etcd()?;
+    cluster.restart_apiserver(Duration::from_secs(1))?;
+    cluster.kubectl(&["label", "pod", "a", "role=allowed", "--overwrite"])?;
+    cluster.wait_for(
+        "a let in to b and e once relabelled",
+        Duration::from_secs(30),
+        || {
+            Ok(dial(&cluster, "a", &b, 8080, "http")? == ["b"]
+                && dial(&cluster, "a", &e, 8080, "http")? == ["e"])
+        },
+    )?;
+    Ok(())
+}

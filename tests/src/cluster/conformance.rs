@@ -25,7 +25,9 @@ pub struct Suite {
 }
 
 /// Reasons shared by the suites.
-const NO_SCTP: &str = "Sluice's datapath carries TCP, UDP and ICMP only; SCTP is not implemented";
+const NO_SCTP: &str =
+    "SCTP: this machine's kernel has no SCTP sockets (protocol not supported), and Sluice's \
+     datapath does not implement SCTP";
 const NEEDS_CLOUD_LB: &str = "needs a cloud load balancer; the lab has none";
 const NEEDS_SSH: &str = "restarts a control-plane process over SSH on the cloud's nodes";
 const NO_KUBE_PROXY: &str = "restarts kube-proxy; a Sluice cluster runs none";

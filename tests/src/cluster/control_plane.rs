@@ -4,7 +4,11 @@
 //! service-account credentials per controller and no node CIDR allocation unless asked (NodeIPAM
 //! is Sluice's), kube-scheduler.
 
-use std::{fs::File, path::Path, process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::Result;
 use nix::sched::CloneFlags;
@@ -74,8 +78,8 @@ impl ControlPlane {
         })?;
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs)?;
-        let netns = || -> Result<Vec<(File, CloneFlags)>> {
-            Ok(vec![(File::open(switch.path())?, CloneFlags::CLONE_NEWNET)])
+        let netns = || -> Result<Vec<(PathBuf, CloneFlags)>> {
+            Ok(vec![(switch.path(), CloneFlags::CLONE_NEWNET)])
         };
         let p = |file: &str| pki.path(file).display().to_string();
 

@@ -22,25 +22,54 @@ pub struct Daemon {
     pub name: String,
     pub log: PathBuf,
     child: Option<Child>,
+    /// How to start it again: program, arguments, namespaces.
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    namespaces: Vec<(PathBuf, CloneFlags)>,
 }
 
 impl Daemon {
+    /// Starts `cmd` in the namespaces at those paths (joined in order), its output appended
+    /// to `log`.
     pub fn spawn(
         name: &str,
-        mut cmd: Command,
-        namespaces: Vec<(File, CloneFlags)>,
+        cmd: Command,
+        namespaces: Vec<(PathBuf, CloneFlags)>,
         log: PathBuf,
     ) -> Result<Daemon> {
-        let out = File::options().create(true).append(true).open(&log)?;
-        cmd.stdout(out.try_clone()?).stderr(out);
-        let child = spawn_in_namespaces(&mut cmd, namespaces)
-            .with_context(|| format!("starting {name} ({cmd:?})"))?;
-        register(Created::Process(child.id()));
-        Ok(Daemon {
+        let mut daemon = Daemon {
             name: name.to_string(),
             log,
-            child: Some(child),
-        })
+            child: None,
+            program: PathBuf::from(cmd.get_program()),
+            args: cmd.get_args().map(ToOwned::to_owned).collect(),
+            namespaces,
+        };
+        daemon.start()?;
+        Ok(daemon)
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let out = File::options().create(true).append(true).open(&self.log)?;
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args).stdout(out.try_clone()?).stderr(out);
+        let namespaces = self
+            .namespaces
+            .iter()
+            .map(|(path, kind)| Ok((File::open(path)?, *kind)))
+            .collect::<Result<Vec<_>>>()?;
+        let child = spawn_in_namespaces(&mut cmd, namespaces)
+            .with_context(|| format!("starting {} ({cmd:?})", self.name))?;
+        register(Created::Process(child.id()));
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Stops it (SIGTERM), waits `downtime`, starts it again as before.
+    pub fn restart(&mut self, downtime: Duration) -> Result<()> {
+        self.stop();
+        std::thread::sleep(downtime);
+        self.start()
     }
 
     /// A process not started yet: inert (no PID, nothing to stop).
@@ -49,6 +78,9 @@ impl Daemon {
             name: name.to_string(),
             log: PathBuf::new(),
             child: None,
+            program: PathBuf::new(),
+            args: Vec::new(),
+            namespaces: Vec::new(),
         }
     }
 

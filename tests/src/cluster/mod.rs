@@ -259,6 +259,75 @@ impl Cluster {
         Ok(serde_json::from_str(&self.kubectl(&all)?)?)
     }
 
+    /// Stops kube-apiserver (watches break, requests are refused), waits `downtime`, starts it
+    /// again on the same etcd, and waits until it is ready.
+    pub fn restart_apiserver(&mut self, downtime: Duration) -> Result<()> {
+        self.control_plane.apiserver.restart(downtime)?;
+        let (switch, admin) = (&self.switch, self.kubeconfig());
+        self.control_plane
+            .apiserver
+            .wait_until(Duration::from_secs(60), || {
+                control_plane::kubectl_in(switch, &admin, &["get", "--raw", "/readyz"]).is_ok()
+            })
+    }
+
+    /// Compacts etcd's history up to its current revision (through etcd's JSON gateway), so a
+    /// watch resumed from before it gets 410 Gone once the API server's watch cache is rebuilt.
+    /// Returns the revision.
+    pub fn compact_etcd(&self) -> Result<u64> {
+        let etcd = |path: &str, body: &str| -> Result<Value> {
+            let out = self.switch.exec(&[
+                "curl",
+                "-s",
+                "-m",
+                "5",
+                "-X",
+                "POST",
+                &format!("http://127.0.0.1:2379{path}"),
+                "-d",
+                body,
+            ])?;
+            Ok(serde_json::from_str(&out)?)
+        };
+        // Any range answers with the store's revision in its header ("Lw==" is "/").
+        let header = etcd("/v3/kv/range", r#"{"key": "Lw=="}"#)?;
+        let revision: u64 = header["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .with_context(|| format!("etcd answered {header}"))?;
+        etcd(
+            "/v3/kv/compaction",
+            &format!(r#"{{"revision": "{revision}", "physical": true}}"#),
+        )?;
+        Ok(revision)
+    }
+
+    /// SIGKILLs the agent's container on `node` (found through the kubelet's pod status), as
+    /// an OOM kill or a crash would; the kubelet restarts it.
+    pub fn kill_agent(&self, node: &str) -> Result<()> {
+        let pods = self.get(&[
+            "pods",
+            "-n",
+            "kube-system",
+            "-l",
+            "app.kubernetes.io/component=agent",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+        ])?;
+        let status = &pods["items"][0]["status"]["containerStatuses"];
+        let id = status
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == "sluice-agent")
+            .and_then(|c| c["containerID"].as_str()?.strip_prefix("containerd://"))
+            .with_context(|| format!("no running agent container on {node}"))?
+            .to_string();
+        let node = self.node(node).context("no such node")?;
+        crate::sh(&mut node.ctr(&["tasks", "kill", "--signal", "SIGKILL", &id]))?;
+        Ok(())
+    }
+
     /// The API server's version (`/version`'s gitVersion), e.g. `v1.35.4`.
     pub fn server_version(&self) -> Result<String> {
         let version: Value = serde_json::from_str(&self.kubectl(&["get", "--raw", "/version"])?)?;

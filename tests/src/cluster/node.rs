@@ -10,7 +10,6 @@
 //! as files bound over `/proc/sys`, so that it does not change this machine's.
 
 use std::{
-    fs::File,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
@@ -177,10 +176,10 @@ impl KubeNode {
         Ok(())
     }
 
-    fn namespaces(&self) -> Result<Vec<(File, CloneFlags)>> {
+    fn namespaces(&self) -> Result<Vec<(PathBuf, CloneFlags)>> {
         Ok(vec![
-            (File::open(self.ns.path())?, CloneFlags::CLONE_NEWNET),
-            (File::open(&self.mount_ns)?, CloneFlags::CLONE_NEWNS),
+            (self.ns.path(), CloneFlags::CLONE_NEWNET),
+            (self.mount_ns.clone(), CloneFlags::CLONE_NEWNS),
         ])
     }
 
