@@ -26,6 +26,20 @@ pub fn image_archive() -> PathBuf {
     path
 }
 
+/// The lab's pod server image, which `cargo xtask image` builds beside Sluice's.
+pub fn lab_pod_archive() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+        "../target/image/sluice-lab-pod-{}.oci.tar",
+        env!("CARGO_PKG_VERSION")
+    ));
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask image` (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
 /// The name the archive's index gives the image (the chart's default).
 pub fn image_name() -> String {
     format!("docker.io/library/sluice:{}", env!("CARGO_PKG_VERSION"))

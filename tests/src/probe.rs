@@ -48,36 +48,10 @@ impl Servers {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for &port in ports {
-            let (tcp, udp) = in_netns(netns, move || {
-                let tcp = TcpListener::bind(("0.0.0.0", port)).expect("bind TCP server");
-                tcp.set_nonblocking(true).unwrap();
-                let udp = UdpSocket::bind(("0.0.0.0", port)).expect("bind UDP server");
-                udp.set_read_timeout(Some(POLL)).unwrap();
-                (tcp, udp)
-            });
-            let (stop_tcp, stop_udp) = (stop.clone(), stop.clone());
-            let (name_tcp, name_udp) = (name.to_string(), name.to_string());
+            let sockets = in_netns(netns, move || sluice_lab_pod::bind(port))
+                .expect("bind the pod's TCP and UDP servers");
             // Sockets keep their namespace; the threads serving them need not be inside it.
-            threads.push(std::thread::spawn(move || {
-                while !stop_tcp.load(Ordering::Relaxed) {
-                    match tcp.accept() {
-                        Ok((mut conn, peer)) => {
-                            let reply = format!("{name_tcp} {} {port}\n", peer.ip());
-                            let _ = conn.write_all(reply.as_bytes());
-                        }
-                        Err(_) => std::thread::sleep(POLL),
-                    }
-                }
-            }));
-            threads.push(std::thread::spawn(move || {
-                let mut buf = [0u8; 64];
-                while !stop_udp.load(Ordering::Relaxed) {
-                    if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                        let reply = format!("{name_udp} {} {port}\n", peer.ip());
-                        let _ = udp.send_to(reply.as_bytes(), peer);
-                    }
-                }
-            }));
+            threads.extend(sluice_lab_pod::serve(name, port, sockets, &stop));
         }
         Servers { stop, threads }
     }

@@ -417,3 +417,40 @@ fn pods_stay_connected_and_isolated_through_real_faults() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// The lab's own matrix on the real cluster: the demo's manifests, every pair connected, then a
+/// default-deny ingress in `backend` cuts every other pod off from its pods (a pod still reaches
+/// itself, as Kubernetes allows).
+#[test]
+fn the_lab_matrix_runs_on_the_real_cluster() -> Result<()> {
+    use sluice_tests::lab::{manifests, report::Protocol};
+    let cluster = Cluster::up(ClusterOptions::nodes(2))?;
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo");
+    let ports = [80, 8080];
+    let protocols = [Protocol::Tcp, Protocol::Udp];
+    cluster.apply_lab_manifests(manifests::load_dir(&demo)?, &ports)?;
+    cluster.wait_programmed(Duration::from_secs(60))?;
+    let timeout = sluice_tests::probe::PROBE_TIMEOUT;
+    let probes = cluster.probe_all(&ports, &protocols, timeout)?;
+    assert_eq!(probes.len(), 4 * 4 * 2 * 2);
+    let wrong: Vec<_> = probes
+        .iter()
+        .filter(|p| p.answered_by.as_deref() != Some(p.to.as_str()))
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:?}");
+
+    cluster.apply_lab_manifests(
+        vec![serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "default-deny", "namespace": "backend"},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+        })],
+        &ports,
+    )?;
+    cluster.wait_programmed(Duration::from_secs(60))?;
+    for probe in cluster.probe_all(&ports, &protocols, timeout)? {
+        let isolated = probe.to.starts_with("backend/") && probe.from != probe.to;
+        assert_eq!(probe.connected, !isolated, "{probe:?}");
+    }
+    Ok(())
+}

@@ -1,6 +1,8 @@
 //! `cargo xtask image`: Sluice's container image (`oci`). The root filesystem holds the four
 //! release binaries, the `nft` binary the masquerade step runs, and the shared libraries each of
 //! them loads (as `ldd` resolves them on this Debian machine, so they come from its packages).
+//! Beside it, the lab's pod server image (`sluice-lab-pod`), which the lab's pods run on the
+//! real cluster.
 
 use std::path::PathBuf;
 
@@ -31,6 +33,32 @@ pub fn archive() -> PathBuf {
         "target/image/sluice-{}.oci.tar",
         env!("CARGO_PKG_VERSION")
     ))
+}
+
+/// The lab's pod server (`tests/pod`), as an image of its own.
+fn lab_pod() -> Result<()> {
+    crate::run(crate::cargo().args(["build", "--release", "-p", "sluice-lab-pod"]))?;
+    let fs = root().join("target/image/lab-pod-rootfs");
+    let _ = std::fs::remove_dir_all(&fs);
+    oci::programs(
+        &fs,
+        &[(
+            root().join("target/release/sluice-lab-pod"),
+            "/usr/local/bin/sluice-lab-pod".into(),
+        )],
+    )?;
+    let version = env!("CARGO_PKG_VERSION");
+    oci::write(
+        &oci::Image {
+            reference: &format!("docker.io/library/sluice-lab-pod:{version}"),
+            rootfs: &fs,
+            entrypoint: &["/usr/local/bin/sluice-lab-pod"],
+            cmd: &["80"],
+            labels: json!({"org.opencontainers.image.title": "sluice-lab-pod"}),
+        },
+        &root().join("target/image/lab-pod-work"),
+        &root().join(format!("target/image/sluice-lab-pod-{version}.oci.tar")),
+    )
 }
 
 pub fn build() -> Result<PathBuf> {
@@ -65,5 +93,6 @@ pub fn build() -> Result<PathBuf> {
         &work,
         &archive,
     )?;
+    lab_pod()?;
     Ok(archive)
 }

@@ -25,8 +25,8 @@ struct Args {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what this machine lacks: Debian packages, the eBPF toolchain (the pinned nightly
-    /// with rust-src; stable with RUSTC_BOOTSTRAP=1 when rustup cannot get it), bpf-linker.
-    /// Idempotent.
+    /// with rust-src; stable with RUSTC_BOOTSTRAP=1 when rustup cannot get it), bpf-linker,
+    /// helm, and the lab's Kubernetes built from source. Idempotent.
     Setup {
         /// Use this eBPF toolchain instead of choosing (the pinned nightly, else stable).
         #[arg(long, value_enum)]
@@ -36,11 +36,12 @@ enum Cmd {
     /// sluice-controller).
     Build,
     /// fmt check, clippy -D warnings, unit tests, the image, then the root network-namespace,
-    /// chart and image tests.
+    /// chart, image and real-cluster tests (with a few upstream conformance specs).
     Test,
     /// Build, then run the single-node demo: three pods through the real CNI, probed, counters shown.
     Demo,
-    /// Build, then run the lab demo: two nodes, the pods of examples/demo, the probe matrix.
+    /// Build, then run the lab demo: a real two-node Kubernetes cluster with Sluice installed by
+    /// its chart, the pods of examples/demo, the probe matrix.
     Lab,
     /// Benchmarks; each prints ratios against baselines measured in the same run.
     Bench {
@@ -152,6 +153,8 @@ fn lab() -> Result<()> {
     setup::check()?;
     build::ebpf()?;
     require_root("the lab")?;
+    // The lab is a real cluster: Sluice's pods run its image, the lab's pods the pod server's.
+    image::build()?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     let report = build::root().join("target/lab-demo.json");
     run(cargo()
@@ -164,6 +167,7 @@ fn lab() -> Result<()> {
             "sluice-lab",
             "--",
             "matrix",
+            "--kubernetes",
             "--nodes",
             "2",
         ])

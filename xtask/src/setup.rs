@@ -1,8 +1,8 @@
 //! What a new machine lacks, installed idempotently: Debian packages the tests and benchmarks
 //! use, the toolchain that builds the eBPF crate (the pinned nightly with rust-src, installed when
 //! missing), and bpf-linker built against that toolchain's own libLLVM (so the linker's LLVM is
-//! exactly rustc's), and the chart tests' helm and kubernetes-validate (`chart_tools`). A second
-//! run only checks, in seconds.
+//! exactly rustc's), the chart tests' helm and kubernetes-validate (`chart_tools`), and the
+//! lab's Kubernetes built from source (`kubernetes`). A second run only checks, in seconds.
 //!
 //! When rustup cannot install the pinned nightly, setup falls back to the stable toolchain with
 //! `RUSTC_BOOTSTRAP=1` (which lets its cargo accept `-Z build-std=core`) and stable's rust-src,

@@ -1,8 +1,11 @@
-//! sluice-lab: a Sluice cluster on one machine (network namespaces, real agents, an embedded
-//! Kubernetes API server). Scripts depend on this command line; keep it stable.
+//! sluice-lab: a Sluice cluster on one machine, either a real Kubernetes cluster (`--kubernetes`:
+//! kube-apiserver, kubelets with containerd, Sluice installed by its chart) or the embedded lab
+//! (network namespaces, real agents, an API server of our own). Scripts depend on this command
+//! line; keep it stable.
 //!
 //!   sluice-lab matrix --nodes N --manifests DIR [--manifests DIR2 ...] [--ports 80,81]
-//!       [--protocols TCP,UDP] [--datapath ebpf] [--encap vxlan|noencap] --json OUT.json
+//!       [--protocols TCP,UDP] [--datapath ebpf] [--encap vxlan|noencap] [--kubernetes]
+//!       --json OUT.json
 //!   sluice-lab up [--nodes N] [--encap vxlan|noencap]   (foreground; Ctrl-C or `down` ends it)
 //!   sluice-lab up --kubernetes [--nodes N] [--values FILE]; sluice-lab kubeconfig
 //!   sluice-lab conformance [--suites netpol,services] [--only TEXT] [--json OUT]
@@ -31,10 +34,11 @@ use serde_json::Value;
 use sluice_tests::cluster::{conformance, Cluster, ClusterOptions};
 use sluice_tests::lab::{
     manifests,
-    report::{probe_all, truth_table, Protocol, Report, Step},
+    report::{probe_all, truth_table, Probe, Protocol, Report, Step},
     services::{Frontend, Source},
     Encap, Lab, LabOptions, Values,
 };
+use sluice_tests::probe::PROBE_TIMEOUT;
 
 /// Where a running `up` keeps its control files.
 const STATE_DIR: &str = "/run/sluice-lab";
@@ -73,6 +77,10 @@ enum Cmd {
         /// chart configures it; with nodeIPAM.enable, Nodes get their podCIDRs from it.
         #[arg(long)]
         values: Option<PathBuf>,
+        /// On a real Kubernetes cluster (kubelets, containerd, Sluice installed by its chart)
+        /// instead of the embedded API server; pods run the lab's pod server image.
+        #[arg(long)]
+        kubernetes: bool,
     },
     /// Bring a cluster up and keep it until Ctrl-C or `sluice-lab down`.
     Up {
@@ -173,7 +181,11 @@ fn main() -> Result<()> {
             json,
             values,
             expect_all_connected,
+            kubernetes,
         } => {
+            if kubernetes && encap != "vxlan" {
+                bail!("--encap {encap:?} with --kubernetes: the cluster's chart values use vxlan");
+            }
             if datapath != "ebpf" {
                 bail!("--datapath {datapath:?}: only ebpf is available yet");
             }
@@ -196,6 +208,7 @@ fn main() -> Result<()> {
                     &protocols,
                     &json,
                     &stop,
+                    kubernetes,
                 )?;
                 if expect_all_connected {
                     all_connected(&report)?;
@@ -323,6 +336,10 @@ fn guarded(stop: &Arc<AtomicBool>, f: impl FnOnce() -> Result<()> + Send) -> Res
     })
 }
 
+/// Applies a manifest directory, waits until the agents hold it, probes every pair.
+type MatrixStep = dyn FnMut(&Path) -> Result<Vec<Probe>>;
+
+#[allow(clippy::too_many_arguments)]
 fn matrix(
     options: LabOptions,
     values: Option<&Path>,
@@ -331,22 +348,36 @@ fn matrix(
     protocols: &[Protocol],
     json: &Path,
     stop: &AtomicBool,
+    kubernetes: bool,
 ) -> Result<Report> {
     let started = Instant::now();
-    let mut lab = start(options, values)?;
-    println!(
-        "cluster up: {} nodes in {:.1?}",
-        lab.nodes.len(),
-        started.elapsed()
-    );
+    let mut step: Box<MatrixStep> = if kubernetes {
+        let cluster = Cluster::up(ClusterOptions {
+            values: values.map(Path::to_path_buf),
+            ..ClusterOptions::nodes(options.nodes)
+        })?;
+        let (ports, protocols) = (ports.to_vec(), protocols.to_vec());
+        Box::new(move |dir| {
+            cluster.apply_lab_manifests(manifests::load_dir(dir)?, &ports)?;
+            cluster.wait_programmed(Duration::from_secs(60))?;
+            cluster.probe_all(&ports, &protocols, PROBE_TIMEOUT)
+        })
+    } else {
+        let mut lab = start(options, values)?;
+        let (ports, protocols) = (ports.to_vec(), protocols.to_vec());
+        Box::new(move |dir| {
+            lab.apply(manifests::load_dir(dir)?)?;
+            lab.wait_programmed(Duration::from_secs(30))?;
+            Ok(probe_all(&lab, &ports, &protocols))
+        })
+    };
+    println!("cluster up in {:.1?}", started.elapsed());
     let mut report = Report::default();
     for dir in dirs {
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        lab.apply(manifests::load_dir(dir)?)?;
-        lab.wait_programmed(Duration::from_secs(30))?;
-        let probes = probe_all(&lab, ports, protocols);
+        let probes = step(dir)?;
         let connected = probes.iter().filter(|p| p.connected).count();
         println!(
             "\n== {} ({connected}/{} probes connected)",

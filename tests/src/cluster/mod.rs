@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod conformance;
 mod control_plane;
 mod daemon;
+pub mod matrix;
 mod node;
 mod pki;
 
@@ -172,6 +173,7 @@ impl Cluster {
             pause.clone(),
             kube_image("agnhost"),
             crate::containerd::image_archive(),
+            crate::containerd::lab_pod_archive(),
         ];
         let sandbox = image_name(&pause)?;
         for index in 0..options.nodes {

@@ -109,7 +109,7 @@ struct Reported {
 }
 
 /// The watched kinds, as the agent names them, with their API resource.
-const WATCHED: [(&str, &str); 6] = [
+pub(crate) const WATCHED: [(&str, &str); 6] = [
     ("Node", "nodes"),
     ("Namespace", "namespaces"),
     ("Pod", "pods"),
@@ -122,23 +122,33 @@ impl LabNode {
     /// Per kind, the resourceVersion up to which the agent reports that kind programmed (in
     /// `names.json`); empty before its first report.
     pub fn programmed_revisions(&self) -> BTreeMap<String, u64> {
-        let names = std::fs::read(self.node.dir.join("state/names.json")).unwrap_or_default();
-        serde_json::from_slice::<Reported>(&names)
-            .map_or_else(|_| BTreeMap::new(), |r| r.programmed)
+        programmed_revisions(&self.node.dir.join("state/names.json"))
     }
 
     /// The kinds whose `targets` revision the agent has not reported programmed yet.
     pub fn behind(&self, targets: &BTreeMap<String, u64>) -> Vec<String> {
-        let reported = self.programmed_revisions();
-        targets
-            .iter()
-            .filter(|(kind, target)| reported.get(*kind).copied().unwrap_or(0) < **target)
-            .map(|(kind, target)| {
-                let at = reported.get(kind).copied().unwrap_or(0);
-                format!("{kind} at {at} of {target}")
-            })
-            .collect()
+        behind(&self.programmed_revisions(), targets)
     }
+}
+
+/// Per kind, the resourceVersion up to which an agent reports that kind programmed, read from
+/// its `names.json`; empty before its first report.
+pub fn programmed_revisions(names_json: &std::path::Path) -> BTreeMap<String, u64> {
+    let names = std::fs::read(names_json).unwrap_or_default();
+    serde_json::from_slice::<Reported>(&names).map_or_else(|_| BTreeMap::new(), |r| r.programmed)
+}
+
+/// The kinds whose `targets` revision is above what `reported` says programmed, as
+/// "Pod at 12 of 15".
+pub fn behind(reported: &BTreeMap<String, u64>, targets: &BTreeMap<String, u64>) -> Vec<String> {
+    targets
+        .iter()
+        .filter(|(kind, target)| reported.get(*kind).copied().unwrap_or(0) < **target)
+        .map(|(kind, target)| {
+            let at = reported.get(kind).copied().unwrap_or(0);
+            format!("{kind} at {at} of {target}")
+        })
+        .collect()
 }
 
 /// Fields drop in order: pods, then agents and node namespaces, then the API server, then the

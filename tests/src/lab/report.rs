@@ -1,7 +1,7 @@
 //! The probe matrix: every ordered pair of pods (self included) on each port and protocol, probed
 //! from inside the source pod; written as JSON and printed as a truth table.
 
-use std::{fmt, net::Ipv4Addr, time::Duration};
+use std::{fmt, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use serde::Serialize;
 
@@ -68,12 +68,29 @@ pub fn probe_all_within(
     protocols: &[Protocol],
     timeout: Duration,
 ) -> Vec<Probe> {
-    let targets: Vec<(String, Ipv4Addr)> = lab.pod_ips().into_iter().collect();
+    let sources = lab
+        .kubelet
+        .pods()
+        .map(|(name, pod)| (name.clone(), pod.netns.path()))
+        .collect();
+    let targets = lab.pod_ips().into_iter().collect();
+    probe_pairs(sources, targets, ports, protocols, timeout)
+}
+
+/// Probes every target from inside every source's network namespace (`(name, netns path)`), on
+/// each port and protocol, in parallel per source, port and protocol.
+pub fn probe_pairs(
+    sources: Vec<(String, PathBuf)>,
+    targets: Vec<(String, Ipv4Addr)>,
+    ports: &[u16],
+    protocols: &[Protocol],
+    timeout: Duration,
+) -> Vec<Probe> {
     let mut handles = Vec::new();
-    for (from, pod) in lab.kubelet.pods() {
+    for (from, netns) in sources {
         for &port in ports {
             for &protocol in protocols {
-                let (from, netns, targets) = (from.clone(), pod.netns.path(), targets.clone());
+                let (from, netns, targets) = (from.clone(), netns.clone(), targets.clone());
                 handles.push(std::thread::spawn(move || {
                     targets
                         .iter()
