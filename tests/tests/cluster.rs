@@ -150,6 +150,21 @@ spec:
         },
     )?;
     assert_eq!(answered, BTreeSet::from(["b".to_string(), "c".to_string()]));
+    // By name, through CoreDNS (itself behind a Service, on the pod network).
+    let by_name = cluster.kubectl(&[
+        "exec",
+        "a",
+        "--",
+        "curl",
+        "-s",
+        "-m",
+        "10",
+        "http://web.default.svc.cluster.local/hostname",
+    ])?;
+    assert!(
+        by_name == "b" || by_name == "c",
+        "web by name answered {by_name:?}"
+    );
     let udp = dial(&cluster, "a", &service_ip, 81, "udp")?;
     assert!(
         udp == ["b"] || udp == ["c"],

@@ -9,6 +9,7 @@ use std::{
 };
 
 use serde_json::json;
+use sluice_tests::lab::services::ServiceProbes;
 use sluice_tests::{
     lab::{
         report::Protocol,

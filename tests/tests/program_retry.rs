@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_common::ServiceKey;
+use sluice_tests::lab::services::ServiceProbes;
 use sluice_tests::{
     cni_call, in_netns,
     lab::{Lab, LabOptions},

@@ -4,6 +4,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use serde_json::{json, Value};
+use sluice_tests::lab::services::ServiceProbes;
 use sluice_tests::{
     lab::{services::Source, Encap, Lab, LabOptions, Values},
     probe::{self, session_server, Reply, Session},

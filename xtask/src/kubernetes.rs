@@ -4,7 +4,9 @@
 //! version that release requires) with `go build`, the conformance suites' `e2e.test` with `go
 //! test -c`, the pause container from the release's own `build/pause` source with gcc; then the
 //! images pods run (`oci`): pause and agnhost, under the names the release's kubelet and e2e tests
-//! use. Everything lands in `target/kubernetes/`; a stamp of the inputs makes a second run a check.
+//! use — and CoreDNS, the cluster's DNS as kubeadm installs it, from its own module
+//! (`tests/kubernetes/coredns`, apart because its dependencies are not Kubernetes'). Everything
+//! lands in `target/kubernetes/`; a stamp of the inputs makes a second run a check.
 
 use std::{
     path::{Path, PathBuf},
@@ -21,10 +23,10 @@ use crate::{
 };
 
 /// Bump when the recipe below changes, so machines rebuild.
-const RECIPE: u32 = 1;
+const RECIPE: u32 = 2;
 
 /// Binaries under `target/kubernetes/bin` (etcd is renamed from the package's name, `server`).
-const BINARIES: [&str; 9] = [
+const BINARIES: [&str; 10] = [
     "etcd",
     "kube-apiserver",
     "kube-controller-manager",
@@ -34,10 +36,15 @@ const BINARIES: [&str; 9] = [
     "agnhost",
     "e2e.test",
     "pause",
+    "coredns",
 ];
 
 fn module_dir() -> PathBuf {
     root().join("tests/kubernetes")
+}
+
+fn coredns_dir() -> PathBuf {
+    module_dir().join("coredns")
 }
 
 pub fn dir() -> PathBuf {
@@ -50,27 +57,37 @@ fn bin_dir() -> PathBuf {
 
 /// The release `go.mod` requires, e.g. `v1.35.4`.
 pub fn version() -> Result<String> {
-    let go_mod = std::fs::read_to_string(module_dir().join("go.mod"))?;
+    required(&module_dir(), "k8s.io/kubernetes")
+}
+
+/// The version of `module` that the go.mod in `dir` requires.
+fn required(dir: &Path, module: &str) -> Result<String> {
+    let go_mod = std::fs::read_to_string(dir.join("go.mod"))?;
     go_mod
         .lines()
         .find_map(|l| {
             let l = l.trim();
-            l.strip_prefix("require k8s.io/kubernetes ")
-                .or_else(|| l.strip_prefix("k8s.io/kubernetes v").map(|_| &l[18..]))
+            let l = l.strip_prefix("require ").unwrap_or(l);
+            // "module v1.2.3", maybe followed by "// indirect".
+            l.strip_prefix(module)?
+                .strip_prefix(' ')?
+                .split_whitespace()
+                .next()
         })
-        .map(|v| v.trim().to_string())
-        .context("tests/kubernetes/go.mod requires no k8s.io/kubernetes")
+        .map(str::to_string)
+        .with_context(|| format!("{}/go.mod requires no {module}", dir.display()))
 }
 
 /// What the outputs were built from: a change to any of it means a rebuild.
 fn inputs() -> Result<String> {
     let go = Command::new("go").arg("version").output()?;
-    Ok(format!(
-        "recipe {RECIPE}\n{}{}{}",
-        String::from_utf8_lossy(&go.stdout),
-        std::fs::read_to_string(module_dir().join("go.mod"))?,
-        std::fs::read_to_string(module_dir().join("go.sum"))?,
-    ))
+    let mut inputs = format!("recipe {RECIPE}\n{}", String::from_utf8_lossy(&go.stdout));
+    for dir in [module_dir(), coredns_dir()] {
+        for file in ["go.mod", "go.sum"] {
+            inputs += &std::fs::read_to_string(dir.join(file))?;
+        }
+    }
+    Ok(inputs)
 }
 
 fn stamp() -> PathBuf {
@@ -84,7 +101,7 @@ pub fn ready() -> bool {
 
 fn images_present() -> bool {
     BINARIES.iter().all(|b| bin_dir().join(b).exists())
-        && ["pause", "agnhost"]
+        && ["pause", "agnhost", "coredns"]
             .iter()
             .all(|i| dir().join(format!("images/{i}.oci.tar")).exists())
 }
@@ -174,6 +191,11 @@ pub fn build() -> Result<()> {
         .arg("tool"))?;
     std::fs::rename(bin.join("server"), bin.join("etcd"))?;
     run(go()
+        .current_dir(coredns_dir())
+        .args(["build", "-trimpath", "-ldflags", "-s -w", "-o"])
+        .arg(format!("{}/", bin.display()))
+        .arg("tool"))?;
+    run(go()
         .args(["test", "-c", "-trimpath", "-ldflags", &flags, "-o"])
         .arg(bin.join("e2e.test"))
         .arg("k8s.io/kubernetes/test/e2e"))?;
@@ -237,6 +259,21 @@ fn images(source: &Path, pause: &str) -> Result<()> {
         &work.join("oci"),
         &dir().join("images/agnhost.oci.tar"),
     )?;
+
+    let version = required(&coredns_dir(), "github.com/coredns/coredns")?;
+    let _ = std::fs::remove_dir_all(&rootfs);
+    oci::programs(&rootfs, &[(bin.join("coredns"), "/coredns".into())])?;
+    oci::write(
+        &oci::Image {
+            reference: &format!("registry.k8s.io/coredns/coredns:{version}"),
+            rootfs: &rootfs,
+            entrypoint: &["/coredns"],
+            cmd: &[],
+            labels: json!({}),
+        },
+        &work.join("oci"),
+        &dir().join("images/coredns.oci.tar"),
+    )?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
@@ -251,6 +288,13 @@ mod tests {
         assert!(flags.contains("k8s.io/component-base/version.gitVersion=v1.35.4"));
         assert!(flags.contains("k8s.io/client-go/pkg/version.gitMinor=35"));
         assert!(version_flags("1").is_err());
+    }
+
+    #[test]
+    fn coredns_is_pinned() {
+        assert!(required(&coredns_dir(), "github.com/coredns/coredns")
+            .unwrap()
+            .starts_with("v1."));
     }
 
     /// Every staging module is pinned to the release's own version (`v1.35.4` → `v0.35.4`).

@@ -35,7 +35,7 @@ use sluice_tests::cluster::{conformance, Cluster, ClusterOptions};
 use sluice_tests::lab::{
     manifests,
     report::{probe_all, truth_table, Probe, Protocol, Report, Step},
-    services::{Frontend, Source},
+    services::{Frontend, ServiceProbes, Source},
     Encap, Lab, LabOptions, Values,
 };
 use sluice_tests::probe::PROBE_TIMEOUT;
@@ -460,22 +460,15 @@ fn up(options: LabOptions, values: Option<&Path>, stop: &AtomicBool) -> Result<(
         );
         println!("apply manifests with `sluice-lab apply -f FILE`, stop with Ctrl-C or `sluice-lab down`");
         while !stop.load(Ordering::SeqCst) {
-            for request in std::fs::read_dir(&requests)?.filter_map(|e| e.ok().map(|e| e.path())) {
-                let outcome = match request.extension().and_then(|e| e.to_str()) {
-                    Some("yaml") => manifests::load_file(&request)
+            serve_requests(&requests, |kind, request| match kind {
+                "yaml" => Some(
+                    manifests::load_file(request)
                         .and_then(|objects| lab.apply(objects))
                         .map(|()| String::new()),
-                    Some("probe") => probe_request(&lab, &request),
-                    // Requests being written, answers being read.
-                    _ => continue,
-                };
-                let answer = outcome.unwrap_or_else(|e| format!("error: {e:#}"));
-                // Renamed into place: the requester reads the answer once it exists.
-                let written = request.with_extension("answer");
-                std::fs::write(&written, answer)?;
-                std::fs::rename(&written, request.with_extension("done"))?;
-                std::fs::remove_file(&request)?;
-            }
+                ),
+                "probe" => Some(probe_request(&lab, request)),
+                _ => None,
+            })?;
             lab.sync()?;
             std::fs::write(state.join("status.txt"), status_text(&lab))?;
             std::thread::sleep(Duration::from_millis(200));
@@ -508,6 +501,8 @@ fn up_kubernetes(nodes: usize, values: Option<PathBuf>, stop: &AtomicBool) -> Re
             ..ClusterOptions::nodes(nodes)
         })?;
         let (_proxy, kubeconfig) = cluster.host_access()?;
+        let requests = state.join("requests");
+        std::fs::create_dir_all(&requests)?;
         let path = state.join("kubeconfig");
         std::fs::write(&path, kubeconfig)?;
         println!(
@@ -519,6 +514,9 @@ fn up_kubernetes(nodes: usize, values: Option<PathBuf>, stop: &AtomicBool) -> Re
             path.display()
         );
         while !stop.load(Ordering::SeqCst) {
+            serve_requests(&requests, |kind, request| {
+                (kind == "probe").then(|| probe_request(&cluster, request))
+            })?;
             std::thread::sleep(Duration::from_millis(200));
         }
         Ok(())
@@ -602,13 +600,34 @@ fn status_text(lab: &Lab) -> String {
     out
 }
 
-fn probe_request(lab: &Lab, request: &Path) -> Result<String> {
+/// Answers each request in `requests` that `handle` takes (by its extension), leaving files
+/// being written or read alone.
+fn serve_requests(
+    requests: &Path,
+    mut handle: impl FnMut(&str, &Path) -> Option<Result<String>>,
+) -> Result<()> {
+    for request in std::fs::read_dir(requests)?.filter_map(|e| e.ok().map(|e| e.path())) {
+        let kind = request.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let Some(outcome) = handle(kind, &request) else {
+            continue;
+        };
+        let answer = outcome.unwrap_or_else(|e| format!("error: {e:#}"));
+        // Renamed into place: the requester reads the answer once it exists.
+        let written = request.with_extension("answer");
+        std::fs::write(&written, answer)?;
+        std::fs::rename(&written, request.with_extension("done"))?;
+        std::fs::remove_file(&request)?;
+    }
+    Ok(())
+}
+
+fn probe_request(lab: &impl ServiceProbes, request: &Path) -> Result<String> {
     let args: ProbeArgs = serde_json::from_slice(&std::fs::read(request)?)?;
     probe_service(lab, &args)
 }
 
 /// Runs `probe-service` in the `up` process and words its outcome.
-fn probe_service(lab: &Lab, args: &ProbeArgs) -> Result<String> {
+fn probe_service(lab: &impl ServiceProbes, args: &ProbeArgs) -> Result<String> {
     let (ns, name) = args
         .service
         .split_once('/')
@@ -639,7 +658,7 @@ fn probe_service(lab: &Lab, args: &ProbeArgs) -> Result<String> {
     }
     let mut out = String::new();
     // Manifests applied just before: give the agents time to program them.
-    if let Err(e) = lab.wait_programmed(Duration::from_secs(10)) {
+    if let Err(e) = lab.settle(Duration::from_secs(10)) {
         writeln!(out, "warning: {e:#}")?;
     }
     writeln!(out, "{ns}/{name} {to}/{protocol} ({frontend}) from {from}")?;

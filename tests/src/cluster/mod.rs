@@ -11,9 +11,9 @@ pub mod cgroup;
 pub mod conformance;
 mod control_plane;
 mod daemon;
-pub mod matrix;
 mod node;
 mod pki;
+pub mod probes;
 
 use std::{
     path::{Path, PathBuf},
@@ -35,6 +35,10 @@ use crate::{register, require_root, unregister, Created, Netns};
 pub const API_URL: &str = "https://192.168.77.254:6443";
 /// The lab's own values for the chart: its network, as a platform team's values file gives it.
 const LAB_VALUES: &str = include_str!("lab-values.yaml");
+/// CoreDNS behind the kube-dns Service, as kubeadm installs it.
+const COREDNS: &str = include_str!("coredns.yaml");
+/// The kube-dns Service's cluster IP: the kubelets' `clusterDNS`.
+pub const DNS_IP: &str = "10.96.0.10";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -169,9 +173,11 @@ impl Cluster {
             startup: Duration::ZERO,
         };
         let pause = kube_image("pause");
+        let coredns = kube_image("coredns");
         let images = [
             pause.clone(),
             kube_image("agnhost"),
+            coredns.clone(),
             crate::containerd::image_archive(),
             crate::containerd::lab_pod_archive(),
         ];
@@ -188,6 +194,7 @@ impl Cluster {
             )?;
             cluster.nodes.push(node);
         }
+        cluster.apply(&COREDNS.replace("COREDNS_IMAGE", &image_name(&coredns)?))?;
         cluster.install_sluice(options.values.as_deref())?;
         cluster.wait_ready(Duration::from_secs(120))?;
         cluster.startup = started.elapsed();

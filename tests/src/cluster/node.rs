@@ -251,6 +251,7 @@ impl KubeNode {
              failSwapOn: false\n\
              containerRuntimeEndpoint: unix:///run/containerd/containerd.sock\n\
              clusterDomain: cluster.local\n\
+             clusterDNS: [{dns}]\n\
              serializeImagePulls: false\n\
              # Images are imported, never pulled: keep them and never evict for disk.\n\
              imageGCHighThresholdPercent: 100\n\
@@ -260,6 +261,7 @@ impl KubeNode {
             crt = p(&format!("{}.crt", self.name)),
             key = p(&format!("{}.key", self.name)),
             cgroup = self.cgroup,
+            dns = super::DNS_IP,
         );
         let path = self.dir.join("kubelet.yaml");
         std::fs::write(&path, config)?;

@@ -109,15 +109,25 @@ fn address(v: &Value, what: &str) -> Result<Ipv4Addr> {
         .ok_or_else(|| anyhow!("{what}"))
 }
 
-impl Lab {
+/// What probing a Service needs of a cluster: the embedded lab and the real cluster each say
+/// where things are; how a probe is aimed and run is the same for both.
+pub trait ServiceProbes {
     /// The Service `ns/name` as stored, with what the API server allocated.
-    pub fn service(&self, ns: &str, name: &str) -> Result<Value> {
-        self.api
-            .get("services", Some(ns), name)
-            .ok_or_else(|| anyhow!("no Service {ns}/{name}"))
-    }
+    fn service(&self, ns: &str, name: &str) -> Result<Value>;
+    /// The Pods of namespace `ns` as stored.
+    fn pods_in(&self, ns: &str) -> Result<Vec<Value>>;
+    /// The running pods a probe can start from (`namespace/name`), in name order.
+    fn running_pods(&self) -> Result<Vec<String>>;
+    /// A node's InternalIP.
+    fn node_ip(&self, node: &str) -> Result<Ipv4Addr>;
+    /// The network namespace a probe from `source` runs in.
+    fn netns_of(&self, source: &Source) -> Result<PathBuf>;
+    /// The external client's network namespace.
+    fn external_netns(&self) -> PathBuf;
+    /// Waits until the agents have programmed what the API holds.
+    fn settle(&self, timeout: std::time::Duration) -> Result<()>;
 
-    pub fn service_ip(&self, ns: &str, name: &str) -> Result<Ipv4Addr> {
+    fn service_ip(&self, ns: &str, name: &str) -> Result<Ipv4Addr> {
         let svc = self.service(ns, name)?;
         let what = format!("Service {ns}/{name} has no cluster IP");
         address(&svc["spec"]["clusterIP"], &what)
@@ -125,7 +135,7 @@ impl Lab {
 
     /// The node port of the Service's `port` and `protocol` (TCP and UDP of one port number
     /// usually share one).
-    pub fn node_port(&self, ns: &str, name: &str, port: u16, protocol: Protocol) -> Result<u16> {
+    fn node_port(&self, ns: &str, name: &str, port: u16, protocol: Protocol) -> Result<u16> {
         let svc = self.service(ns, name)?;
         service_port(&svc, port, protocol)?["nodePort"]
             .as_u64()
@@ -134,7 +144,7 @@ impl Lab {
     }
 
     /// Where a probe of the Service's `port` and `protocol` through `frontend` goes.
-    pub fn frontend(
+    fn frontend(
         &self,
         ns: &str,
         name: &str,
@@ -148,11 +158,8 @@ impl Lab {
         match frontend {
             Frontend::ClusterIp => at(self.service_ip(ns, name)?),
             Frontend::NodePort(node) => {
-                let node = self
-                    .node(node)
-                    .ok_or_else(|| anyhow!("no lab node {node}"))?;
                 let node_port = self.node_port(ns, name, port, protocol)?;
-                Ok(SocketAddrV4::new(node.ip, node_port))
+                Ok(SocketAddrV4::new(self.node_ip(node)?, node_port))
             }
             Frontend::LoadBalancer => at(address(
                 &svc["status"]["loadBalancer"]["ingress"][0]["ip"],
@@ -165,8 +172,77 @@ impl Lab {
         }
     }
 
-    /// The network namespace a probe from `source` runs in.
-    pub fn netns_of(&self, source: &Source) -> Result<PathBuf> {
+    /// One TCP connection or UDP datagram from `from` to `to`: what the server that answered
+    /// reported, or `None` when nothing answered within [`probe::PROBE_TIMEOUT`]. Each probe
+    /// comes from a fresh source port, so a Service balances probes as separate connections.
+    fn probe(&self, from: &Source, to: SocketAddrV4, protocol: Protocol) -> Result<Option<Reply>> {
+        let netns = self.netns_of(from)?;
+        Ok(match protocol {
+            Protocol::Tcp => probe::tcp(&netns, None, *to.ip(), to.port()),
+            Protocol::Udp => probe::udp(&netns, *to.ip(), to.port()),
+        })
+    }
+
+    /// A client for the Service: the first running pod (in name order) it does not select, so
+    /// that answers do not come from the client itself; the first running pod if it selects all.
+    fn default_client(&self, ns: &str, name: &str) -> Result<Source> {
+        let svc = self.service(ns, name)?;
+        let selector = svc["spec"]["selector"].as_object();
+        let selected: BTreeSet<String> = self
+            .pods_in(ns)?
+            .iter()
+            .filter(|p| selector.is_some_and(|s| selects(s, p)))
+            .map(|p| {
+                format!(
+                    "{ns}/{}",
+                    p["metadata"]["name"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        let running = self.running_pods()?;
+        running
+            .iter()
+            .find(|key| !selected.contains(*key))
+            .or(running.first())
+            .map(|key| Source::Pod(key.to_string()))
+            .ok_or_else(|| anyhow!("no running pod to probe from"))
+    }
+
+    /// Routes `ip` from the external client through `node`, as the network in front of a
+    /// cluster routes a Service's external IPs to a node (Kubernetes leaves that to it).
+    fn route_from_external(&self, ip: Ipv4Addr, node: &str) -> Result<()> {
+        let via = self.node_ip(node)?.to_string();
+        crate::sh(
+            std::process::Command::new("nsenter")
+                .arg(format!("--net={}", self.external_netns().display()))
+                .args(["ip", "route", "replace", &format!("{ip}/32"), "via", &via]),
+        )?;
+        Ok(())
+    }
+}
+
+impl ServiceProbes for Lab {
+    fn service(&self, ns: &str, name: &str) -> Result<Value> {
+        self.api
+            .get("services", Some(ns), name)
+            .ok_or_else(|| anyhow!("no Service {ns}/{name}"))
+    }
+
+    fn pods_in(&self, ns: &str) -> Result<Vec<Value>> {
+        Ok(self.api.list("pods", Some(ns)))
+    }
+
+    fn running_pods(&self) -> Result<Vec<String>> {
+        Ok(self.kubelet.pods().map(|(key, _)| key.clone()).collect())
+    }
+
+    fn node_ip(&self, node: &str) -> Result<Ipv4Addr> {
+        self.node(node)
+            .map(|n| n.ip)
+            .ok_or_else(|| anyhow!("no lab node {node}"))
+    }
+
+    fn netns_of(&self, source: &Source) -> Result<PathBuf> {
         match source {
             Source::Pod(key) => self
                 .kubelet
@@ -181,59 +257,12 @@ impl Lab {
         }
     }
 
-    /// One TCP connection or UDP datagram from `from` to `to`: what the server that answered
-    /// reported, or `None` when nothing answered within [`probe::PROBE_TIMEOUT`]. Each probe
-    /// comes from a fresh source port, so a Service balances probes as separate connections.
-    pub fn probe(
-        &self,
-        from: &Source,
-        to: SocketAddrV4,
-        protocol: Protocol,
-    ) -> Result<Option<Reply>> {
-        let netns = self.netns_of(from)?;
-        Ok(match protocol {
-            Protocol::Tcp => probe::tcp(&netns, None, *to.ip(), to.port()),
-            Protocol::Udp => probe::udp(&netns, *to.ip(), to.port()),
-        })
+    fn external_netns(&self) -> PathBuf {
+        self.external().path()
     }
 
-    /// A client for the Service: the first running pod (in name order) it does not select, so
-    /// that answers do not come from the client itself; the first running pod if it selects all.
-    pub fn default_client(&self, ns: &str, name: &str) -> Result<Source> {
-        let svc = self.service(ns, name)?;
-        let selector = svc["spec"]["selector"].as_object();
-        let selected: BTreeSet<String> = self
-            .api
-            .list("pods", Some(ns))
-            .iter()
-            .filter(|p| selector.is_some_and(|s| selects(s, p)))
-            .map(|p| {
-                format!(
-                    "{ns}/{}",
-                    p["metadata"]["name"].as_str().unwrap_or_default()
-                )
-            })
-            .collect();
-        let running: Vec<&String> = self.kubelet.pods().map(|(key, _)| key).collect();
-        running
-            .iter()
-            .find(|key| !selected.contains(**key))
-            .or(running.first())
-            .map(|key| Source::Pod(key.to_string()))
-            .ok_or_else(|| anyhow!("no running pod to probe from"))
-    }
-
-    /// Routes `ip` from the external client through `node`, as the network in front of a
-    /// cluster routes a Service's external IPs to a node (Kubernetes leaves that to it).
-    pub fn route_from_external(&self, ip: Ipv4Addr, node: &str) -> Result<()> {
-        let via = self
-            .node(node)
-            .ok_or_else(|| anyhow!("no lab node {node}"))?
-            .ip
-            .to_string();
-        self.external()
-            .exec(&["ip", "route", "replace", &format!("{ip}/32"), "via", &via])?;
-        Ok(())
+    fn settle(&self, timeout: std::time::Duration) -> Result<()> {
+        self.wait_programmed(timeout)
     }
 }
 

@@ -1,4 +1,5 @@
-//! The lab's probe matrix on the real cluster. Manifests go in with `kubectl apply`; each Pod is
+//! The lab's probes on the real cluster: the matrix and Service probes. Manifests go in with
+//! `kubectl apply`; each Pod is
 //! made to run the lab's pod server (`sluice-lab-pod`, one container serving TCP and UDP on the
 //! probed ports and every containerPort, named ports kept) and, unless it names a node, is
 //! spread round robin with a node selector. Probes start inside the source pod's network
@@ -18,6 +19,7 @@ use super::{condition, Cluster};
 use crate::lab::{
     behind, programmed_revisions,
     report::{probe_pairs, Probe, Protocol},
+    services::{ServiceProbes, Source},
     WATCHED,
 };
 
@@ -153,10 +155,8 @@ impl Cluster {
         Ok(pending)
     }
 
-    /// Every lab pod as a probe source (`ns/name`, its network namespace through its
-    /// container's process) and target (`ns/name`, its address).
-    #[allow(clippy::type_complexity)]
-    pub fn probe_endpoints(&self) -> Result<(Vec<(String, PathBuf)>, Vec<(String, Ipv4Addr)>)> {
+    /// Every running container's process, by container ID, on every node.
+    fn container_processes(&self) -> Result<BTreeMap<String, String>> {
         let mut processes = BTreeMap::new();
         for node in &self.nodes {
             let out = crate::sh(&mut node.ctr(&["tasks", "ls"]))?;
@@ -168,20 +168,33 @@ impl Cluster {
                 }
             }
         }
+        Ok(processes)
+    }
+
+    /// A pod's network namespace, through its first container's process.
+    fn pod_netns(pod: &Value, processes: &BTreeMap<String, String>) -> Result<PathBuf> {
+        let container = pod["status"]["containerStatuses"][0]["containerID"]
+            .as_str()
+            .and_then(|id| id.strip_prefix("containerd://"))
+            .with_context(|| format!("pod {} runs no container", key(pod)))?;
+        let pid = processes
+            .get(container)
+            .with_context(|| format!("no task for pod {}'s container", key(pod)))?;
+        Ok(PathBuf::from(format!("/proc/{pid}/ns/net")))
+    }
+
+    /// Every lab pod as a probe source (`ns/name`, its network namespace) and target
+    /// (`ns/name`, its address).
+    #[allow(clippy::type_complexity)]
+    pub fn probe_endpoints(&self) -> Result<(Vec<(String, PathBuf)>, Vec<(String, Ipv4Addr)>)> {
+        let processes = self.container_processes()?;
         let (mut sources, mut targets) = (Vec::new(), Vec::new());
         for pod in self.lab_pods()? {
             let ip: Ipv4Addr = pod["status"]["podIP"]
                 .as_str()
                 .and_then(|ip| ip.parse().ok())
                 .with_context(|| format!("pod {} has no IPv4 address", key(&pod)))?;
-            let container = pod["status"]["containerStatuses"][0]["containerID"]
-                .as_str()
-                .and_then(|id| id.strip_prefix("containerd://"))
-                .with_context(|| format!("pod {} runs no container", key(&pod)))?;
-            let pid = processes
-                .get(container)
-                .with_context(|| format!("no task for pod {}'s container", key(&pod)))?;
-            sources.push((key(&pod), PathBuf::from(format!("/proc/{pid}/ns/net"))));
+            sources.push((key(&pod), Cluster::pod_netns(&pod, &processes)?));
             targets.push((key(&pod), ip));
         }
         Ok((sources, targets))
@@ -196,6 +209,62 @@ impl Cluster {
     ) -> Result<Vec<Probe>> {
         let (sources, targets) = self.probe_endpoints()?;
         Ok(probe_pairs(sources, targets, ports, protocols, timeout))
+    }
+}
+
+impl ServiceProbes for Cluster {
+    fn service(&self, ns: &str, name: &str) -> Result<Value> {
+        self.get(&["service", name, "-n", ns])
+    }
+
+    fn pods_in(&self, ns: &str) -> Result<Vec<Value>> {
+        Ok(self.get(&["pods", "-n", ns])?["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    fn running_pods(&self) -> Result<Vec<String>> {
+        let mut running: Vec<String> = self
+            .lab_pods()?
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .map(key)
+            .collect();
+        running.sort();
+        Ok(running)
+    }
+
+    fn node_ip(&self, node: &str) -> Result<Ipv4Addr> {
+        self.node(node)
+            .map(|n| n.ip)
+            .with_context(|| format!("no cluster node {node}"))
+    }
+
+    fn netns_of(&self, source: &Source) -> Result<PathBuf> {
+        match source {
+            Source::Pod(wanted) => {
+                let pod = self
+                    .lab_pods()?
+                    .into_iter()
+                    .find(|p| key(p) == *wanted)
+                    .with_context(|| format!("no running pod {wanted}"))?;
+                Cluster::pod_netns(&pod, &self.container_processes()?)
+            }
+            Source::Node(name) => self
+                .node(name)
+                .map(|n| n.ns.path())
+                .with_context(|| format!("no cluster node {name}")),
+            Source::External => Ok(self.external.path()),
+        }
+    }
+
+    fn external_netns(&self) -> PathBuf {
+        self.external.path()
+    }
+
+    fn settle(&self, timeout: Duration) -> Result<()> {
+        self.wait_programmed(timeout)
     }
 }
 
