@@ -14,22 +14,17 @@ use crate::{register, sh, unique, unregister, Created};
 
 /// The image archive `cargo xtask image` writes.
 pub fn image_archive() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
-        "../target/image/sluice-{}.oci.tar",
-        env!("CARGO_PKG_VERSION")
-    ));
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo xtask image` (cargo xtask test does)",
-        path.display()
-    );
-    path
+    built_image("sluice")
 }
 
 /// The lab's pod server image, which `cargo xtask image` builds beside Sluice's.
 pub fn lab_pod_archive() -> PathBuf {
+    built_image("sluice-lab-pod")
+}
+
+fn built_image(name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
-        "../target/image/sluice-lab-pod-{}.oci.tar",
+        "../target/image/{name}-{}.oci.tar",
         env!("CARGO_PKG_VERSION")
     ));
     assert!(

@@ -173,16 +173,7 @@ spec:
 
     // NetworkPolicy: web takes ingress only from role=allowed; a (role=client) is cut off, until
     // it is relabelled.
-    cluster.apply(
-        "apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web-from-allowed}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  policyTypes: [Ingress]
-  ingress: [{from: [{podSelector: {matchLabels: {role: allowed}}}]}]
-",
-    )?;
+    cluster.apply(WEB_FROM_ALLOWED)?;
     let b = pod_ip(&cluster, "b")?;
     cluster.wait_for("a cut off from b", Duration::from_secs(20), || {
         Ok(dial(&cluster, "a", &b, 8080, "http")?.is_empty())
@@ -388,16 +379,7 @@ fn pods_stay_connected_and_isolated_through_real_faults() -> Result<()> {
         "the agent on node-2 restarted and Ready",
         Duration::from_secs(60),
         || {
-            let pods = cluster.get(&[
-                "pods",
-                "-n",
-                "kube-system",
-                "-l",
-                "app.kubernetes.io/component=agent",
-                "--field-selector",
-                "spec.nodeName=node-2",
-            ])?;
-            let pod = &pods["items"][0];
+            let pod = &cluster.agent_pod("node-2")?;
             let restarts = pod["status"]["containerStatuses"][0]["restartCount"]
                 .as_u64()
                 .unwrap_or(0);

@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// Bump when the recipe below changes, so machines rebuild.
-const RECIPE: u32 = 2;
+const RECIPE: u32 = 3;
 
 /// Binaries under `target/kubernetes/bin` (etcd is renamed from the package's name, `server`).
 const BINARIES: [&str; 10] = [
@@ -241,7 +241,7 @@ fn images(source: &Path, pause: &str) -> Result<()> {
     let mut programs = vec![(bin.join("agnhost"), PathBuf::from("/agnhost"))];
     let sh = which("sh")?;
     programs.push((sh.clone(), "/bin/sh".into()));
-    for tool in ["bash", "curl", "nc", "ip"] {
+    for tool in ["bash", "curl", "nc", "ip", "nslookup", "dig"] {
         let path = which(tool)?;
         programs.push((path.clone(), path));
     }

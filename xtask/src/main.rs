@@ -150,43 +150,20 @@ fn demo() -> Result<()> {
 }
 
 fn lab() -> Result<()> {
-    setup::check()?;
-    build::ebpf()?;
-    require_root("the lab")?;
-    // The lab is a real cluster: Sluice's pods run its image, the lab's pods the pod server's.
-    image::build()?;
-    run(cargo().args(["build", "--workspace", "--bins"]))?;
-    let report = build::root().join("target/lab-demo.json");
-    run(cargo()
-        .args([
-            "run",
-            "-q",
-            "-p",
-            "sluice-tests",
-            "--bin",
-            "sluice-lab",
-            "--",
-            "matrix",
-            "--kubernetes",
-            "--nodes",
-            "2",
-        ])
-        .args([
-            "--manifests",
-            "examples/demo",
-            "--ports",
-            "80,8080",
-            "--expect-all-connected",
-            "--json",
-        ])
-        .arg(report))
+    let mut lab = sluice_lab("the lab")?;
+    lab.args(["matrix", "--kubernetes", "--nodes", "2"])
+        .args(["--manifests", "examples/demo", "--ports", "80,8080"])
+        .args(["--expect-all-connected", "--json"])
+        .arg(build::root().join("target/lab-demo.json"));
+    run(&mut lab)
 }
 
-fn conformance(suites: &str, only: Option<&str>) -> Result<()> {
+/// `sluice-lab` ready to take its arguments, with what it runs built: the lab is a real
+/// cluster, so Sluice's pods run its image and the lab's pods the pod server's.
+fn sluice_lab(what: &str) -> Result<Command> {
     setup::check()?;
     build::ebpf()?;
-    require_root("the conformance suites")?;
-    // The cluster runs what ships: the chart's pods run the release image.
+    require_root(what)?;
     image::build()?;
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     let mut lab = cargo();
@@ -198,9 +175,14 @@ fn conformance(suites: &str, only: Option<&str>) -> Result<()> {
         "--bin",
         "sluice-lab",
         "--",
-    ])
-    .args(["conformance", "--suites", suites, "--json"])
-    .arg(build::root().join("target/conformance/results.json"));
+    ]);
+    Ok(lab)
+}
+
+fn conformance(suites: &str, only: Option<&str>) -> Result<()> {
+    let mut lab = sluice_lab("the conformance suites")?;
+    lab.args(["conformance", "--suites", suites, "--json"])
+        .arg(build::root().join("target/conformance/results.json"));
     if let Some(only) = only {
         lab.args(["--only", only]);
     }

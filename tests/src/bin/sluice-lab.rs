@@ -219,9 +219,10 @@ fn main() -> Result<()> {
         Cmd::Up {
             nodes,
             values,
+            ports,
             kubernetes: true,
             ..
-        } => guarded(&stop, || up_kubernetes(nodes, values, &stop)),
+        } => guarded(&stop, || up_kubernetes(nodes, values, &ports, &stop)),
         Cmd::Kubeconfig => {
             let path = Path::new(STATE_DIR).join("kubeconfig");
             if !path.exists() {
@@ -493,7 +494,12 @@ fn claim_state_dir() -> Result<&'static Path> {
     Ok(state)
 }
 
-fn up_kubernetes(nodes: usize, values: Option<PathBuf>, stop: &AtomicBool) -> Result<()> {
+fn up_kubernetes(
+    nodes: usize,
+    values: Option<PathBuf>,
+    ports: &[u16],
+    stop: &AtomicBool,
+) -> Result<()> {
     let state = claim_state_dir()?;
     let result = (|| {
         let cluster = Cluster::up(ClusterOptions {
@@ -514,8 +520,16 @@ fn up_kubernetes(nodes: usize, values: Option<PathBuf>, stop: &AtomicBool) -> Re
             path.display()
         );
         while !stop.load(Ordering::SeqCst) {
-            serve_requests(&requests, |kind, request| {
-                (kind == "probe").then(|| probe_request(&cluster, request))
+            // Manifests are applied here, where the lab's ports are known: pods run the pod
+            // server on them.
+            serve_requests(&requests, |kind, request| match kind {
+                "yaml" => Some(
+                    manifests::load_file(request)
+                        .and_then(|objects| cluster.apply_lab_manifests(objects, ports))
+                        .map(|()| String::new()),
+                ),
+                "probe" => Some(probe_request(&cluster, request)),
+                _ => None,
             })?;
             std::thread::sleep(Duration::from_millis(200));
         }

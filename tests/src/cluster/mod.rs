@@ -311,9 +311,8 @@ impl Cluster {
         Ok(revision)
     }
 
-    /// SIGKILLs the agent's container on `node` (found through the kubelet's pod status), as
-    /// an OOM kill or a crash would; the kubelet restarts it.
-    pub fn kill_agent(&self, node: &str) -> Result<()> {
+    /// The agent's pod on `node`, as stored.
+    pub fn agent_pod(&self, node: &str) -> Result<Value> {
         let pods = self.get(&[
             "pods",
             "-n",
@@ -323,7 +322,14 @@ impl Cluster {
             "--field-selector",
             &format!("spec.nodeName={node}"),
         ])?;
-        let status = &pods["items"][0]["status"]["containerStatuses"];
+        Ok(pods["items"][0].clone())
+    }
+
+    /// SIGKILLs the agent's container on `node` (found through the kubelet's pod status), as
+    /// an OOM kill or a crash would; the kubelet restarts it.
+    pub fn kill_agent(&self, node: &str) -> Result<()> {
+        let pod = self.agent_pod(node)?;
+        let status = &pod["status"]["containerStatuses"];
         let id = status
             .as_array()
             .into_iter()
