@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// Bump when the recipe below changes, so machines rebuild.
-const RECIPE: u32 = 3;
+const RECIPE: u32 = 4;
 
 /// Binaries under `target/kubernetes/bin` (etcd is renamed from the package's name, `server`).
 const BINARIES: [&str; 10] = [
@@ -246,7 +246,19 @@ fn images(source: &Path, pause: &str) -> Result<()> {
         programs.push((path.clone(), path));
     }
     programs.push((sh.clone(), sh));
+    let busybox = which("busybox")?;
+    programs.push((busybox.clone(), "/bin/busybox".into()));
     oci::programs(&rootfs, &programs)?;
+    // The rest of a shell's everyday commands (seq, sleep, grep, wget, ...), as Alpine's
+    // busybox gives upstream's image; the tools placed above keep their own binaries.
+    let applets = crate::oci::output(Command::new(&busybox).arg("--list"))?;
+    for applet in applets.lines() {
+        let link = rootfs.join("bin").join(applet);
+        let elsewhere = rootfs.join("usr/bin").join(applet);
+        if !link.exists() && !elsewhere.exists() {
+            std::os::unix::fs::symlink("busybox", link)?;
+        }
+    }
     std::fs::create_dir_all(rootfs.join("uploads"))?;
     oci::write(
         &oci::Image {

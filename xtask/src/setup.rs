@@ -35,11 +35,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("runc", "runc"),
     ("podman", "podman"),
     // The lab's Kubernetes cluster: certificates, the CNI loopback plugin containerd's CRI
-    // calls for every pod, the netcat and nslookup the e2e tests exec in agnhost.
+    // calls for every pod, what the e2e tests exec in agnhost (netcat, nslookup, busybox).
     ("openssl", "openssl"),
     ("/usr/lib/cni/loopback", "containernetworking-plugins"),
     ("nc", "netcat-openbsd"),
     ("nslookup", "bind9-dnsutils"),
+    ("busybox", "busybox-static"),
     ("curl", "curl"),
 ];
 
