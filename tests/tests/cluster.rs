@@ -6,9 +6,10 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use sluice_tests::cluster::{agnhost_image, Cluster, ClusterOptions};
+use sluice_tests::lab::services::{ServiceProbes, Source};
 
 fn netexec_pod(name: &str, node: &str, labels: &str) -> String {
     format!(
@@ -275,6 +276,47 @@ fn kubectl_on_this_machine_applies_patches_execs_and_port_forwards() -> Result<(
         field_managers.contains(&"kubectl") && field_managers.contains(&"kubectl-patch"),
         "{field_managers:?}"
     );
+
+    // On a single node too, the node reaches ClusterIPs (the route to the Service CIDR), and
+    // pod traffic leaving the cluster is masqueraded to the node's address.
+    kubectl(&[
+        "expose",
+        "pod",
+        "web",
+        "--port",
+        "80",
+        "--target-port",
+        "8080",
+    ])?;
+    let web_ip = cluster.get(&["service", "web"])?["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let node = &cluster.nodes[0];
+    cluster.wait_for(
+        "the node reaching the web Service",
+        Duration::from_secs(20),
+        || {
+            let out = node.ns.exec(&[
+                "curl",
+                "-s",
+                "-m",
+                "2",
+                &format!("http://{web_ip}/hostname"),
+            ]);
+            Ok(out.is_ok_and(|body| body == "web"))
+        },
+    )?;
+    let outside = sluice_tests::probe::Servers::start(&cluster.external.path(), "outside", &[9000]);
+    let web = cluster.netns_of(&Source::Pod("default/web".into()))?;
+    let seen = sluice_tests::probe::tcp(&web, None, sluice_tests::lab::EXTERNAL_IP, 9000)
+        .context("web reached nothing outside the cluster")?;
+    assert_eq!(
+        seen.client,
+        std::net::IpAddr::V4(node.ip),
+        "masqueraded to the node"
+    );
+    drop(outside);
 
     // exec and logs through the kubelet; port-forward through the kubelet and containerd.
     assert_eq!(

@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// Bump when the recipe below changes, so machines rebuild.
-const RECIPE: u32 = 4;
+const RECIPE: u32 = 5;
 
 /// Binaries under `target/kubernetes/bin` (etcd is renamed from the package's name, `server`).
 const BINARIES: [&str; 10] = [
@@ -241,7 +241,8 @@ fn images(source: &Path, pause: &str) -> Result<()> {
     let mut programs = vec![(bin.join("agnhost"), PathBuf::from("/agnhost"))];
     let sh = which("sh")?;
     programs.push((sh.clone(), "/bin/sh".into()));
-    for tool in ["bash", "curl", "nc", "ip", "nslookup", "dig"] {
+    // GNU wget: Debian's static busybox wget segfaults.
+    for tool in ["bash", "curl", "nc", "ip", "nslookup", "dig", "wget"] {
         let path = which(tool)?;
         programs.push((path.clone(), path));
     }

@@ -41,6 +41,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nc", "netcat-openbsd"),
     ("nslookup", "bind9-dnsutils"),
     ("busybox", "busybox-static"),
+    ("wget", "wget"),
     ("curl", "curl"),
 ];
 

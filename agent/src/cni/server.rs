@@ -47,6 +47,9 @@ pub struct PodNetwork {
     nl: Netlink,
     /// Other nodes' pod CIDRs, from the Node objects (empty without Kubernetes).
     remotes: Vec<RemoteRoute>,
+    /// Whether the node's routes and masquerade have been programmed once: on a single node
+    /// there are no remotes, yet the Service CIDR's route and masquerading are needed.
+    routes_programmed: bool,
 }
 
 /// What a reconcile found.
@@ -124,6 +127,7 @@ impl PodNetwork {
             store,
             nl,
             remotes: Vec::new(),
+            routes_programmed: false,
         };
         let IpAddr::V4(gateway_ip) = pods.node.gateway_ip else {
             unreachable!("validated as IPv4")
@@ -283,7 +287,7 @@ impl PodNetwork {
     /// masquerade exceptions. Only what changed is rewritten.
     pub async fn set_remote_routes(&mut self, mut remotes: Vec<RemoteRoute>) -> Result<()> {
         remotes.sort();
-        if remotes == self.remotes {
+        if self.routes_programmed && remotes == self.remotes {
             return Ok(());
         }
         self.remotes = remotes;
@@ -314,6 +318,7 @@ impl PodNetwork {
             let cluster: Vec<IpNetwork> = self.remotes.iter().map(|r| r.pod_cidr).collect();
             masquerade::install(self.node.pod_cidr, &cluster, &self.node.gateway_name)?;
         }
+        self.routes_programmed = true;
         info!(
             remote_nodes = self.remotes.len(),
             "programmed routes to other nodes"
