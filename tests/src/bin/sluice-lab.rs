@@ -512,8 +512,9 @@ fn up_kubernetes(
         let path = state.join("kubeconfig");
         std::fs::write(&path, kubeconfig)?;
         println!(
-            "cluster up in {:.1} s: {nodes} nodes Ready, Sluice running ({})
-             kubectl --kubeconfig {} get pods -A
+            "cluster up in {:.1} s: {nodes} nodes Ready, Sluice running ({})\n  \
+             kubectl --kubeconfig {} get pods -A\n  \
+             sluice-lab apply -f FILE | status | probe-service NS/NAME\n\
              stop with Ctrl-C or `sluice-lab down`",
             cluster.startup.as_secs_f64(),
             cluster.server_version()?,

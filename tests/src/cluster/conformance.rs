@@ -167,7 +167,9 @@ fn parse(suite: &Suite, only: &[&str], report: &Value) -> Result<SuiteResult> {
             (None, "passed") => (state.clone(), None),
             (None, "skipped") => (
                 state.clone(),
-                Some(failure(spec).unwrap_or_else(|| "skipped by the test".into())),
+                // A spec the test skipped says why; one without a message never ran (the run
+                // was interrupted before it).
+                Some(failure(spec).unwrap_or_else(|| "not run: the run ended before it".into())),
             ),
             // failed, panicked, interrupted, timedout: failures.
             (None, _) => (

@@ -51,13 +51,27 @@ pub(super) struct Port<'a> {
     pub(super) node_port: Option<u16>,
 }
 
-/// `None` for what kube-proxy does not proxy at all: ExternalName and headless Services, and
-/// Services whose ClusterIP is not allocated yet.
+/// Labels that take a Service away from the cluster's proxy, as kube-proxy and AntreaProxy
+/// honour them: `service.kubernetes.io/headless` (any value: its endpoints are for DNS only)
+/// and `service.kubernetes.io/service-proxy-name` (any value: another proxy implements it).
+pub(super) const NOT_PROXIED_LABELS: [&str; 2] = [
+    "service.kubernetes.io/headless",
+    "service.kubernetes.io/service-proxy-name",
+];
+
+/// `None` for what kube-proxy does not proxy at all: ExternalName and headless Services,
+/// Services labelled for another proxy or for DNS only, and Services whose ClusterIP is not
+/// allocated yet.
 pub(super) fn parse_service<'a>(
     svc: &'a K8sService,
     errors: &mut Vec<ServiceError>,
 ) -> Option<Parsed<'a>> {
     let spec = svc.spec.as_ref()?;
+    if let Some(labels) = &svc.metadata.labels {
+        if NOT_PROXIED_LABELS.iter().any(|l| labels.contains_key(*l)) {
+            return None;
+        }
+    }
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
     if type_ == "ExternalName" {
         return None;

@@ -656,6 +656,32 @@ fn headless_and_external_name_services_are_not_proxied() {
     assert_eq!(lines(&tables(&services, &slices)), Vec::<String>::new());
 }
 
+/// kube-proxy's (and AntreaProxy's) labels: a Service labelled headless, or for another proxy,
+/// keeps its ClusterIP in the API but is not proxied.
+#[test]
+fn services_labelled_for_dns_only_or_another_proxy_are_not_proxied() {
+    let labelled = |name: &str, label: &str| {
+        let mut svc = web("default", name, "10.96.0.20");
+        svc.metadata.labels = Some([(label.to_string(), String::new())].into());
+        svc
+    };
+    let services = [
+        labelled("dns-only", "service.kubernetes.io/headless"),
+        labelled("elsewhere", "service.kubernetes.io/service-proxy-name"),
+    ];
+    let slices = [slice(
+        "default",
+        "dns-only-a",
+        "dns-only",
+        json!([{ "name": "http", "port": 80 }]),
+        json!([ep("10.244.1.1", "n2")]),
+    )];
+    assert_eq!(lines(&tables(&services, &slices)), Vec::<String>::new());
+    // Without the label, the same Service is proxied.
+    let plain = [web("default", "dns-only", "10.96.0.20")];
+    assert!(!lines(&tables(&plain, &slices)).is_empty());
+}
+
 #[test]
 fn sctp_with_a_port_change_is_refused_not_blackholed() {
     let svc = service(
