@@ -318,6 +318,14 @@ fn kubectl_on_this_machine_applies_patches_execs_and_port_forwards() -> Result<(
     );
     drop(outside);
 
+    // The API server's proxy dials the pod itself, as the e2e framework's checks do.
+    let proxied = kubectl(&[
+        "get",
+        "--raw",
+        "/api/v1/namespaces/default/pods/web:8080/proxy/hostname",
+    ])?;
+    assert_eq!(proxied, "web");
+
     // exec and logs through the kubelet; port-forward through the kubelet and containerd.
     assert_eq!(
         kubectl(&["exec", "web", "--", "sh", "-c", "echo $((6 * 7))"])?,

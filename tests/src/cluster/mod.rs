@@ -398,6 +398,7 @@ impl Cluster {
     fn not_ready(&self) -> Result<Vec<String>> {
         let mut pending = Vec::new();
         let nodes = self.get(&["nodes"])?;
+        self.route_pod_cidrs(&nodes)?;
         let registered = nodes["items"].as_array().map_or(0, Vec::len);
         if registered < self.nodes.len() {
             pending.push(format!(
@@ -429,6 +430,32 @@ impl Cluster {
             }
         }
         Ok(pending)
+    }
+
+    /// Routes each node's podCIDRs from the lab namespace through that node, as a cluster's
+    /// network does for its control plane (the API server dials pods: its proxy, webhooks):
+    /// a kubeadm control-plane node runs the CNI itself; here the route table plays it.
+    fn route_pod_cidrs(&self, nodes: &Value) -> Result<()> {
+        for node in nodes["items"].as_array().into_iter().flatten() {
+            let name = node["metadata"]["name"].as_str().unwrap_or_default();
+            let Some(lab_node) = self.node(name) else {
+                continue;
+            };
+            for cidr in node["spec"]["podCIDRs"].as_array().into_iter().flatten() {
+                let Some(cidr) = cidr.as_str().filter(|c| !c.contains(':')) else {
+                    continue;
+                };
+                self.switch.exec(&[
+                    "ip",
+                    "route",
+                    "replace",
+                    cidr,
+                    "via",
+                    &lab_node.ip.to_string(),
+                ])?;
+            }
+        }
+        Ok(())
     }
 
     /// Pods, recent events and each kubelet's last errors: what an operator would look at.
