@@ -8,32 +8,35 @@ use sluice_tests::cluster::{
     Cluster, ClusterOptions,
 };
 
+const NETPOL_FOCUS: &[&str] = &[
+    "should support a 'default-deny-ingress' policy",
+    "should allow ingress access from namespace on one named port",
+];
+const SERVICES_FOCUS: &[&str] = &[
+    "should serve a basic endpoint from pods",
+    "should have session affinity work for service with type clusterIP",
+];
+
 #[test]
 fn upstream_netpol_and_services_specs_pass() -> Result<()> {
     let cluster = Cluster::up(ClusterOptions::nodes(2))?;
     let out = conformance::output_dir("ci");
-    let netpol = conformance::run(
-        &cluster,
-        &NETPOL,
-        &[
-            "should support a 'default-deny-ingress' policy",
-            "should allow ingress access from namespace on one named port",
-        ],
-        &out,
-    )?;
-    let services = conformance::run(
-        &cluster,
-        &SERVICES,
-        &[
-            "should serve a basic endpoint from pods",
-            "should have session affinity work for service with type clusterIP",
-        ],
-        &out,
-    )?;
-    for result in [&netpol, &services] {
+    let netpol = conformance::run(&cluster, &NETPOL, NETPOL_FOCUS, &out)?;
+    let services = conformance::run(&cluster, &SERVICES, SERVICES_FOCUS, &out)?;
+    for (result, focus) in [(&netpol, NETPOL_FOCUS), (&services, SERVICES_FOCUS)] {
         eprint!("{}", result.summary());
         assert_eq!(result.failed, 0, "{}", result.summary());
-        assert_eq!(result.passed, 2, "{}", result.summary());
+        // A focus may match more than one spec (an SCTP variant, say); each must have run one.
+        for part in focus {
+            assert!(
+                result
+                    .specs
+                    .iter()
+                    .any(|s| s.state == "passed" && s.name.contains(part)),
+                "no spec matching {part:?} passed\n{}",
+                result.summary()
+            );
+        }
     }
     Ok(())
 }
