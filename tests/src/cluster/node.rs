@@ -62,6 +62,9 @@ pub struct KubeNode {
     pub dir: PathBuf,
     /// The file the mount namespace is bound to.
     pub mount_ns: PathBuf,
+    /// The file the UTS namespace is bound to: the node's hostname is its name, as a
+    /// hostNetwork pod (and the upstream specs that ask one its hostname) expects.
+    uts_ns: PathBuf,
     cgroup: String,
     pub ns: Netns,
 }
@@ -105,6 +108,13 @@ impl KubeNode {
             .args(["--propagation", "private", "true"]))
         .context("creating the node's mount namespace")?;
         register(Created::Mount(mount_ns.clone()));
+        let uts_ns = mount_dir.join(format!("{name}.uts"));
+        std::fs::write(&uts_ns, "")?;
+        sh(Command::new("unshare")
+            .arg(format!("--uts={}", uts_ns.display()))
+            .args(["hostname", &name]))
+        .context("creating the node's UTS namespace")?;
+        register(Created::Mount(uts_ns.clone()));
         let cgroup = format!("sluice-lab-{}", ns.name);
         cgroup::create(&cgroup)?;
         register(Created::Cgroup(cgroup.clone()));
@@ -116,6 +126,7 @@ impl KubeNode {
             containerd: Daemon::not_started("containerd"),
             dir,
             mount_ns,
+            uts_ns,
             cgroup,
             ns,
         };
@@ -180,15 +191,17 @@ impl KubeNode {
         Ok(vec![
             (self.ns.path(), CloneFlags::CLONE_NEWNET),
             (self.mount_ns.clone(), CloneFlags::CLONE_NEWNS),
+            (self.uts_ns.clone(), CloneFlags::CLONE_NEWUTS),
         ])
     }
 
-    /// A command run in the node's network and mount namespaces (as its own processes see
-    /// the machine).
+    /// A command run in the node's network, mount and UTS namespaces (as its own processes
+    /// see the machine).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.ns.path().display()))
             .arg(format!("--mount={}", self.mount_ns.display()))
+            .arg(format!("--uts={}", self.uts_ns.display()))
             .arg("--")
             .arg(program);
         cmd
@@ -289,7 +302,9 @@ impl Drop for KubeNode {
         // Shims and containers outlive containerd: end them through the cgroup.
         cgroup::remove(&self.cgroup);
         unregister(&Created::Cgroup(self.cgroup.clone()));
-        let _ = nix::mount::umount2(&self.mount_ns, nix::mount::MntFlags::MNT_DETACH);
-        unregister(&Created::Mount(self.mount_ns.clone()));
+        for ns in [&self.mount_ns, &self.uts_ns] {
+            let _ = nix::mount::umount2(ns, nix::mount::MntFlags::MNT_DETACH);
+            unregister(&Created::Mount(ns.clone()));
+        }
     }
 }
