@@ -45,7 +45,6 @@ pub(in crate::model) use allocator::Pool;
 use cluster::{Cluster, PodEndpoint};
 pub(crate) use parse::FieldError;
 use parse::{parse_policy, ParsedPolicy};
-use ports::named_ports;
 pub use ports::port_prefixes;
 pub use ports::protocol_name;
 pub(in crate::model) use ports::{protocol_number, valid_port};
@@ -160,12 +159,6 @@ pub fn compile<'a>(
     alloc: &mut Allocator,
 ) -> PolicyTables {
     let pods: Vec<&Pod> = pods.into_iter().collect();
-    // Named ports are checked against the whole cluster, pods without an address included.
-    let declared_ports: BTreeSet<(String, u8)> = pods
-        .iter()
-        .flat_map(|pod| named_ports(pod))
-        .map(|p| (p.name, p.proto))
-        .collect();
     let mut cluster = Cluster::new(&pods, namespaces, node);
     let mut tables = PolicyTables::default();
 
@@ -179,7 +172,7 @@ pub fn compile<'a>(
     let parsed: Vec<ParsedPolicy> = policies
         .iter()
         .map(|np| {
-            let (policy, errors) = parse_policy(np, &declared_ports);
+            let (policy, errors) = parse_policy(np);
             let key = &policy.key;
             tables
                 .errors

@@ -1,8 +1,6 @@
 //! Checks a NetworkPolicy once, into the shape the compiler walks. Every problem is reported with
 //! its field path; a policy with any problem is marked broken and then only isolates.
 
-use std::collections::BTreeSet;
-
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
 };
@@ -99,10 +97,7 @@ impl Block {
     }
 }
 
-pub(super) fn parse_policy(
-    np: &NetworkPolicy,
-    declared_ports: &BTreeSet<(String, u8)>,
-) -> (ParsedPolicy, Vec<FieldError>) {
+pub(super) fn parse_policy(np: &NetworkPolicy) -> (ParsedPolicy, Vec<FieldError>) {
     let namespace = np
         .metadata
         .namespace
@@ -126,7 +121,7 @@ pub(super) fn parse_policy(
         .map(|(i, rule)| {
             let at = format!("spec.ingress[{i}]");
             let peers = parse_peers(&at, "from", rule.from.as_deref(), &mut errors);
-            let ports = parse_ports(&at, rule.ports.as_deref(), declared_ports, &mut errors);
+            let ports = parse_ports(&at, rule.ports.as_deref(), &mut errors);
             Rule { peers, ports }
         })
         .collect();
@@ -138,7 +133,7 @@ pub(super) fn parse_policy(
         .map(|(i, rule)| {
             let at = format!("spec.egress[{i}]");
             let peers = parse_peers(&at, "to", rule.to.as_deref(), &mut errors);
-            let ports = parse_ports(&at, rule.ports.as_deref(), declared_ports, &mut errors);
+            let ports = parse_ports(&at, rule.ports.as_deref(), &mut errors);
             Rule { peers, ports }
         })
         .collect();
@@ -260,13 +255,12 @@ fn parse_block(at: &str, block: &IPBlock, errors: &mut Vec<FieldError>) -> Optio
 fn parse_ports(
     at: &str,
     ports: Option<&[NetworkPolicyPort]>,
-    declared: &BTreeSet<(String, u8)>,
     errors: &mut Vec<FieldError>,
 ) -> Vec<PortMatch> {
     ports
         .unwrap_or_default()
         .iter()
         .enumerate()
-        .filter_map(|(j, port)| parse_port(&format!("{at}.ports[{j}]"), port, declared, errors))
+        .filter_map(|(j, port)| parse_port(&format!("{at}.ports[{j}]"), port, errors))
         .collect()
 }

@@ -1,8 +1,6 @@
 //! Protocols and ports: NetworkPolicy port entries, container ports (for named ports) and the
 //! decomposition of a port range into the LPM prefixes of POLICY.
 
-use std::collections::BTreeSet;
-
 use k8s_openapi::{
     api::{core::v1::Pod, networking::v1::NetworkPolicyPort},
     apimachinery::pkg::util::intstr::IntOrString,
@@ -49,7 +47,6 @@ pub(super) enum PortMatch {
 pub(super) fn parse_port(
     at: &str,
     port: &NetworkPolicyPort,
-    declared: &BTreeSet<(String, u8)>,
     errors: &mut Vec<FieldError>,
 ) -> Option<PortMatch> {
     let proto_name = port.protocol.as_deref().unwrap_or("TCP");
@@ -107,20 +104,12 @@ pub(super) fn parse_port(
             };
             Some(PortMatch::Range { proto, first, last })
         }
-        (Some(IntOrString::String(name)), None) => {
-            if !declared.contains(&(name.clone(), proto)) {
-                errors.push(FieldError::new(
-                    format!("{at}.port"),
-                    name.as_str(),
-                    format!("no pod in the cluster declares a {proto_name} port with this name"),
-                ));
-                return None;
-            }
-            Some(PortMatch::Named {
-                proto,
-                name: name.clone(),
-            })
-        }
+        // A name no pod declares (yet) matches nothing, as in Kubernetes: not an error, which
+        // would void the policy's other rules too.
+        (Some(IntOrString::String(name)), None) => Some(PortMatch::Named {
+            proto,
+            name: name.clone(),
+        }),
     }
 }
 

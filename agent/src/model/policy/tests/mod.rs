@@ -616,8 +616,34 @@ fn ingress_named_ports_resolve_on_the_selected_pod() {
         .pods
         .retain(|p| p.metadata.name.as_deref() != Some("web-1"));
     let t = cluster.tables();
-    assert_eq!(t.errors.len(), 1, "only web-1 declared dns: {:?}", t.errors);
-    assert!(t.policy.is_empty());
+    // Nobody declares dns now: no error, and the node's pods stay isolated.
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    assert_eq!(judge(&t, Ingress, DB, CLIENT, UDP, 53), Drop);
+}
+
+/// A name no pod declares matches nothing and is no error: the policy's other rules hold, as
+/// in Kubernetes (a policy is often applied before the pods that declare its ports).
+#[test]
+fn undeclared_named_port_matches_nothing() {
+    let t = Cluster::new()
+        .with(
+            "prod",
+            "p",
+            json!({
+                "podSelector": { "matchLabels": { "app": "db" } },
+                "ingress": [
+                    { "ports": [{ "port": "metrics" }] },
+                    { "from": [{
+                        "namespaceSelector": { "matchLabels": { "team": "b" } },
+                        "podSelector": { "matchLabels": { "app": "client" } },
+                    }] },
+                ],
+            }),
+        )
+        .tables();
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    assert!(allows(&t, Ingress, DB, CLIENT, TCP, 5432));
+    assert_eq!(judge(&t, Ingress, DB, WEB1, TCP, 9090), Drop);
 }
 
 #[test]
