@@ -325,6 +325,10 @@ fn invalid_values_fail_at_install_naming_the_key() {
         (&["tunnelType=stt"], "tunnelType"),
         (&["defaultMTU=100"], "/defaultMTU"),
         (&["featureGates.NodeIPAM=on"], "/featureGates/NodeIPAM"),
+        (
+            &["agent.bpfMapSizes.IPCACHE=0"],
+            "/agent/bpfMapSizes/IPCACHE",
+        ),
     ];
     for (sets, key) in cases {
         let mut extra = Vec::new();

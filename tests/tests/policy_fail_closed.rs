@@ -1,27 +1,39 @@
 //! A policy sync that cannot write everything leaves every pod at least as isolated as its
-//! policies say: agents run with tiny policy maps (`bpfMapSizes`), policies overflow them, and no
-//! probe connects that the policies deny. The agent says which map, its capacity and what is
-//! missing, in its log, on `/metrics` and as a Node event; once there is room, it recovers.
+//! policies say: agents run with tiny policy maps (the chart's `agent.bpfMapSizes`), policies
+//! overflow them, and no probe connects that the policies deny. The agent says which map, its
+//! capacity and what is missing, in its log, on `/metrics` and as a Node event; once there is
+//! room, it recovers. On a one-node real cluster.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use serde_json::{json, Value};
 use sluice_tests::{
-    in_netns,
-    lab::{Lab, LabOptions},
-    probe, require_root,
+    cluster::{Cluster, ClusterOptions},
+    in_netns, probe, require_root,
 };
 
 const PORTS: [u16; 2] = [80, 81];
 const PODS: [&str; 4] = ["x/a", "x/b", "x/c", "y/d"];
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 
+struct Lab {
+    cluster: Cluster,
+    /// Each pod's network namespace and address.
+    pods: BTreeMap<String, (PathBuf, Ipv4Addr)>,
+}
+
 fn lab(map_sizes: &str) -> Lab {
-    let mut lab = Lab::up_with_agent_config(
-        LabOptions::single_node(&PORTS),
-        &format!("bpfMapSizes: {{{map_sizes}}}\n"),
-    )
-    .expect("lab up");
+    require_root();
+    let cluster = Cluster::up(ClusterOptions {
+        inline_values: Some(format!("agent:\n  bpfMapSizes: {{{map_sizes}}}\n")),
+        ..ClusterOptions::nodes(1)
+    })
+    .expect("cluster up");
     let mut objects = vec![
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}),
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "y"}}),
@@ -34,10 +46,42 @@ fn lab(map_sizes: &str) -> Lab {
             "spec": {"containers": [{"name": "c", "image": "x"}]},
         }));
     }
-    lab.apply(objects).expect("pods");
-    lab.wait_programmed(Duration::from_secs(30))
+    cluster.apply_lab_manifests(objects, &PORTS).expect("pods");
+    cluster
+        .wait_programmed(Duration::from_secs(60))
         .expect("programmed");
-    lab
+    let (sources, targets) = cluster.probe_endpoints().expect("pods");
+    let targets: BTreeMap<String, Ipv4Addr> = targets.into_iter().collect();
+    let pods = sources
+        .into_iter()
+        .map(|(key, netns)| {
+            let ip = targets[&key];
+            (key, (netns, ip))
+        })
+        .collect();
+    Lab { cluster, pods }
+}
+
+impl Lab {
+    fn apply(&self, objects: Vec<Value>) {
+        self.cluster
+            .apply_lab_manifests(objects, &PORTS)
+            .expect("apply");
+    }
+
+    fn delete_policy(&self, ns: &str, name: &str) {
+        self.cluster
+            .kubectl(&["delete", "networkpolicy", "-n", ns, name])
+            .expect("delete");
+    }
+
+    fn agent_log(&self) -> String {
+        let pod = self.cluster.agent_pod("node-1").expect("agent pod");
+        let name = pod["metadata"]["name"].as_str().expect("name");
+        self.cluster
+            .kubectl(&["-n", "kube-system", "logs", name, "-c", "sluice-agent"])
+            .expect("agent log")
+    }
 }
 
 fn policy(ns: &str, name: &str, spec: Value) -> Value {
@@ -57,8 +101,8 @@ fn b_from_a() -> Value {
 }
 
 fn connects(lab: &Lab, from: &str, to: &str, port: u16) -> bool {
-    let netns = lab.kubelet.pod(from).expect("pod").netns.path();
-    probe::tcp_within(&netns, None, lab.pod_ips()[to], port, PROBE_TIMEOUT).is_some()
+    let netns = &lab.pods[from].0;
+    probe::tcp_within(netns, None, lab.pods[to].1, port, PROBE_TIMEOUT).is_some()
 }
 
 /// Every ordered pair and port: no probe connects that `allowed` denies.
@@ -78,7 +122,7 @@ fn assert_no_looser(lab: &Lab, allowed: impl Fn(&str, &str, u16) -> bool) {
 }
 
 fn metric(lab: &Lab, name: &str) -> u64 {
-    let text = in_netns(&lab.nodes[0].node.ns.path(), || {
+    let text = in_netns(&lab.cluster.nodes[0].ns.path(), || {
         probe::http_get("127.0.0.1:9421", "/metrics")
     })
     .expect("/metrics answers")
@@ -95,7 +139,7 @@ fn wait_fail_closed(lab: &Lab, expected: u64) {
         assert!(
             Instant::now() < deadline,
             "sluice_policy_fail_closed stayed != {expected}; agent log:\n{}",
-            lab.nodes[0].node.agent_log()
+            lab.agent_log()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -103,9 +147,14 @@ fn wait_fail_closed(lab: &Lab, expected: u64) {
 
 /// The Node events' reasons and notes.
 fn node_events(lab: &Lab) -> Vec<(String, String)> {
-    lab.api
-        .list("events", Some("default"))
-        .iter()
+    let events = lab
+        .cluster
+        .get(&["events.events.k8s.io", "-n", "default"])
+        .expect("events");
+    events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
         .filter(|e| e["regarding"]["kind"] == "Node")
         .map(|e| {
             (
@@ -119,7 +168,7 @@ fn node_events(lab: &Lab) -> Vec<(String, String)> {
 #[test]
 fn a_full_allow_map_leaves_pods_isolated() {
     require_root();
-    let mut lab = lab("POLICY_EXACT: 2");
+    let lab = lab("POLICY_EXACT: 2");
     // y/d: port 81 from any address in 10/8 (every pod): one entry per identity, more than fit.
     let d_from_pods = policy(
         "y",
@@ -127,14 +176,14 @@ fn a_full_allow_map_leaves_pods_isolated() {
         json!({"podSelector": {},
             "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 81}]}]}),
     );
-    lab.apply(vec![b_from_a(), d_from_pods]).expect("policies");
+    lab.apply(vec![b_from_a(), d_from_pods]);
     wait_fail_closed(&lab, 1);
     assert_no_looser(&lab, |from, to, port| match to {
         "x/b" => from == "x/a" && port == 80,
         "y/d" => port == 81,
         _ => true,
     });
-    let log = lab.nodes[0].node.agent_log();
+    let log = lab.agent_log();
     assert!(
         log.contains("map POLICY_EXACT (capacity 2): allow entries of"),
         "{log}"
@@ -151,11 +200,9 @@ fn a_full_allow_map_leaves_pods_isolated() {
     );
 
     // Room again: everything the policies allow connects.
-    lab.api
-        .delete("networkpolicies", Some("y"), "d-from-pods")
-        .expect("delete");
+    lab.delete_policy("y", "d-from-pods");
     wait_fail_closed(&lab, 0);
-    lab.wait_programmed(Duration::from_secs(5)).unwrap();
+    lab.cluster.wait_programmed(Duration::from_secs(5)).unwrap();
     assert!(connects(&lab, "x/a", "x/b", 80));
     assert!(!connects(&lab, "x/c", "x/b", 80));
     assert!(connects(&lab, "x/a", "y/d", 80));
@@ -167,10 +214,10 @@ fn a_full_allow_map_leaves_pods_isolated() {
 #[test]
 fn a_full_ipcache_makes_isolated_pods_allow_nothing() {
     require_root();
-    // The node's two addresses and the four pods fill all but one entry.
-    let mut lab = lab("IPCACHE: 7");
-    lab.apply(vec![b_from_a()]).expect("policy");
-    lab.wait_programmed(Duration::from_secs(5)).unwrap();
+    // The node's two addresses, the four pods and CoreDNS's fill all but one entry.
+    let lab = lab("IPCACHE: 8");
+    lab.apply(vec![b_from_a()]);
+    lab.cluster.wait_programmed(Duration::from_secs(5)).unwrap();
     assert!(connects(&lab, "x/a", "x/b", 80));
     // Two more prefixes (the block and its except) than fit.
     let d_from_outside = policy(
@@ -179,20 +226,18 @@ fn a_full_ipcache_makes_isolated_pods_allow_nothing() {
         json!({"podSelector": {},
             "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.244.0.0/16"]}}]}]}),
     );
-    lab.apply(vec![d_from_outside]).expect("policy");
+    lab.apply(vec![d_from_outside]);
     wait_fail_closed(&lab, 1);
     // Tighter than desired: x/b lets nobody in, not even x/a; y/d nobody, as desired.
     assert_no_looser(&lab, |_, to, _| to != "x/b" && to != "y/d");
-    let log = lab.nodes[0].node.agent_log();
+    let log = lab.agent_log();
     assert!(
-        log.contains("map IPCACHE (capacity 7)")
+        log.contains("map IPCACHE (capacity 8)")
             && log.contains("every isolated pod on this node allows nothing"),
         "{log}"
     );
 
-    lab.api
-        .delete("networkpolicies", Some("y"), "d-from-outside")
-        .expect("delete");
+    lab.delete_policy("y", "d-from-outside");
     wait_fail_closed(&lab, 0);
     assert!(connects(&lab, "x/a", "x/b", 80));
     assert!(connects(&lab, "x/c", "y/d", 80));

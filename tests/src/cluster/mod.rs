@@ -91,6 +91,8 @@ pub struct ClusterOptions {
     pub nodes: usize,
     /// A values file for the chart, after the lab's own (`lab-values.yaml`).
     pub values: Option<PathBuf>,
+    /// Values given inline (a test's), after the file.
+    pub inline_values: Option<String>,
     pub controller_manager: ControllerManager,
 }
 
@@ -99,6 +101,7 @@ impl ClusterOptions {
         ClusterOptions {
             nodes,
             values: None,
+            inline_values: None,
             controller_manager: ControllerManager::default(),
         }
     }
@@ -195,7 +198,7 @@ impl Cluster {
             cluster.nodes.push(node);
         }
         cluster.apply(&COREDNS.replace("COREDNS_IMAGE", &image_name(&coredns)?))?;
-        cluster.install_sluice(options.values.as_deref())?;
+        cluster.install_sluice(options.values.as_deref(), options.inline_values.as_deref())?;
         cluster.wait_ready(Duration::from_secs(120))?;
         cluster.startup = started.elapsed();
         eprintln!(
@@ -352,7 +355,7 @@ impl Cluster {
             .context("/version has no gitVersion")
     }
 
-    fn install_sluice(&self, values: Option<&Path>) -> Result<()> {
+    fn install_sluice(&self, values: Option<&Path>, inline: Option<&str>) -> Result<()> {
         let lab_values = self.dir.join("lab-values.yaml");
         std::fs::write(&lab_values, LAB_VALUES)?;
         let mut helm = Command::new("ip");
@@ -366,6 +369,11 @@ impl Cluster {
             .arg(&lab_values);
         if let Some(values) = values {
             helm.arg("-f").arg(values);
+        }
+        if let Some(inline) = inline {
+            let file = self.dir.join("inline-values.yaml");
+            std::fs::write(&file, inline)?;
+            helm.arg("-f").arg(file);
         }
         crate::sh(&mut helm).context("helm install of deploy/chart/sluice")?;
         Ok(())

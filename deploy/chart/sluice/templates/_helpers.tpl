@@ -76,7 +76,7 @@ notes name them. */}}
   "hostGateway" (list) "antreaProxy" (list "nodePortAddresses") "nodeIPAM" (list)
   "kubeAPIServerOverride" (list) "serviceCIDR" (list) "serviceCIDRv6" (list)
   "featureGates" (list "NodeIPAM" "ServiceExternalIP")
-  "agent" (list "podAnnotations" "podLabels" "tolerations" "nodeSelector" "priorityClassName" "affinity" "updateStrategy" "healthPort" "resources")
+  "agent" (list "podAnnotations" "podLabels" "tolerations" "nodeSelector" "priorityClassName" "affinity" "updateStrategy" "healthPort" "bpfMapSizes" "resources")
   "controller" (list "replicas" "podAnnotations" "podLabels" "tolerations" "nodeSelector" "priorityClassName" "affinity" "healthPort" "resources")
   "cni" (list "hostBinPath" "hostConfPath") -}}
 {{- $nested := list "antreaProxy" "featureGates" "agent" "controller" "cni" -}}
@@ -109,6 +109,9 @@ mtu: {{ .Values.defaultMTU }}
 {{- end }}
 masquerade: {{ not .Values.noSNAT }}
 healthAddress: 0.0.0.0:{{ .Values.agent.healthPort }}
+{{- with .Values.agent.bpfMapSizes }}
+bpfMapSizes: {{ toJson . }}
+{{- end }}
 {{- with (.Values.serviceCIDR | default .Values.nodeIPAM.serviceCIDR) }}
 serviceCIDR: {{ . }}
 {{- end }}
