@@ -43,8 +43,19 @@ fn dial(
     port: u16,
     protocol: &str,
 ) -> Result<Vec<String>> {
+    dial_from_port(cluster, (from, 8080), host, port, protocol)
+}
+
+/// `dial` from a netexec serving on another port than 8080 (a host-network pod's).
+fn dial_from_port(
+    cluster: &Cluster,
+    (from, netexec_port): (&str, u16),
+    host: &str,
+    port: u16,
+    protocol: &str,
+) -> Result<Vec<String>> {
     let url = format!(
-        "http://127.0.0.1:8080/dial?request=hostname&protocol={protocol}&host={host}&port={port}&tries=1"
+        "http://127.0.0.1:{netexec_port}/dial?request=hostname&protocol={protocol}&host={host}&port={port}&tries=1"
     );
     let out = cluster.kubectl(&["exec", from, "--", "curl", "-s", "-m", "10", &url])?;
     let answer: Value = serde_json::from_str(&out)
@@ -56,6 +67,10 @@ fn dial(
         .filter_map(|r| r.as_str().map(str::to_string))
         .collect())
 }
+
+/// The host-network netexec pods' ports, clear of the node's own (kubelet, the agent's 9421).
+const HOST_PORT: u16 = 9080;
+const HOST_UDP_PORT: u16 = 9081;
 
 fn pod_ip(cluster: &Cluster, name: &str) -> Result<String> {
     let pod = cluster.get(&["pod", name])?;
@@ -171,6 +186,59 @@ spec:
         udp == ["b"] || udp == ["c"],
         "UDP through the Service: {udp:?}"
     );
+
+    // Host-network endpoints: the node reaching a ClusterIP whose endpoint is itself (the
+    // datapath hairpins it), another node reaching it, and a pod.
+    cluster.apply(&format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: host-1, labels: {{app: host-web}}}}
+spec:
+  hostNetwork: true
+  nodeSelector: {{kubernetes.io/hostname: node-1}}
+  containers:
+  - name: netexec
+    image: {image}
+    args: [netexec, --http-port={HOST_PORT}, --udp-port={HOST_UDP_PORT}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: host-2}}
+spec:
+  hostNetwork: true
+  nodeSelector: {{kubernetes.io/hostname: node-2}}
+  containers:
+  - name: netexec
+    image: {image}
+    args: [netexec, --http-port={HOST_PORT}, --udp-port={HOST_UDP_PORT}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: host-web}}
+spec:
+  selector: {{app: host-web}}
+  ports: [{{port: 80, targetPort: {HOST_PORT}}}]
+",
+        image = agnhost_image()
+    ))?;
+    let host_web = cluster.get(&["service", "host-web"])?["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for from in ["host-1", "host-2", "a"] {
+        let netexec_port = if from == "a" { 8080 } else { HOST_PORT };
+        cluster.wait_for(
+            &format!("{from} reaching host-web, served by node-1's host network"),
+            Duration::from_secs(60),
+            || {
+                Ok(
+                    dial_from_port(&cluster, (from, netexec_port), &host_web, 80, "http")
+                        .unwrap_or_default()
+                        == ["node-1"],
+                )
+            },
+        )?;
+    }
 
     // NetworkPolicy: web takes ingress only from role=allowed; a (role=client) is cut off, until
     // it is relabelled.

@@ -9,10 +9,11 @@ use std::{
     net::IpAddr,
 };
 
+use aya::maps::lpm_trie::Key;
 use sluice_agent::model::ip_key;
 use sluice_common::{
-    nat_flags, scope, service_flags, AffinityEntry, AffinityKey, DropReason, ExternalIp, FlowKey,
-    IpKey, NatEntry, Service, ServiceKey, HAIRPIN_IPV4,
+    identity, nat_flags, scope, service_flags, AffinityEntry, AffinityKey, DropReason, ExternalIp,
+    FlowKey, Identity, IpKey, NatEntry, Service, ServiceKey, HAIRPIN_IPV4, IP_KEY_PREFIX_BITS,
 };
 use sluice_tests::test_run::*;
 
@@ -455,6 +456,74 @@ fn a_pod_reaching_itself_through_a_service_is_hairpinned() {
         out,
         client.reply().frame(POD_MAC, GW_MAC),
         "the reply comes from the frontend"
+    );
+}
+
+#[test]
+fn the_node_reaching_its_own_host_network_endpoint_is_hairpinned() {
+    // A hostNetwork client connects to a ClusterIP from the gateway address; the endpoint is a
+    // hostNetwork pod on the same node, i.e. the node's own address.
+    let mut h = harness(Setup::Encap);
+    let host = Key::new(IP_KEY_PREFIX_BITS + 32, IpKey::v4(NODE_V4));
+    h.maps
+        .ipcache
+        .insert(&host, Identity { id: identity::HOST }, 0)
+        .unwrap();
+    let client = Flow {
+        src: ip(GW_V4),
+        ..Kind::Ipv4Tcp.client()
+    };
+    add_service(
+        &mut h,
+        frontend(client, scope::INTERNAL),
+        0,
+        &[(ip(NODE_V4), TARGET_PORT)],
+    );
+    let (verdict, out) = h.run("from_gateway", &client.frame(GW_MAC, GW_MAC));
+    // Both ends local, the node would drop it as martian: the hairpin address is the client,
+    // and the packet goes back up into the node (gateway MAC, gateway's ingress).
+    let natted = Flow {
+        src: ip(HAIRPIN_IPV4),
+        dst: ip(NODE_V4),
+        dst_port: TARGET_PORT,
+        ..client
+    };
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_checksums(&out);
+    assert_eq!(out, natted.frame(GW_MAC, GW_MAC), "back up into the node");
+    assert_eq!(nat_entries(&h), connection(client, natted, 0));
+    // The node answers the hairpin address through the gateway (its route to it).
+    let (verdict, out) = h.run("from_gateway", &natted.reply().frame(GW_MAC, GW_MAC));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_checksums(&out);
+    assert_eq!(
+        out,
+        client.reply().frame(GW_MAC, GW_MAC),
+        "the reply comes from the frontend, to the gateway address"
+    );
+    // Another address of the cluster from the gateway is not hairpinned (the node's FIB).
+    let other = Flow {
+        src_port: CLIENT_PORT + 1,
+        ..client
+    };
+    let frontend_other = frontend(
+        Flow {
+            dst: ip([10, 96, 0, 11]),
+            ..other
+        },
+        scope::INTERNAL,
+    );
+    add_service(&mut h, frontend_other, 0, &[(ip(PEER_V4), TARGET_PORT)]);
+    let to_pod = Flow {
+        dst: ip([10, 96, 0, 11]),
+        ..other
+    };
+    let (verdict, out) = h.run("from_gateway", &to_pod.frame(GW_MAC, GW_MAC));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        &out[26..30],
+        &GW_V4,
+        "a pod endpoint sees the gateway address"
     );
 }
 

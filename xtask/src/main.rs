@@ -57,6 +57,9 @@ enum Cmd {
         /// Only the specs whose name contains this.
         #[arg(long)]
         only: Option<String>,
+        /// Nodes of the cluster (a few Services specs need three).
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
     },
     /// Build the container image (an OCI archive for ctr, podman and docker) from the release
     /// binaries, under target/image.
@@ -80,7 +83,11 @@ fn main() -> Result<()> {
         Cmd::Test => test(),
         Cmd::Demo => demo(),
         Cmd::Lab => lab(),
-        Cmd::Conformance { suites, only } => conformance(&suites, only.as_deref()),
+        Cmd::Conformance {
+            suites,
+            only,
+            nodes,
+        } => conformance(&suites, only.as_deref(), nodes),
         Cmd::Bench { which } => bench::run(which.unwrap_or(bench::Which::All)),
         Cmd::Fuzz { seconds, targets } => fuzz::run_targets(seconds, &targets),
     }
@@ -179,10 +186,17 @@ fn sluice_lab(what: &str) -> Result<Command> {
     Ok(lab)
 }
 
-fn conformance(suites: &str, only: Option<&str>) -> Result<()> {
+fn conformance(suites: &str, only: Option<&str>, nodes: usize) -> Result<()> {
     let mut lab = sluice_lab("the conformance suites")?;
-    lab.args(["conformance", "--suites", suites, "--json"])
-        .arg(build::root().join("target/conformance/results.json"));
+    lab.args([
+        "conformance",
+        "--suites",
+        suites,
+        "--nodes",
+        &nodes.to_string(),
+        "--json",
+    ])
+    .arg(build::root().join("target/conformance/results.json"));
     if let Some(only) = only {
         lab.args(["--only", only]);
     }

@@ -4,7 +4,7 @@
 
 use std::{
     fs::File,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use ipnetwork::IpNetwork;
+use sluice_common::HAIRPIN_IPV4;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
@@ -261,18 +262,25 @@ impl PodNetwork {
         Ok((name, mac))
     }
 
-    /// The node reaches ClusterIPs through the datapath (`from_gateway` balances them).
-    fn service_route(&self) -> Option<ManagedRoute> {
+    /// The node reaches ClusterIPs through the datapath (`from_gateway` balances them). Its
+    /// connections to its own host-network endpoints come in from the hairpin address, so the
+    /// answers go back out through the gateway, where the datapath undoes both rewrites.
+    fn service_routes(&self) -> Vec<ManagedRoute> {
         let (Some(cidr), IpAddr::V4(gateway)) = (self.node.service_cidr, self.node.gateway_ip)
         else {
-            return None;
+            return Vec::new();
         };
-        Some(ManagedRoute {
-            dst: cidr,
-            via: None,
-            oif: Some(self.gateway.ifindex),
-            src: Some(gateway),
-        })
+        let hairpin = IpNetwork::new(IpAddr::V4(Ipv4Addr::from(HAIRPIN_IPV4)), 32)
+            .expect("a /32 is a valid prefix");
+        [cidr, hairpin]
+            .into_iter()
+            .map(|dst| ManagedRoute {
+                dst,
+                via: None,
+                oif: Some(self.gateway.ifindex),
+                src: Some(gateway),
+            })
+            .collect()
     }
 
     pub fn gateway_ip(&self) -> IpAddr {
@@ -311,7 +319,7 @@ impl PodNetwork {
                 }),
                 (EncapMode::NoEncap, IpAddr::V6(_)) => None,
             })
-            .chain(self.service_route())
+            .chain(self.service_routes())
             .collect();
         self.nl.sync_routes(&routes).await?;
         if self.node.masquerade {

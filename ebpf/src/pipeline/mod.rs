@@ -18,7 +18,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use sluice_common::{nat_flags, scope, DropReason, IpKey, NodeConfig, Stage};
+use sluice_common::{nat_flags, scope, DropReason, IpKey, NodeConfig, Stage, HAIRPIN_IPV4};
 
 use crate::{ENDPOINT_POLICY, NODE_CONFIG};
 pub use classifier::IpMeta;
@@ -82,6 +82,12 @@ pub fn from_gateway(ctx: &TcContext) -> StageResult {
                 _ => match l3_forwarding::lookup(meta, node) {
                     Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
                     Next::RemoteNode(remote) => output::to_tunnel(ctx, &remote, node),
+                    // The node's own host-network endpoint, the hairpin address as its client.
+                    Next::Node
+                        if matches!(lb, Lb::Forward) && meta.src == IpKey::v4(HAIRPIN_IPV4) =>
+                    {
+                        output::to_gateway(ctx, node)
+                    }
                     // noEncap: a ClusterIP's endpoint on another node, through the node's routes
                     // (its own stack would refuse the gateway's address coming back in).
                     Next::Node if matches!(lb, Lb::Forward) => output::to_fib(ctx, meta),

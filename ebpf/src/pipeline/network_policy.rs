@@ -25,6 +25,12 @@ fn peer_identity(addr: &IpKey) -> u32 {
     identity_within(addr, 128)
 }
 
+/// Whether `addr` is one of this node's own addresses.
+#[inline(always)]
+pub fn is_host(addr: &IpKey) -> bool {
+    peer_identity(addr) == identity::HOST
+}
+
 #[inline(always)]
 fn lookup(policy: u32, peer: u32, meta: &IpMeta) -> Option<u32> {
     let port = meta.dst_port.to_be_bytes();

@@ -18,7 +18,7 @@ use sluice_common::{
 
 use super::{
     classifier::{IpMeta, ETH_HLEN, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
-    nat_lifetime, quoted_nat,
+    nat_lifetime, network_policy, quoted_nat,
 };
 use crate::{AFFINITY, BACKENDS, NAT_SCRATCH, SERVICES, SERVICE_NAT};
 
@@ -167,7 +167,13 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
     let now = nat_lifetime::now();
     super::passed(Stage::ServiceLB);
     // Written field by field into the per-CPU slot: whole-struct temporaries would take stack.
-    let hairpin = scope == scope::INTERNAL && s.endpoint.addr == meta.src;
+    // A client reaching itself: a pod, or the node reaching a host-network endpoint on itself
+    // (from its gateway address, which the node would refuse coming back in as martian). The
+    // hairpin address stands in for the client; the node routes it back through the gateway.
+    let hairpin = scope == scope::INTERNAL
+        && (s.endpoint.addr == meta.src
+            || (meta.src == IpKey::v4(node.gateway_ipv4)
+                && network_policy::is_host(&s.endpoint.addr)));
     s.entry.src = if meta.src.family != FAMILY_IPV4 {
         meta.src
     } else if hairpin {
