@@ -34,6 +34,25 @@ spec:
     )
 }
 
+/// A netexec pod on `node`'s host network, serving on `HOST_PORT` and `HOST_UDP_PORT`.
+fn host_netexec_pod(name: &str, node: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {{{labels}}}}}
+spec:
+  hostNetwork: true
+  nodeSelector: {{kubernetes.io/hostname: {node}}}
+  containers:
+  - name: netexec
+    image: {image}
+    args: [netexec, --http-port={HOST_PORT}, --udp-port={HOST_UDP_PORT}]
+---
+",
+        image = agnhost_image()
+    )
+}
+
 /// What `from`'s netexec got back dialing `host:port` once over `protocol` (`http` over TCP, `udp`): the
 /// hostnames that answered, empty when none did (netexec waits 5 s for an answer).
 fn dial(
@@ -190,36 +209,15 @@ spec:
     // Host-network endpoints: the node reaching a ClusterIP whose endpoint is itself (the
     // datapath hairpins it), another node reaching it, and a pod.
     cluster.apply(&format!(
-        "apiVersion: v1
-kind: Pod
-metadata: {{name: host-1, labels: {{app: host-web}}}}
-spec:
-  hostNetwork: true
-  nodeSelector: {{kubernetes.io/hostname: node-1}}
-  containers:
-  - name: netexec
-    image: {image}
-    args: [netexec, --http-port={HOST_PORT}, --udp-port={HOST_UDP_PORT}]
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: host-2}}
-spec:
-  hostNetwork: true
-  nodeSelector: {{kubernetes.io/hostname: node-2}}
-  containers:
-  - name: netexec
-    image: {image}
-    args: [netexec, --http-port={HOST_PORT}, --udp-port={HOST_UDP_PORT}]
----
-apiVersion: v1
+        "{}{}apiVersion: v1
 kind: Service
 metadata: {{name: host-web}}
 spec:
   selector: {{app: host-web}}
   ports: [{{port: 80, targetPort: {HOST_PORT}}}]
 ",
-        image = agnhost_image()
+        host_netexec_pod("host-1", "node-1", "app: host-web"),
+        host_netexec_pod("host-2", "node-2", ""),
     ))?;
     let host_web = cluster.get(&["service", "host-web"])?["spec"]["clusterIP"]
         .as_str()

@@ -115,17 +115,7 @@ fn remote_cidrs(lab: &Lab, node: usize) -> BTreeSet<IpNetwork> {
 
 /// The other nodes' pod CIDRs the node routes (the Service CIDR's route left aside).
 fn routed_cidrs(lab: &Lab, node: usize) -> BTreeSet<IpNetwork> {
-    let routes = lab.nodes[node]
-        .node
-        .ns
-        .exec(&["ip", "-o", "route", "show", "proto", "200"])
-        .unwrap();
-    let services: IpNetwork = sluice_tests::apiserver::SERVICE_CIDR.parse().unwrap();
-    routes
-        .lines()
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .filter(|cidr| *cidr != services)
-        .collect()
+    lab.nodes[node].pod_cidr_routes().unwrap()
 }
 
 /// Waits until `f` holds; returns how long it took.

@@ -13,7 +13,7 @@ pub mod services;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, TcpListener},
+    net::{IpAddr, Ipv4Addr, TcpListener},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -22,6 +22,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use ipnetwork::IpNetwork;
 use serde_json::{json, Value};
 use sluice_agent::model::{ip_key, CidrKey};
+use sluice_common::HAIRPIN_IPV4;
 
 use crate::{
     apiserver::{kubeconfig, ApiServer},
@@ -128,6 +129,33 @@ impl LabNode {
     /// The kinds whose `targets` revision the agent has not reported programmed yet.
     pub fn behind(&self, targets: &BTreeMap<String, u64>) -> Vec<String> {
         behind(&self.programmed_revisions(), targets)
+    }
+
+    /// The routes the agent owns on this node other than the two every node has for Services
+    /// (the Service CIDR and the hairpin address, through the gateway): other nodes' pod CIDRs.
+    /// An error when one of those two is missing.
+    pub fn pod_cidr_routes(&self) -> Result<BTreeSet<IpNetwork>, String> {
+        let routes = self
+            .node
+            .ns
+            .exec(&["ip", "-o", "route", "show", "proto", "200"])
+            .map_err(|e| e.to_string())?;
+        let mut routed: BTreeSet<IpNetwork> = routes
+            .lines()
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        let hairpin = IpNetwork::new(IpAddr::V4(Ipv4Addr::from(HAIRPIN_IPV4)), 32)
+            .expect("a /32 is a valid prefix");
+        let services: IpNetwork = crate::apiserver::SERVICE_CIDR.parse().expect("a CIDR");
+        for (route, what) in [
+            (services, "the Service CIDR"),
+            (hairpin, "the hairpin address"),
+        ] {
+            if !routed.remove(&route) {
+                return Err(format!("{}: no route to {what} {route}", self.name));
+            }
+        }
+        Ok(routed)
     }
 }
 
@@ -437,20 +465,7 @@ impl Lab {
                 }
             }
             Encap::NoEncap => {
-                let routes = node
-                    .node
-                    .ns
-                    .exec(&["ip", "-o", "route", "show", "proto", "200"])
-                    .map_err(|e| e.to_string())?;
-                let mut routed: BTreeSet<IpNetwork> = routes
-                    .lines()
-                    .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-                    .collect();
-                // The Service CIDR's route (through the gateway) is the agent's too.
-                let services: IpNetwork = crate::apiserver::SERVICE_CIDR.parse().expect("a CIDR");
-                if !routed.remove(&services) {
-                    return Err(format!("{}: no route to the Service CIDR", node.name));
-                }
+                let routed = node.pod_cidr_routes()?;
                 if routed != others {
                     return Err(format!(
                         "{}: routes to {routed:?}, expected {others:?}",
