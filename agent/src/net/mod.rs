@@ -14,7 +14,7 @@ use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
 use netlink_packet_route::{
     address::AddressAttribute,
-    link::{InfoGeneve, LinkAttribute, LinkMessage},
+    link::{InfoGeneve, InfoKind, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
 };
 use nix::sched::CloneFlags;
@@ -35,6 +35,8 @@ const EEXIST: i32 = 17;
 pub struct LinkInfo {
     pub index: u32,
     pub mac: Option<Mac>,
+    /// The device's type (`vxlan`, `veth`, ...), where the kernel says.
+    pub kind: Option<InfoKind>,
 }
 
 /// A netlink handle bound to the namespace it was created in.
@@ -54,9 +56,17 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
         }
         _ => None,
     });
+    let kind = msg.attributes.iter().find_map(|attr| match attr {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|info| match info {
+            NlLinkInfo::Kind(kind) => Some(kind.clone()),
+            _ => None,
+        }),
+        _ => None,
+    });
     LinkInfo {
         index: msg.header.index,
         mac,
+        kind,
     }
 }
 
@@ -231,9 +241,24 @@ impl Netlink {
 
 impl Netlink {
     /// The tunnel device in external (collect_md) mode: the datapath sets each packet's
-    /// destination with `bpf_skb_set_tunnel_key`.
+    /// destination with `bpf_skb_set_tunnel_key`. A device of the other tunnel type (left by an
+    /// agent configured otherwise) is replaced: peers of a node that changed `tunnelType` speak
+    /// the new one.
     pub async fn ensure_tunnel(&self, name: &str, kind: TunnelType, mtu: u32) -> Result<LinkInfo> {
-        if self.link(name).await?.is_none() {
+        let want = match kind {
+            TunnelType::Vxlan => InfoKind::Vxlan,
+            TunnelType::Geneve => InfoKind::Geneve,
+        };
+        let existing = self.link(name).await?;
+        if let Some(link) = existing.as_ref().filter(|l| l.kind.as_ref() != Some(&want)) {
+            let found = link
+                .kind
+                .as_ref()
+                .map_or("unknown".to_string(), |k| k.to_string());
+            tracing::warn!(device = name, found, want = %want, "tunnel device of another type: replaced");
+            self.delete_link(link.index).await?;
+        }
+        if existing.is_none_or(|l| l.kind.as_ref() != Some(&want)) {
             let msg = match kind {
                 TunnelType::Vxlan => LinkVxlan::new(name, 0)
                     .port(kind.default_port())
@@ -456,4 +481,47 @@ pub fn inspect_pod(netns: &Path, ifname: String) -> Result<Option<LinkInfo>> {
 
 pub fn write_sysctl(path: &str, value: &str) -> Result<()> {
     std::fs::write(path, value).with_context(|| format!("setting sysctl {path} = {value}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs root (CI runs as root): the namespace is this test thread's own, gone with it.
+    #[test]
+    fn a_tunnel_device_of_another_type_is_replaced_and_one_of_its_type_kept() {
+        std::thread::spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("a network namespace (root)");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let netlink = Netlink::new().unwrap();
+                netlink
+                    .handle
+                    .link()
+                    .add(rtnetlink::LinkBridge::new("tun0").build())
+                    .execute()
+                    .await
+                    .unwrap();
+                let bridge = netlink.link("tun0").await.unwrap().unwrap();
+                assert_eq!(bridge.kind, Some(InfoKind::Bridge));
+
+                let tunnel = netlink
+                    .ensure_tunnel("tun0", TunnelType::Vxlan, 1450)
+                    .await
+                    .unwrap();
+                assert_eq!(tunnel.kind, Some(InfoKind::Vxlan));
+                assert_ne!(tunnel.index, bridge.index, "the bridge was replaced");
+                let again = netlink
+                    .ensure_tunnel("tun0", TunnelType::Vxlan, 1450)
+                    .await
+                    .unwrap();
+                assert_eq!(again.index, tunnel.index, "a device of its type is kept");
+            });
+        })
+        .join()
+        .unwrap();
+    }
 }
