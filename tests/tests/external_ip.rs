@@ -1,8 +1,10 @@
-//! ServiceExternalIP: the plan written through the lab API server and read back by the agent's
-//! reflectors, and gratuitous ARP between two network namespaces.
+//! ServiceExternalIP: the plan written through kube-apiserver's status subresources (on the
+//! lab's real cluster) and read back by the agent's reflectors, and gratuitous ARP between two
+//! network namespaces.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, TcpListener},
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
     os::fd::{AsRawFd, OwnedFd},
     time::{Duration, Instant},
 };
@@ -20,98 +22,107 @@ use nix::sys::socket::{
 use serde_json::{json, Value};
 use sluice_agent::{
     config::FeatureGates,
-    external_ip::{self, Role, StatusWrite, POOL_ANNOTATION},
+    external_ip::{self, ExternalIpState, Role, StatusWrite, POOL_ANNOTATION},
     k8s::ClusterStore,
 };
 use sluice_tests::{
-    apiserver::{kubeconfig, ApiServer},
+    cluster::{Cluster, ClusterOptions},
     require_root, Netns,
 };
 
-async fn client(server: &ApiServer) -> Client {
-    let kc = Kubeconfig::from_yaml(&kubeconfig(&server.url())).unwrap();
+async fn client(kubeconfig: &str) -> Client {
+    let kc = Kubeconfig::from_yaml(kubeconfig).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .unwrap();
     Client::try_from(config).unwrap()
 }
 
-fn ready_node(name: &str) -> Value {
+/// A Node no kubelet runs: Ready for as long as the test needs (well inside the node lifecycle
+/// controller's grace period).
+fn ready_node(name: &str) -> String {
     json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name},
         "status": {"conditions": [{"type": "Ready", "status": "True"}]},
     })
+    .to_string()
 }
 
-fn lb_service(name: &str, pool: &str) -> Value {
+fn lb_service(name: &str, pool: &str) -> String {
     json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": "default", "annotations": {POOL_ANNOTATION: pool}},
         "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]},
     })
+    .to_string()
 }
 
-/// One round: plan on the store as `role`, write what it says.
-async fn round(
-    cluster: &ClusterStore,
-    client: &Client,
+/// The plan on the store as `role`, once `settled` says the store has seen what the test
+/// waits for (the reflectors lag the API a little).
+async fn plan_when(
+    store: &ClusterStore,
     role: Role<'_>,
-) -> external_ip::ExternalIpState {
-    let pools = cluster.external_ip_pools.as_ref().unwrap().state();
-    let services = cluster.services.state();
-    let nodes = cluster.nodes.state();
-    let state = external_ip::plan(
-        pools.iter().map(|p| p.as_ref()),
-        services.iter().map(|s| s.as_ref()),
-        nodes.iter().map(|n| n.as_ref()),
-        role,
-    );
-    external_ip::apply_writes(client, &state.writes)
-        .await
-        .unwrap();
-    state
-}
-
-/// Waits until the store has seen the server's last write (whichever kind's stream carries it).
-async fn caught_up(cluster: &ClusterStore, server: &ApiServer) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let seen = || {
-        cluster
-            .observed
-            .iter()
-            .map(|(_, rv)| rv.load(std::sync::atomic::Ordering::Acquire))
-            .max()
-            .unwrap_or(0)
-    };
-    while seen() < server.resource_version() {
-        assert!(Instant::now() < deadline, "the store did not catch up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    what: &str,
+    settled: impl Fn(&ExternalIpState) -> bool,
+) -> ExternalIpState {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let pools = store.external_ip_pools.as_ref().unwrap().state();
+        let services = store.services.state();
+        let nodes = store.nodes.state();
+        let state = external_ip::plan(
+            pools.iter().map(|p| p.as_ref()),
+            services.iter().map(|s| s.as_ref()),
+            nodes.iter().map(|n| n.as_ref()),
+            role,
+        );
+        if settled(&state) {
+            return state;
+        }
+        assert!(Instant::now() < deadline, "{what}: {state:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-fn ingress(server: &ApiServer, name: &str) -> Value {
-    server.get("services", Some("default"), name).unwrap()["status"]["loadBalancer"]["ingress"]
-        .clone()
+/// The ingress IPs of Service `name`'s status (kube-apiserver adds `ipMode: VIP` to each).
+fn ingress(cluster: &Cluster, name: &str) -> Vec<String> {
+    let service = cluster.get(&["service", name]).unwrap();
+    service["status"]["loadBalancer"]["ingress"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| i["ip"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
 
-#[tokio::test]
-async fn the_controller_allocates_through_the_status_subresource() {
-    let server = ApiServer::start(TcpListener::bind("127.0.0.1:0").unwrap());
+#[test]
+fn the_controller_allocates_through_the_status_subresource() {
+    require_root();
+    // The gate stays off in the chart: sluice-controller leaves the pool alone, the test plays it.
+    let cluster = Cluster::up(ClusterOptions::nodes(1)).expect("cluster up");
     for node in ["node-a", "node-b"] {
-        server.create(ready_node(node)).unwrap();
+        cluster.apply(&ready_node(node)).unwrap();
     }
-    server
-        .create(json!({
-            "apiVersion": "crd.antrea.io/v1beta1", "kind": "ExternalIPPool",
-            "metadata": {"name": "public"},
-            "spec": {"ipRanges": [{"start": "198.51.100.10", "end": "198.51.100.11"}]},
-        }))
+    cluster
+        .apply(
+            &json!({
+                "apiVersion": "crd.antrea.io/v1beta1", "kind": "ExternalIPPool",
+                "metadata": {"name": "public"},
+                "spec": {"ipRanges": [{"start": "198.51.100.10", "end": "198.51.100.11"}]},
+            })
+            .to_string(),
+        )
         .unwrap();
-    server.create(lb_service("web", "public")).unwrap();
-    server.create(lb_service("db", "public")).unwrap();
-    let client = client(&server).await;
+    cluster.apply(&lb_service("web", "public")).unwrap();
+    cluster.apply(&lb_service("db", "public")).unwrap();
+    let (_proxy, kubeconfig) = cluster.host_access().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(allocates(&cluster, &kubeconfig));
+}
 
+async fn allocates(cluster: &Cluster, kubeconfig: &str) {
+    let client = client(kubeconfig).await;
     let gated_off = ClusterStore::start(client.clone(), FeatureGates::default());
     assert!(
         gated_off.external_ip_pools.is_none(),
@@ -121,34 +132,54 @@ async fn the_controller_allocates_through_the_status_subresource() {
     let gates = FeatureGates {
         service_external_ip: true,
     };
-    let cluster = ClusterStore::start(client.clone(), gates);
-    cluster.wait_until_ready().await.unwrap();
+    let store = ClusterStore::start(client.clone(), gates);
+    store.wait_until_ready().await.unwrap();
 
-    let state = round(&cluster, &client, Role::Node("node-b")).await;
+    let both_services = |s: &ExternalIpState| s.assignments.len() == 2;
+    let state = plan_when(&store, Role::Node("node-b"), "node-b plans", both_services).await;
     assert_eq!(state.writes, [], "a node writes nothing");
-    let state = round(&cluster, &client, Role::Controller).await;
+    let state = plan_when(
+        &store,
+        Role::Controller,
+        "the controller plans",
+        both_services,
+    )
+    .await;
     assert_eq!(state.errors, []);
     assert_eq!(state.writes.len(), 3, "{:?}", state.writes);
-    assert_eq!(ingress(&server, "db"), json!([{"ip": "198.51.100.10"}]));
-    assert_eq!(ingress(&server, "web"), json!([{"ip": "198.51.100.11"}]));
-    let pool = server.get("externalippools", None, "public").unwrap();
+    external_ip::apply_writes(&client, &state.writes)
+        .await
+        .unwrap();
+    assert_eq!(ingress(cluster, "db"), ["198.51.100.10"]);
+    assert_eq!(ingress(cluster, "web"), ["198.51.100.11"]);
+    let pool = cluster.get(&["externalippools", "public"]).unwrap();
     assert_eq!(pool["status"]["usage"], json!({"total": 2, "used": 2}));
     assert_eq!(
         pool["spec"]["ipRanges"][0]["start"], "198.51.100.10",
         "spec untouched"
     );
 
-    // The reflectors see the statuses: the next round has nothing to write, and the owner of each
-    // IP is one of the two nodes, the same on both.
-    caught_up(&cluster, &server).await;
-    let state = round(&cluster, &client, Role::Controller).await;
-    assert_eq!(state.writes, []);
-    let owned_a = round(&cluster, &client, Role::Node("node-a")).await.owned;
-    let owned_b = round(&cluster, &client, Role::Node("node-b")).await.owned;
-    assert!(owned_a.is_disjoint(&owned_b));
-    let all: Vec<IpAddr> = owned_a.union(&owned_b).copied().collect();
+    // The reflectors see the statuses: the controller has nothing more to write, and each IP
+    // is owned by exactly one Ready node, the same whichever node plans.
+    plan_when(&store, Role::Controller, "nothing left to write", |s| {
+        s.writes.is_empty()
+    })
+    .await;
+    let mut owners: Vec<BTreeSet<IpAddr>> = Vec::new();
+    for node in ["node-1", "node-a", "node-b"] {
+        owners.push(
+            plan_when(&store, Role::Node(node), node, both_services)
+                .await
+                .owned,
+        );
+    }
+    let all: Vec<IpAddr> = owners.iter().flatten().copied().collect();
+    let mut unique = all.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(all.len(), unique.len(), "an IP with two owners: {owners:?}");
     assert_eq!(
-        all,
+        unique,
         [
             "198.51.100.10".parse::<IpAddr>().unwrap(),
             "198.51.100.11".parse().unwrap()
@@ -164,12 +195,17 @@ async fn the_controller_allocates_through_the_status_subresource() {
         )
         .await
         .unwrap();
-    caught_up(&cluster, &server).await;
-    let state = round(&cluster, &client, Role::Controller).await;
+    let state = plan_when(&store, Role::Controller, "db's release planned", |s| {
+        !s.writes.is_empty()
+    })
+    .await;
     assert_eq!(state.writes.len(), 2, "{:?}", state.writes);
-    assert_eq!(ingress(&server, "db"), Value::Null);
-    assert_eq!(ingress(&server, "web"), json!([{"ip": "198.51.100.11"}]));
-    let pool = server.get("externalippools", None, "public").unwrap();
+    external_ip::apply_writes(&client, &state.writes)
+        .await
+        .unwrap();
+    assert_eq!(ingress(cluster, "db"), Vec::<String>::new());
+    assert_eq!(ingress(cluster, "web"), ["198.51.100.11"]);
+    let pool = cluster.get(&["externalippools", "public"]).unwrap();
     assert_eq!(pool["status"]["usage"], json!({"total": 2, "used": 1}));
 
     // A write for a Service that is gone is not an error: its deletion released the IP.

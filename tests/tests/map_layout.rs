@@ -1,19 +1,22 @@
 //! An agent that finds pinned maps of another layout than its own (an upgrade that grew a key, a
 //! changed `bpfMapSizes`) replaces them instead of adopting them, with a flow running: the flow
-//! goes on, isolated pods stay isolated, and a plain restart replaces nothing.
+//! goes on, isolated pods stay isolated, and a plain restart replaces nothing. On the lab's real
+//! cluster: the agent's container is SIGKILLed and the kubelet restarts it; the new sizes come
+//! with `helm upgrade`, which rolls the DaemonSet.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use aya::maps::{HashMap, MapData};
 use serde_json::json;
 use sluice_tests::{
-    lab::{Lab, LabOptions},
+    cluster::{Cluster, ClusterOptions},
     probe::{self, Flow},
     require_root,
 };
 
 const PORT: u16 = 80;
 const FLOW_PORT: u16 = 9100;
+const NODE: &str = "node-1";
 
 fn pod(name: &str) -> serde_json::Value {
     json!({"apiVersion": "v1", "kind": "Pod",
@@ -21,21 +24,34 @@ fn pod(name: &str) -> serde_json::Value {
         "spec": {"containers": [{"name": "c", "image": "x"}]}})
 }
 
-fn connects(lab: &Lab, from: &str, to: &str) -> bool {
-    let netns = lab
-        .kubelet
-        .pod(&format!("default/{from}"))
-        .unwrap()
-        .netns
-        .path();
-    let ip = lab.pod_ips()[&format!("default/{to}")];
-    probe::tcp_within(&netns, None, ip, PORT, Duration::from_millis(300)).is_some()
+/// Each pod's network namespace and address, by name.
+fn pods(cluster: &Cluster) -> BTreeMap<String, (PathBuf, Ipv4Addr)> {
+    let (sources, targets) = cluster.probe_endpoints().expect("pods");
+    let targets: BTreeMap<String, Ipv4Addr> = targets.into_iter().collect();
+    sources
+        .into_iter()
+        .map(|(key, netns)| {
+            let ip = targets[&key];
+            (key.trim_start_matches("default/").to_string(), (netns, ip))
+        })
+        .collect()
 }
 
-fn replacements(lab: &Lab) -> Vec<String> {
-    lab.nodes[0]
-        .node
-        .agent_log()
+fn connects(pods: &BTreeMap<String, (PathBuf, Ipv4Addr)>, from: &str, to: &str) -> bool {
+    probe::tcp_within(
+        &pods[from].0,
+        None,
+        pods[to].1,
+        PORT,
+        Duration::from_millis(300),
+    )
+    .is_some()
+}
+
+fn replacements(cluster: &Cluster) -> Vec<String> {
+    cluster
+        .agent_log(NODE)
+        .expect("agent log")
         .lines()
         .filter(|l| l.contains("differs from this agent's"))
         .map(str::to_string)
@@ -45,50 +61,78 @@ fn replacements(lab: &Lab) -> Vec<String> {
 #[test]
 fn pins_of_another_layout_are_replaced_with_a_flow_running() {
     require_root();
-    let mut lab = Lab::up(LabOptions::single_node(&[PORT])).expect("lab up");
-    lab.apply(vec![
-        pod("a"),
-        pod("b"),
-        pod("c"),
-        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": "b-from-a", "namespace": "default"},
-            "spec": {"podSelector": {"matchLabels": {"pod": "b"}},
-                "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}]}}),
-    ])
-    .expect("apply");
-    lab.wait_programmed(Duration::from_secs(20))
+    let cluster = Cluster::up(ClusterOptions::nodes(1)).expect("cluster up");
+    cluster
+        .apply_lab_manifests(
+            vec![
+                pod("a"),
+                pod("b"),
+                pod("c"),
+                json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                    "metadata": {"name": "b-from-a", "namespace": "default"},
+                    "spec": {"podSelector": {"matchLabels": {"pod": "b"}},
+                        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}]}}),
+            ],
+            &[PORT],
+        )
+        .expect("apply");
+    cluster
+        .wait_programmed(Duration::from_secs(60))
         .expect("programmed");
-    assert!(connects(&lab, "a", "b") && !connects(&lab, "c", "b"));
+    let pods = pods(&cluster);
+    assert!(connects(&pods, "a", "b") && !connects(&pods, "c", "b"));
 
     // A plain restart adopts every pin.
-    lab.nodes[0].node.kill_agent();
-    lab.nodes[0].node.start_agent().expect("restart");
-    assert_eq!(replacements(&lab), Vec::<String>::new());
+    cluster
+        .restart_agent(NODE, Duration::from_secs(60))
+        .expect("restart");
+    assert_eq!(replacements(&cluster), Vec::<String>::new());
 
-    let a = lab.kubelet.pod("default/a").unwrap().netns.path();
-    let b = lab.kubelet.pod("default/b").unwrap().netns.path();
-    let flow = Flow::start(a, &b, lab.pod_ips()["default/b"], FLOW_PORT);
+    let flow = Flow::start(pods["a"].0.clone(), &pods["b"].0, pods["b"].1, FLOW_PORT);
     std::thread::sleep(Duration::from_millis(300));
 
-    // What an older agent would have left: ENDPOINT_POLICY keyed otherwise (24-byte keys).
-    let node = &mut lab.nodes[0].node;
-    node.kill_agent();
-    let pin = node.bpffs.join(sluice_common::map_names::ENDPOINT_POLICY);
+    // What an older agent would have left: ENDPOINT_POLICY keyed otherwise (24-byte keys). The
+    // running agent keeps its own map through its descriptors; its successor finds this pin.
+    let pin = cluster.nodes[0]
+        .bpffs()
+        .unwrap()
+        .join(sluice_common::map_names::ENDPOINT_POLICY);
     std::fs::remove_file(&pin).expect("unpin");
     let older = HashMap::<MapData, [u8; 24], u64>::create(1024, 0).expect("create a map");
     older.pin(&pin).expect("pin the older layout");
-    node.start_agent()
+    cluster
+        .restart_agent(NODE, Duration::from_secs(60))
         .expect("the agent starts on pins of another layout");
 
-    let replaced = replacements(&lab);
+    let replaced = replacements(&cluster);
     assert_eq!(replaced.len(), 1, "{replaced:?}");
     assert!(
         replaced[0].contains("ENDPOINT_POLICY") && replaced[0].contains("key 24 B"),
         "{}",
         replaced[0]
     );
-    assert!(!connects(&lab, "c", "b"), "b is still isolated");
-    assert!(connects(&lab, "a", "b"), "and still lets a in");
+    assert!(!connects(&pods, "c", "b"), "b is still isolated");
+    assert!(connects(&pods, "a", "b"), "and still lets a in");
+
+    // An operator sizes a map anew: the rolled agent replaces that map, the flow goes on.
+    cluster
+        .helm_upgrade("agent:\n  bpfMapSizes: {POLICY: 4096}\n")
+        .expect("helm upgrade");
+    cluster
+        .wait_agent_rolled(NODE, Duration::from_secs(90))
+        .expect("the DaemonSet rolled the agent");
+    let replaced = replacements(&cluster);
+    assert_eq!(replaced.len(), 1, "{replaced:?}");
+    assert!(
+        replaced[0].contains("POLICY")
+            && !replaced[0].contains("ENDPOINT_POLICY")
+            && replaced[0].contains("4096 entries"),
+        "{}",
+        replaced[0]
+    );
+    assert!(!connects(&pods, "c", "b"), "b is still isolated");
+    assert!(connects(&pods, "a", "b"), "and still lets a in");
+
     let report = flow.stop();
     report.assert_unbroken();
     assert!(report.bytes > 0);

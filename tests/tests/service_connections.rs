@@ -2,8 +2,9 @@
 //! the frontend's set (not ready, removed) or the frontend goes (an externalIP removed), the
 //! agent flushes its SERVICE_NAT entries and its next packet is balanced anew; an endpoint that
 //! terminates while others are ready drains: its connections go on, new ones go elsewhere. The
-//! Service has no selector and its EndpointSlice is written by the test, so every condition is
-//! the test's to set.
+//! Service has no selector and its EndpointSlice is written by the test (under a manager label
+//! of its own, which kube-controller-manager's controllers leave alone), so every condition is
+//! the test's to set. On a one-node real cluster.
 
 use std::{
     net::{Ipv4Addr, UdpSocket},
@@ -13,8 +14,9 @@ use std::{
 
 use serde_json::{json, Value};
 use sluice_tests::{
+    cluster::{Cluster, ClusterOptions},
     in_netns,
-    lab::{Lab, LabOptions},
+    lab::services::{ServiceProbes, Source},
     probe::{self, session_server, Session},
     require_root,
 };
@@ -38,17 +40,20 @@ fn service(external_ips: &[&str]) -> Value {
 }
 
 /// The Service's one slice: each endpoint with its conditions.
-fn slice(lab: &Lab, endpoints: &[(&str, Value)]) -> Value {
+fn slice(cluster: &Cluster, endpoints: &[(&str, Value)]) -> Value {
     let endpoints: Vec<Value> = endpoints
         .iter()
         .map(|(pod, conditions)| {
-            json!({"addresses": [lab.pod_ips()[&format!("default/{pod}")].to_string()],
-                "conditions": conditions, "nodeName": lab.nodes[0].name})
+            let ip = cluster.pod_ip(&format!("default/{pod}")).expect("pod IP");
+            json!({"addresses": [ip.to_string()], "conditions": conditions,
+                "nodeName": cluster.nodes[0].name,
+                "targetRef": {"kind": "Pod", "namespace": "default", "name": pod}})
         })
         .collect();
     json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": "manual-1", "namespace": "default",
-            "labels": {"kubernetes.io/service-name": "manual"}},
+            "labels": {"kubernetes.io/service-name": "manual",
+                "endpointslice.kubernetes.io/managed-by": "sluice-tests"}},
         "addressType": "IPv4",
         "ports": [{"name": "udp", "port": PORT, "protocol": "UDP"},
                   {"name": "session", "port": SESSION_PORT, "protocol": "TCP"}],
@@ -93,37 +98,45 @@ impl UdpFlow {
     }
 }
 
-fn programmed(lab: &mut Lab, objects: Vec<Value>) {
-    lab.apply(objects).expect("apply");
-    lab.wait_programmed(Duration::from_secs(10))
+fn programmed(cluster: &Cluster, objects: Vec<Value>) {
+    cluster
+        .apply_lab_manifests(objects, &[PORT])
+        .expect("apply");
+    cluster
+        .wait_programmed(Duration::from_secs(10))
         .expect("programmed");
 }
 
 /// The slice with these endpoints, programmed.
-fn endpoints(lab: &mut Lab, endpoints: &[(&str, Value)]) {
-    let slice = slice(lab, endpoints);
-    lab.apply(vec![slice]).expect("apply");
-    lab.wait_programmed(Duration::from_secs(10))
-        .expect("programmed");
+fn endpoints(cluster: &Cluster, endpoints: &[(&str, Value)]) {
+    programmed(cluster, vec![slice(cluster, endpoints)]);
+}
+
+fn netns(cluster: &Cluster, pod: &str) -> std::path::PathBuf {
+    cluster
+        .netns_of(&Source::Pod(format!("default/{pod}")))
+        .expect("pod's namespace")
 }
 
 #[test]
 fn connections_end_with_their_endpoint_or_frontend_and_drain_from_a_terminating_one() {
     require_root();
-    let mut lab = Lab::up(LabOptions::single_node(&[PORT])).expect("lab up");
-    lab.apply(vec![pod("client"), pod("web-1"), pod("web-2")])
+    let cluster = Cluster::up(ClusterOptions::nodes(1)).expect("cluster up");
+    cluster
+        .apply_lab_manifests(vec![pod("client"), pod("web-1"), pod("web-2")], &[PORT])
         .expect("pods");
-    let both_ready = slice(&lab, &[("web-1", ready()), ("web-2", ready())]);
-    programmed(&mut lab, vec![service(&[]), both_ready.clone()]);
-    let client = lab.kubelet.pod("default/client").expect("pod").netns.path();
+    cluster
+        .wait_programmed(Duration::from_secs(60))
+        .expect("pods running");
+    let both_ready = slice(&cluster, &[("web-1", ready()), ("web-2", ready())]);
+    programmed(&cluster, vec![service(&[]), both_ready.clone()]);
+    let client = netns(&cluster, "client");
     for name in ["web-1", "web-2"] {
-        let ns = lab
-            .kubelet
-            .pod(&format!("default/{name}"))
-            .unwrap()
-            .netns
-            .path();
-        session_server(&ns, &format!("default/{name}"), SESSION_PORT);
+        session_server(
+            &netns(&cluster, name),
+            &format!("default/{name}"),
+            SESSION_PORT,
+        );
     }
     let vip: Ipv4Addr = "10.96.0.70".parse().unwrap();
 
@@ -140,7 +153,7 @@ fn connections_end_with_their_endpoint_or_frontend_and_drain_from_a_terminating_
     } else {
         ("web-2", "web-1")
     };
-    endpoints(&mut lab, &[(first_pod, not_ready()), (other_pod, ready())]);
+    endpoints(&cluster, &[(first_pod, not_ready()), (other_pod, ready())]);
     assert_eq!(
         udp.ask(),
         Some(format!("default/{other_pod}")),
@@ -148,14 +161,14 @@ fn connections_end_with_their_endpoint_or_frontend_and_drain_from_a_terminating_
     );
 
     // TCP: sessions on both endpoints; web-1 terminates while web-2 is ready.
-    programmed(&mut lab, vec![both_ready]);
+    programmed(&cluster, vec![both_ready]);
     let mut sessions = Session::open_many(&client, vip, SESSION_PORT, 16);
     assert!(
         sessions.iter().any(|(pod, _)| pod == "default/web-1")
             && sessions.iter().any(|(pod, _)| pod == "default/web-2"),
         "sessions on both endpoints"
     );
-    endpoints(&mut lab, &[("web-1", terminating()), ("web-2", ready())]);
+    endpoints(&cluster, &[("web-1", terminating()), ("web-2", ready())]);
     for (pod, session) in &mut sessions {
         assert_eq!(
             session.ask().expect("a session goes on"),
@@ -172,7 +185,7 @@ fn connections_end_with_their_endpoint_or_frontend_and_drain_from_a_terminating_
         );
     }
     // web-1 leaves the slice: its sessions are reset, the others go on.
-    endpoints(&mut lab, &[("web-2", ready())]);
+    endpoints(&cluster, &[("web-2", ready())]);
     for (pod, session) in &mut sessions {
         match session.ask() {
             Ok(answer) => assert_eq!(
@@ -190,14 +203,14 @@ fn connections_end_with_their_endpoint_or_frontend_and_drain_from_a_terminating_
     }
 
     // An externalIP: a flow through it ends with it.
-    programmed(&mut lab, vec![service(&[EXTERNAL_IP])]);
+    programmed(&cluster, vec![service(&[EXTERNAL_IP])]);
     let through_external = UdpFlow::open(&client, EXTERNAL_IP.parse().unwrap(), 8080);
     assert_eq!(
         through_external.ask(),
         Some("default/web-2".to_string()),
         "the externalIP balances"
     );
-    programmed(&mut lab, vec![service(&[])]);
+    programmed(&cluster, vec![service(&[])]);
     assert_eq!(
         through_external.ask(),
         None,

@@ -1,17 +1,34 @@
-//! Services on the lab, without kube-proxy: ClusterIP, NodePort, LoadBalancer and externalIPs
-//! reached from pods on the same and on another node, and from a host outside the cluster.
+//! Services on the lab's real cluster, without kube-proxy: ClusterIP, NodePort, LoadBalancer
+//! and externalIPs reached from pods on the same and on another node, from the nodes and from a
+//! host outside the cluster. kube-apiserver allocates, kube-controller-manager's EndpointSlice
+//! controller publishes the endpoints as pods come, go and fail; Sluice is installed by its
+//! chart.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use serde_json::{json, Value};
-use sluice_tests::lab::services::ServiceProbes;
 use sluice_tests::{
-    lab::{services::Source, Encap, Lab, LabOptions, Values},
+    cluster::{Cluster, ClusterOptions},
+    lab::services::{ServiceProbes, Source},
     probe::{self, session_server, Reply, Session},
     require_root,
 };
 
 const PORT: u16 = 80;
+/// The `web` Service's cluster IP, asked for in its manifest (kube-dns holds 10.96.0.10).
+const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const SESSION_PORT: u16 = 9000;
+
+#[derive(Clone, Copy, Debug)]
+enum Encap {
+    Vxlan,
+    NoEncap,
+}
 
 fn pod(name: &str, node: usize, app: &str) -> Value {
     json!({
@@ -21,66 +38,73 @@ fn pod(name: &str, node: usize, app: &str) -> Value {
     })
 }
 
-fn lab(encap: Encap) -> Lab {
-    require_root();
-    let lab = Lab::up(options(encap)).expect("lab up");
-    with_web(lab)
+fn cluster(encap: Encap) -> Cluster {
+    up(encap, "")
 }
 
-fn options(encap: Encap) -> LabOptions {
-    LabOptions {
-        nodes: 2,
-        encap,
-        attach_mode: "auto".into(),
-        ports: vec![PORT],
-    }
-}
-
-/// A lab with sluice-controller, configured by the chart with the ServiceExternalIP gate on.
-fn lab_with_controller(encap: Encap) -> Lab {
-    require_root();
-    let file = std::env::temp_dir().join(format!("sluice-eip-{}.yaml", std::process::id()));
-    std::fs::write(&file, "featureGates:\n  ServiceExternalIP: true\n").unwrap();
-    let lab = Lab::up_with_values(
-        options(encap),
-        Values {
-            file: &file,
-            controller: "",
-        },
-    )
-    .expect("lab up");
-    let _ = std::fs::remove_file(&file);
-    with_web(lab)
+/// sluice-controller with the ServiceExternalIP gate on, through the chart's values.
+fn cluster_with_external_ips(encap: Encap) -> Cluster {
+    up(encap, "featureGates:\n  ServiceExternalIP: true\n")
 }
 
 /// Clients and web pods on both nodes, and the Service `web` in front of the web pods.
-fn with_web(mut lab: Lab) -> Lab {
-    lab.apply(vec![
-        pod("client-1", 1, "client"),
-        pod("client-2", 2, "client"),
-        pod("web-1", 1, "web"),
-        pod("web-2", 2, "web"),
-        json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "web", "namespace": "default"},
-            "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "web"},
-                     "ports": [{"name": "http", "port": 8080, "targetPort": PORT, "protocol": "TCP"},
-                               {"name": "dns", "port": 53, "targetPort": PORT, "protocol": "UDP"}]},
-        }),
-    ])
-    .expect("apply");
-    lab.wait_programmed(Duration::from_secs(20))
-        .expect("programmed");
-    lab
+fn up(encap: Encap, values: &str) -> Cluster {
+    require_root();
+    let mut values = values.to_string();
+    if let Encap::NoEncap = encap {
+        values += "trafficEncapMode: noEncap\n";
+    }
+    let cluster = Cluster::up(ClusterOptions {
+        inline_values: (!values.is_empty()).then_some(values),
+        ..ClusterOptions::nodes(2)
+    })
+    .expect("cluster up");
+    settle(
+        &cluster,
+        vec![
+            pod("client-1", 1, "client"),
+            pod("client-2", 2, "client"),
+            pod("web-1", 1, "web"),
+            pod("web-2", 2, "web"),
+            json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "web", "namespace": "default"},
+                "spec": {"clusterIP": WEB_IP.to_string(), "selector": {"app": "web"},
+                         "ports": [{"name": "http", "port": 8080, "targetPort": PORT, "protocol": "TCP"},
+                                   {"name": "dns", "port": 53, "targetPort": PORT, "protocol": "UDP"}]},
+            }),
+        ],
+        &[("web", &["web-1", "web-2"])],
+    );
+    cluster
 }
 
-fn netns_of(lab: &Lab, pod: &str) -> std::path::PathBuf {
-    lab.netns_of(&Source::Pod(format!("default/{pod}")))
+/// Applies `objects`, waits until the EndpointSlice controller has published each Service's
+/// `endpoints` (pod names), then until every agent has programmed what the API holds.
+fn settle(cluster: &Cluster, objects: Vec<Value>, endpoints: &[(&str, &[&str])]) {
+    if !objects.is_empty() {
+        cluster
+            .apply_lab_manifests(objects, &[PORT])
+            .expect("apply");
+    }
+    for (service, pods) in endpoints {
+        cluster
+            .wait_endpoints("default", service, pods)
+            .expect("endpoints published");
+    }
+    cluster
+        .wait_programmed(Duration::from_secs(60))
+        .expect("programmed");
+}
+
+fn netns_of(cluster: &Cluster, pod: &str) -> PathBuf {
+    cluster
+        .netns_of(&Source::Pod(format!("default/{pod}")))
         .expect("pod")
 }
 
-fn ip_of(lab: &Lab, pod: &str) -> Ipv4Addr {
-    lab.pod_ips()[&format!("default/{pod}")]
+fn ip_of(cluster: &Cluster, pod: &str) -> Ipv4Addr {
+    cluster.pod_ip(&format!("default/{pod}")).expect("pod IP")
 }
 
 fn spread(replies: &[Reply]) -> BTreeMap<String, usize> {
@@ -91,6 +115,29 @@ fn spread(replies: &[Reply]) -> BTreeMap<String, usize> {
     counts
 }
 
+fn tcp_many(ns: &Path, ip: Ipv4Addr, port: u16, count: usize) -> Vec<Reply> {
+    (0..count)
+        .map(|i| {
+            probe::tcp(ns, None, ip, port)
+                .unwrap_or_else(|| panic!("TCP probe {i} to {ip}:{port} answered"))
+        })
+        .collect()
+}
+
+fn cluster_ip_service(name: &str, app: &str, extra: Value) -> Value {
+    let mut svc = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"selector": {"app": app},
+                 "ports": [{"name": "http", "port": 8080, "targetPort": PORT, "protocol": "TCP"},
+                           {"name": "dns", "port": 8080, "targetPort": PORT, "protocol": "UDP"}]},
+    });
+    if let (Some(spec), Some(extra)) = (svc["spec"].as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    svc
+}
+
 #[test]
 fn cluster_ip_from_pods_on_both_nodes() {
     for encap in [Encap::Vxlan, Encap::NoEncap] {
@@ -99,60 +146,42 @@ fn cluster_ip_from_pods_on_both_nodes() {
 }
 
 fn cluster_ip_from_pods_on_both_nodes_with(encap: Encap) {
-    let lab = lab(encap);
-    let vip: Ipv4Addr = "10.96.0.10".parse().unwrap();
+    let cluster = cluster(encap);
     for client in ["client-1", "client-2"] {
-        let ns = netns_of(&lab, client);
-        let replies: Vec<Reply> = (0..20)
-            .map(|_| probe::tcp(&ns, None, vip, 8080).expect("TCP through the ClusterIP"))
-            .collect();
+        let ns = netns_of(&cluster, client);
+        let replies = tcp_many(&ns, WEB_IP, 8080, 20);
         for reply in &replies {
             assert_eq!(
                 reply.client,
-                ip_of(&lab, client),
-                "the endpoint sees the pod"
+                ip_of(&cluster, client),
+                "{encap:?}: the endpoint sees the pod"
             );
         }
         let counts = spread(&replies);
         assert_eq!(
             counts.len(),
             2,
-            "{client}: both endpoints answer: {counts:?}"
+            "{encap:?} {client}: both endpoints answer: {counts:?}"
         );
-        let udp = probe::udp(&ns, vip, 53).expect("UDP through the ClusterIP");
+        let udp = probe::udp(&ns, WEB_IP, 53).expect("UDP through the ClusterIP");
         assert!(udp.server.contains("/web-"), "{udp:?}");
     }
-    let node = &lab.nodes[0].node;
-    let out = std::process::Command::new(sluice_tests::bin("sluicectl"))
-        .arg("--bpffs-dir")
-        .arg(&node.bpffs)
-        .arg("--state-dir")
-        .arg(node.dir.join("state"))
-        .arg("services")
-        .output()
+    // The operator's view, from the agent's container.
+    let out = cluster
+        .sluicectl("node-1", &["services"])
         .expect("sluicectl services");
-    let out = String::from_utf8_lossy(&out.stdout);
     let line = out
         .lines()
-        .find(|l| l.starts_with("10.96.0.10:8080/TCP"))
+        .find(|l| l.starts_with(&format!("{WEB_IP}:8080/TCP")))
         .unwrap_or_else(|| panic!("the ClusterIP frontend is listed:\n{out}"));
     assert!(line.contains("default/web:http"), "{line}");
     for pod in ["web-1", "web-2"] {
         assert!(
-            line.contains(&format!("{}:80 (default/{pod})", ip_of(&lab, pod))),
+            line.contains(&format!("{}:80 (default/{pod})", ip_of(&cluster, pod))),
             "{line}"
         );
     }
     assert!(out.contains("load-balanced connections:"), "{out}");
-}
-
-fn tcp_many(ns: &std::path::Path, ip: Ipv4Addr, port: u16, count: usize) -> Vec<Reply> {
-    (0..count)
-        .map(|i| {
-            probe::tcp(ns, None, ip, port)
-                .unwrap_or_else(|| panic!("TCP probe {i} to {ip}:{port} answered"))
-        })
-        .collect()
 }
 
 fn node_port_service(name: &str, node_port: u16, local: bool) -> Value {
@@ -174,21 +203,22 @@ fn node_port_service(name: &str, node_port: u16, local: bool) -> Value {
 #[test]
 fn node_port_from_outside_and_from_pods() {
     for encap in [Encap::Vxlan, Encap::NoEncap] {
-        let mut lab = lab(encap);
-        lab.apply(vec![node_port_service("web-np", 30080, false)])
-            .expect("apply");
-        lab.wait_programmed(Duration::from_secs(20))
-            .expect("programmed");
-        let outside = lab.external().path();
-        for node in 0..2 {
-            let node_ip = lab.nodes[node].ip;
-            let gateway: Ipv4Addr = format!("10.244.{node}.1").parse().unwrap();
+        let cluster = cluster(encap);
+        settle(
+            &cluster,
+            vec![node_port_service("web-np", 30080, false)],
+            &[("web-np", &["web-1", "web-2"])],
+        );
+        let outside = cluster.external_netns();
+        for node in ["node-1", "node-2"] {
+            let node_ip = cluster.node_ip(node).unwrap();
+            let gateway = cluster.gateway_ip(node).unwrap();
             let replies = tcp_many(&outside, node_ip, 30080, 20);
             let counts = spread(&replies);
             assert_eq!(
                 counts.len(),
                 2,
-                "{encap:?} node {node}: both endpoints: {counts:?}"
+                "{encap:?} {node}: both endpoints: {counts:?}"
             );
             for reply in &replies {
                 assert_eq!(
@@ -199,8 +229,8 @@ fn node_port_from_outside_and_from_pods() {
             let udp = probe::udp(&outside, node_ip, 30080).expect("UDP NodePort from outside");
             assert!(udp.server.contains("/web-"), "{udp:?}");
             for client in ["client-1", "client-2"] {
-                let reply = probe::tcp(&netns_of(&lab, client), None, node_ip, 30080)
-                    .unwrap_or_else(|| panic!("{encap:?}: {client} -> node {node} NodePort"));
+                let reply = probe::tcp(&netns_of(&cluster, client), None, node_ip, 30080)
+                    .unwrap_or_else(|| panic!("{encap:?}: {client} -> {node} NodePort"));
                 assert!(reply.server.contains("/web-"), "{reply:?}");
             }
         }
@@ -208,39 +238,23 @@ fn node_port_from_outside_and_from_pods() {
 }
 
 /// externalTrafficPolicy Local: only the entry node's own endpoint answers, and it sees the
-/// outside client's real address; the health-check node port tells a load balancer so.
+/// outside client's real address.
 #[test]
 fn external_traffic_policy_local_keeps_the_client_address() {
-    let mut lab = lab(Encap::Vxlan);
+    let cluster = cluster(Encap::Vxlan);
     let mut svc = node_port_service("web-local", 30081, true);
     svc["spec"]["type"] = json!("LoadBalancer");
     svc["spec"]["healthCheckNodePort"] = json!(30200);
-    lab.apply(vec![svc]).expect("apply");
-    lab.wait_programmed(Duration::from_secs(20))
-        .expect("programmed");
-    let outside = lab.external().path();
-    let external_ip = sluice_tests::lab::EXTERNAL_IP;
+    settle(&cluster, vec![svc], &[("web-local", &["web-1", "web-2"])]);
+    let outside = cluster.external_netns();
+    let external_ip = cluster.external_ip().unwrap();
     for (node, endpoint) in [(0, "default/web-1"), (1, "default/web-2")] {
-        let replies = tcp_many(&outside, lab.nodes[node].ip, 30081, 10);
+        let replies = tcp_many(&outside, cluster.nodes[node].ip, 30081, 10);
         for reply in &replies {
             assert_eq!(reply.server, endpoint, "only the local endpoint");
             assert_eq!(reply.client, external_ip, "the client address is preserved");
         }
     }
-}
-
-fn cluster_ip_service(name: &str, app: &str, extra: Value) -> Value {
-    let mut svc = json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"selector": {"app": app},
-                 "ports": [{"name": "http", "port": 8080, "targetPort": PORT, "protocol": "TCP"},
-                           {"name": "dns", "port": 8080, "targetPort": PORT, "protocol": "UDP"}]},
-    });
-    if let (Some(spec), Some(extra)) = (svc["spec"].as_object_mut(), extra.as_object()) {
-        spec.extend(extra.clone());
-    }
-    svc
 }
 
 /// ClientIP affinity keeps a client on one endpoint; a pod reaching itself through its
@@ -253,27 +267,20 @@ fn affinity_hairpin_and_the_node_itself() {
 }
 
 fn affinity_hairpin_and_the_node_itself_with(encap: Encap) {
-    let mut lab = lab(encap);
-    lab.apply(vec![cluster_ip_service(
-        "sticky",
-        "web",
-        json!({"sessionAffinity": "ClientIP"}),
-    )])
-    .expect("apply");
-    lab.wait_programmed(Duration::from_secs(20))
-        .expect("programmed");
-    let sticky = lab.service_ip("default", "sticky").expect("allocated");
+    let cluster = cluster(encap);
+    let sticky = cluster_ip_service("sticky", "web", json!({"sessionAffinity": "ClientIP"}));
+    settle(&cluster, vec![sticky], &[("sticky", &["web-1", "web-2"])]);
+    let sticky = cluster.service_ip("default", "sticky").expect("allocated");
     for client in ["client-1", "client-2"] {
-        let counts = spread(&tcp_many(&netns_of(&lab, client), sticky, 8080, 15));
+        let counts = spread(&tcp_many(&netns_of(&cluster, client), sticky, 8080, 15));
         assert_eq!(
             counts.len(),
             1,
-            "{client} sticks to one endpoint: {counts:?}"
+            "{encap:?} {client} sticks to one endpoint: {counts:?}"
         );
     }
 
-    let web: Ipv4Addr = "10.96.0.10".parse().unwrap();
-    let replies = tcp_many(&netns_of(&lab, "web-1"), web, 8080, 30);
+    let replies = tcp_many(&netns_of(&cluster, "web-1"), WEB_IP, 8080, 30);
     let own: Vec<&Reply> = replies
         .iter()
         .filter(|r| r.server == "default/web-1")
@@ -283,22 +290,20 @@ fn affinity_hairpin_and_the_node_itself_with(encap: Encap) {
         assert_eq!(reply.client.to_string(), "169.254.0.253", "hairpin source");
     }
     for reply in replies.iter().filter(|r| r.server == "default/web-2") {
-        assert_eq!(reply.client, ip_of(&lab, "web-1"));
+        assert_eq!(reply.client, ip_of(&cluster, "web-1"));
     }
 
-    for (node, gateway) in [(0, "10.244.0.1"), (1, "10.244.1.1")] {
-        let replies = tcp_many(&lab.nodes[node].node.ns.path(), web, 8080, 20);
+    for node in &cluster.nodes {
+        let gateway = cluster.gateway_ip(&node.name).unwrap();
+        let replies = tcp_many(&node.ns.path(), WEB_IP, 8080, 20);
         assert_eq!(
             spread(&replies).len(),
             2,
-            "{encap:?} node {node}: both endpoints"
+            "{encap:?} {}: both endpoints",
+            node.name
         );
         for reply in &replies {
-            assert_eq!(
-                reply.client.to_string(),
-                gateway,
-                "from the node's gateway address"
-            );
+            assert_eq!(reply.client, gateway, "from the node's gateway address");
         }
     }
 }
@@ -311,7 +316,7 @@ enum Outcome {
     TimedOut,
 }
 
-fn connect(ns: &std::path::Path, ip: Ipv4Addr, port: u16) -> Outcome {
+fn connect(ns: &Path, ip: Ipv4Addr, port: u16) -> Outcome {
     let addr = std::net::SocketAddr::from((ip, port));
     sluice_tests::in_netns(ns, move || {
         use std::io::Read;
@@ -328,7 +333,7 @@ fn connect(ns: &std::path::Path, ip: Ipv4Addr, port: u16) -> Outcome {
     })
 }
 
-fn udp_refused(ns: &std::path::Path, ip: Ipv4Addr, port: u16) -> bool {
+fn udp_refused(ns: &Path, ip: Ipv4Addr, port: u16) -> bool {
     sluice_tests::in_netns(ns, move || {
         let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
         socket.connect((ip, port)).unwrap();
@@ -341,30 +346,27 @@ fn udp_refused(ns: &std::path::Path, ip: Ipv4Addr, port: u16) -> bool {
     })
 }
 
-const SESSION_PORT: u16 = 9000;
-
-/// A ClusterIP Service with the pod servers' ports and a session port; returns its address.
-fn session_service(lab: &mut Lab, name: &str, app: &str) -> Ipv4Addr {
+/// A ClusterIP Service with the pod servers' ports and a session port, published with
+/// `endpoints`; returns its address.
+fn session_service(cluster: &Cluster, name: &str, app: &str, endpoints: &[&str]) -> Ipv4Addr {
     let mut svc = cluster_ip_service(name, app, json!({}));
     svc["spec"]["ports"]
         .as_array_mut()
         .unwrap()
         .push(json!({"name": "session", "port": SESSION_PORT, "protocol": "TCP"}));
-    lab.apply(vec![svc]).expect("apply");
-    lab.wait_programmed(Duration::from_secs(20))
-        .expect("programmed");
-    lab.service_ip("default", name).expect("allocated")
+    settle(cluster, vec![svc], &[(name, endpoints)]);
+    cluster.service_ip("default", name).expect("allocated")
 }
 
 /// No endpoints: TCP is reset and UDP refused at once. Scaled to three, new connections spread
-/// over all; scaled down to one, connections on the survivor go on and those on removed
-/// endpoints are reset rather than left hanging.
+/// over all; two pods deleted (they terminate, then leave the slice), connections on the
+/// survivor go on and those on removed endpoints are reset rather than left hanging.
 #[test]
 fn endpoints_scale_zero_three_one_under_traffic() {
-    let mut lab = lab(Encap::Vxlan);
-    let vip = session_service(&mut lab, "scale", "scale");
-    let client = netns_of(&lab, "client-1");
-    let started = std::time::Instant::now();
+    let cluster = cluster(Encap::Vxlan);
+    let vip = session_service(&cluster, "scale", "scale", &[]);
+    let client = netns_of(&cluster, "client-1");
+    let started = Instant::now();
     assert_eq!(
         connect(&client, vip, 8080),
         Outcome::Refused,
@@ -379,33 +381,39 @@ fn endpoints_scale_zero_three_one_under_traffic() {
         "no endpoints: ICMP port unreachable"
     );
 
-    lab.apply(vec![
-        pod("scale-1", 1, "scale"),
-        pod("scale-2", 2, "scale"),
-        pod("scale-3", 1, "scale"),
-    ])
-    .expect("scale to 3");
-    lab.wait_programmed(Duration::from_secs(20))
-        .expect("programmed");
+    let scaled = ["scale-1", "scale-2", "scale-3"];
+    settle(
+        &cluster,
+        vec![
+            pod("scale-1", 1, "scale"),
+            pod("scale-2", 2, "scale"),
+            pod("scale-3", 1, "scale"),
+        ],
+        &[("scale", &scaled)],
+    );
     let counts = spread(&tcp_many(&client, vip, 8080, 40));
     assert_eq!(counts.len(), 3, "three endpoints: {counts:?}");
-    for name in ["scale-1", "scale-2", "scale-3"] {
-        session_server(&netns_of(&lab, name), name, SESSION_PORT);
+    for name in scaled {
+        session_server(&netns_of(&cluster, name), name, SESSION_PORT);
     }
     let mut sessions = Session::open_many(&client, vip, SESSION_PORT, 24);
     assert!(
-        sessions.iter().any(|(pod, _)| pod == "scale-1"),
-        "a session on the survivor"
+        sessions.iter().any(|(pod, _)| pod == "scale-1")
+            && sessions.iter().any(|(pod, _)| pod != "scale-1"),
+        "sessions on the survivor and on the endpoints to be removed"
     );
 
-    for name in ["scale-2", "scale-3"] {
-        lab.api
-            .delete("pods", Some("default"), name)
-            .expect("delete pod");
-    }
-    lab.sync().expect("kubelet and EndpointSlice controller");
-    lab.wait_programmed(Duration::from_secs(20))
-        .expect("programmed");
+    cluster
+        .kubectl(&[
+            "delete",
+            "pod",
+            "scale-2",
+            "scale-3",
+            "--wait=true",
+            "--timeout=60s",
+        ])
+        .expect("delete pods");
+    settle(&cluster, vec![], &[("scale", &["scale-1"])]);
     for (pod, session) in &mut sessions {
         match session.ask() {
             Ok(answer) => assert_eq!(
@@ -432,8 +440,8 @@ fn endpoints_scale_zero_three_one_under_traffic() {
 
 /// Polls `check` every 100 ms until it holds or `timeout` passes.
 fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
         if check() {
             return true;
         }
@@ -442,14 +450,13 @@ fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     check()
 }
 
-fn owns(lab: &Lab, node: usize, ip: Ipv4Addr) -> bool {
+/// Whether `node`'s datapath answers for `ip` (its EXTERNAL_IPS entry).
+fn owns(cluster: &Cluster, node: &str, ip: Ipv4Addr) -> bool {
     let key = sluice_common::IpKey::v4(ip.octets());
-    lab.nodes[node]
-        .node
-        .maps()
-        .external_ips
-        .get(&key, 0)
-        .is_ok()
+    cluster
+        .node(node)
+        .and_then(|n| n.maps().ok())
+        .is_some_and(|maps| maps.external_ips.get(&key, 0).is_ok())
 }
 
 fn lab_pool() -> Value {
@@ -461,37 +468,44 @@ fn lab_pool() -> Value {
     })
 }
 
+fn load_balancer_ip(cluster: &Cluster, name: &str) -> Option<Ipv4Addr> {
+    let svc = cluster.service("default", name).ok()?;
+    svc["status"]["loadBalancer"]["ingress"][0]["ip"]
+        .as_str()?
+        .parse()
+        .ok()
+}
+
 /// ServiceExternalIP: a LoadBalancer Service gets an IP from an ExternalIPPool (sluice-controller
 /// allocates), one node answers ARP for it, and when that node goes away the other takes the IP
 /// over (gratuitous ARP) and outside clients reach the Service again.
 #[test]
 fn load_balancer_ip_from_a_pool_fails_over() {
-    let mut lab = lab_with_controller(Encap::Vxlan);
+    let mut cluster = cluster_with_external_ips(Encap::Vxlan);
     let mut svc = cluster_ip_service("shop", "web", json!({"type": "LoadBalancer"}));
     svc["metadata"]["annotations"] = json!({"service.antrea.io/external-ip-pool": "lab-pool"});
-    lab.apply(vec![lab_pool(), svc]).expect("apply");
-    let mut ip = None;
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            ip = lab.service("default", "shop").ok().and_then(|s| {
-                s["status"]["loadBalancer"]["ingress"][0]["ip"]
-                    .as_str()?
-                    .parse()
-                    .ok()
-            });
-            ip.is_some()
-        }),
-        "the Service gets an IP from the pool"
+    settle(
+        &cluster,
+        vec![lab_pool(), svc],
+        &[("shop", &["web-1", "web-2"])],
     );
-    let ip: Ipv4Addr = ip.unwrap();
+    cluster
+        .wait_for(
+            "the Service gets an IP from the pool",
+            Duration::from_secs(30),
+            || Ok(load_balancer_ip(&cluster, "shop").is_some()),
+        )
+        .unwrap();
+    let ip = load_balancer_ip(&cluster, "shop").unwrap();
     assert_eq!(
         ip,
-        "192.168.77.100".parse::<Ipv4Addr>().unwrap(),
+        Ipv4Addr::new(192, 168, 77, 100),
         "the pool's first address"
     );
-    lab.wait_programmed(Duration::from_secs(20))
+    cluster
+        .wait_programmed(Duration::from_secs(20))
         .expect("programmed");
-    let outside = lab.external().path();
+    let outside = cluster.external_netns();
     let counts = spread(&tcp_many(&outside, ip, 8080, 20));
     assert_eq!(
         counts.len(),
@@ -503,44 +517,57 @@ fn load_balancer_ip_from_a_pool_fails_over() {
         "UDP through the LoadBalancer IP"
     );
     for client in ["client-1", "client-2"] {
-        let counts = spread(&tcp_many(&netns_of(&lab, client), ip, 8080, 20));
+        let counts = spread(&tcp_many(&netns_of(&cluster, client), ip, 8080, 20));
         assert_eq!(
             counts.len(),
             2,
             "{client} through the LoadBalancer IP: {counts:?}"
         );
     }
-    let owners: Vec<usize> = (0..2).filter(|&n| owns(&lab, n, ip)).collect();
-    assert_eq!(owners.len(), 1, "exactly one node answers for {ip}");
-    let (gone, survivor) = (owners[0], 1 - owners[0]);
-
-    // The node goes away: its link drops, its agent dies, the node controller deletes it and
-    // marks its pods not ready.
-    lab.nodes[gone]
-        .node
-        .ns
-        .exec(&["ip", "link", "set", "eth0", "down"])
-        .expect("link down");
-    lab.nodes[gone].node.kill_agent();
-    let gone_name = lab.nodes[gone].name.clone();
-    lab.api
-        .delete("nodes", None, &gone_name)
-        .expect("delete node");
-    for pod in lab.api.list("pods", Some("default")) {
-        if pod["spec"]["nodeName"] == gone_name.as_str() {
-            let name = pod["metadata"]["name"].as_str().unwrap().to_string();
-            let not_ready =
-                json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}});
-            lab.api
-                .merge_patch_status("pods", Some("default"), &name, &not_ready)
-                .expect("pod not ready");
-        }
-    }
-    sluice_tests::lab::controllers::sync_endpoint_slices(&lab.api).expect("endpoint slices");
-    assert!(
-        eventually(Duration::from_secs(10), || owns(&lab, survivor, ip)),
-        "the surviving node takes the IP over"
+    let owners: Vec<&str> = ["node-1", "node-2"]
+        .into_iter()
+        .filter(|n| owns(&cluster, n, ip))
+        .collect();
+    assert_eq!(
+        owners.len(),
+        1,
+        "exactly one node answers for {ip}: {owners:?}"
     );
+    let (gone, survivor, survivor_pod) = match owners[0] {
+        "node-1" => ("node-1", "node-2", "web-2"),
+        _ => ("node-2", "node-1", "web-1"),
+    };
+
+    // The node goes away as a machine does: its kubelet, containerd, pods and agent end, its
+    // link with its namespace. Nothing else is done: kube-controller-manager's node lifecycle
+    // controller sees its lease expire (a 50 s grace period), marks it and its pods not ready,
+    // and the EndpointSlice controller drops its endpoint.
+    let index = cluster.nodes.iter().position(|n| n.name == gone).unwrap();
+    drop(cluster.nodes.remove(index));
+    cluster
+        .wait_for(
+            "the surviving node takes the IP over",
+            Duration::from_secs(120),
+            || Ok(owns(&cluster, survivor, ip)),
+        )
+        .unwrap();
+    cluster
+        .wait_for(
+            "only the surviving endpoint is ready",
+            Duration::from_secs(60),
+            || {
+                let ready: Vec<String> = cluster
+                    .endpoints("default", "shop")?
+                    .into_iter()
+                    .filter_map(|(pod, ready)| ready.then_some(pod))
+                    .collect();
+                Ok(ready == [survivor_pod])
+            },
+        )
+        .unwrap();
+    cluster
+        .wait_agents_programmed(Duration::from_secs(20))
+        .expect("the survivor programmed it");
     assert!(
         eventually(Duration::from_secs(10), || probe::tcp(
             &outside, None, ip, 8080
@@ -548,10 +575,10 @@ fn load_balancer_ip_from_a_pool_fails_over() {
         .is_some()),
         "outside clients reach the Service again"
     );
-    let survivor_pod = format!("default/web-{}", survivor + 1);
     for reply in tcp_many(&outside, ip, 8080, 10) {
         assert_eq!(
-            reply.server, survivor_pod,
+            reply.server,
+            format!("default/{survivor_pod}"),
             "served by the surviving endpoint"
         );
     }
@@ -561,38 +588,51 @@ fn load_balancer_ip_from_a_pool_fails_over() {
 /// all the same, and sluice-controller, busy with its own pool, leaves it alone.
 #[test]
 fn load_balancer_ip_written_by_another_implementation_is_served() {
-    let mut lab = lab_with_controller(Encap::Vxlan);
+    let cluster = cluster_with_external_ips(Encap::Vxlan);
     let mut pooled = cluster_ip_service("pooled", "web", json!({"type": "LoadBalancer"}));
     pooled["metadata"]["annotations"] = json!({"service.antrea.io/external-ip-pool": "lab-pool"});
     let metal = cluster_ip_service("metal", "web", json!({"type": "LoadBalancer"}));
-    lab.apply(vec![lab_pool(), pooled, metal]).expect("apply");
-    let ip: Ipv4Addr = "192.168.77.160".parse().unwrap();
-    let status = json!({"status": {"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}}});
-    lab.api
-        .merge_patch_status("services", Some("default"), "metal", &status)
-        .expect("MetalLB writes the status");
-    let ingress = |lab: &Lab, name: &str| {
-        lab.service("default", name).unwrap()["status"]["loadBalancer"]["ingress"][0]["ip"].clone()
-    };
-    assert!(
-        eventually(Duration::from_secs(10), || ingress(&lab, "pooled")
-            .is_string()),
-        "the controller is at work on its own pool"
+    let both = ["web-1", "web-2"];
+    settle(
+        &cluster,
+        vec![lab_pool(), pooled, metal],
+        &[("pooled", &both), ("metal", &both)],
     );
-    lab.wait_programmed(Duration::from_secs(20))
+    let ip = Ipv4Addr::new(192, 168, 77, 160);
+    let status = json!({"status": {"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}}});
+    cluster
+        .kubectl(&[
+            "patch",
+            "service",
+            "metal",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ])
+        .expect("MetalLB writes the status");
+    cluster
+        .wait_for(
+            "the controller is at work on its own pool",
+            Duration::from_secs(30),
+            || Ok(load_balancer_ip(&cluster, "pooled").is_some()),
+        )
+        .unwrap();
+    cluster
+        .wait_programmed(Duration::from_secs(20))
         .expect("programmed");
     // MetalLB in BGP mode: the network routes the IP to a node.
-    let outside = lab.external().path();
+    let outside = cluster.external_netns();
     for node in ["node-1", "node-2"] {
-        lab.route_from_external(ip, node).expect("route");
+        cluster.route_from_external(ip, node).expect("route");
         let replies = tcp_many(&outside, ip, 8080, 20);
         assert_eq!(spread(&replies).len(), 2, "through {node}: both endpoints");
     }
-    let counts = spread(&tcp_many(&netns_of(&lab, "client-1"), ip, 8080, 20));
+    let counts = spread(&tcp_many(&netns_of(&cluster, "client-1"), ip, 8080, 20));
     assert_eq!(counts.len(), 2, "from a pod: {counts:?}");
     assert_eq!(
-        ingress(&lab, "metal"),
-        ip.to_string(),
+        load_balancer_ip(&cluster, "metal"),
+        Some(ip),
         "left as MetalLB wrote it"
     );
 }
@@ -601,43 +641,52 @@ fn load_balancer_ip_written_by_another_implementation_is_served() {
 /// port of a LoadBalancer Service with externalTrafficPolicy Local reports local endpoints.
 #[test]
 fn external_ips_and_health_check_node_port() {
-    let mut lab = lab(Encap::Vxlan);
-    let external_ip: Ipv4Addr = "192.168.77.150".parse().unwrap();
-    lab.apply(vec![
-        pod("solo", 1, "solo"),
-        cluster_ip_service(
-            "web-ext",
-            "web",
-            json!({"externalIPs": [external_ip.to_string()]}),
-        ),
-        cluster_ip_service(
-            "solo-lb",
-            "solo",
-            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local"}),
-        ),
-    ])
-    .expect("apply");
-    lab.wait_programmed(Duration::from_secs(20))
-        .expect("programmed");
-    let outside = lab.external().path();
+    let cluster = cluster(Encap::Vxlan);
+    let external_ip = Ipv4Addr::new(192, 168, 77, 150);
+    settle(
+        &cluster,
+        vec![
+            pod("solo", 1, "solo"),
+            cluster_ip_service(
+                "web-ext",
+                "web",
+                json!({"externalIPs": [external_ip.to_string()]}),
+            ),
+            cluster_ip_service(
+                "solo-lb",
+                "solo",
+                json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local"}),
+            ),
+        ],
+        &[("web-ext", &["web-1", "web-2"]), ("solo-lb", &["solo"])],
+    );
+    let outside = cluster.external_netns();
     for node in ["node-1", "node-2"] {
-        lab.route_from_external(external_ip, node).expect("route");
+        cluster
+            .route_from_external(external_ip, node)
+            .expect("route");
         let replies = tcp_many(&outside, external_ip, 8080, 20);
         assert_eq!(spread(&replies).len(), 2, "through {node}: both endpoints");
     }
     for client in ["client-1", "client-2"] {
-        let counts = spread(&tcp_many(&netns_of(&lab, client), external_ip, 8080, 20));
+        let counts = spread(&tcp_many(
+            &netns_of(&cluster, client),
+            external_ip,
+            8080,
+            20,
+        ));
         assert_eq!(
             counts.len(),
             2,
             "{client} through the external IP: {counts:?}"
         );
     }
-    let port = lab.service("default", "solo-lb").expect("service")["spec"]["healthCheckNodePort"]
+    let port = cluster.service("default", "solo-lb").expect("service")["spec"]
+        ["healthCheckNodePort"]
         .as_u64()
         .expect("allocated health check node port");
     for (node, status, local) in [(0, 200, 1), (1, 503, 0)] {
-        let address = format!("{}:{port}", lab.nodes[node].ip);
+        let address = format!("{}:{port}", cluster.nodes[node].ip);
         let (code, body) = sluice_tests::in_netns(&outside, move || probe::http_get(&address, "/"))
             .expect("health check answers");
         assert_eq!(code, status, "node {node}: {body}");
@@ -651,7 +700,7 @@ fn external_ips_and_health_check_node_port() {
 /// judges the endpoint (pod, target port), never the frontend.
 #[test]
 fn network_policy_sees_the_endpoint() {
-    let mut lab = lab(Encap::Vxlan);
+    let cluster = cluster(Encap::Vxlan);
     let policy = |port: u16| {
         json!({
             "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -661,36 +710,38 @@ fn network_policy_sees_the_endpoint() {
                                  "ports": [{"protocol": "TCP", "port": port}]}]},
         })
     };
-    lab.apply(vec![policy(PORT)]).expect("apply");
-    lab.wait_programmed(Duration::from_secs(20))
-        .expect("programmed");
-    let vip: Ipv4Addr = "10.96.0.10".parse().unwrap();
-    for client in ["client-1", "client-2"] {
-        let ns = netns_of(&lab, client);
-        let counts = spread(&tcp_many(&ns, vip, 8080, 20));
+    settle(&cluster, vec![policy(PORT)], &[]);
+    for (client, other) in [("client-1", "client-2"), ("client-2", "client-1")] {
+        let ns = netns_of(&cluster, client);
+        let counts = spread(&tcp_many(&ns, WEB_IP, 8080, 20));
         assert_eq!(
             counts.len(),
             2,
             "{client}: allowed to both endpoints: {counts:?}"
         );
-        let other = if client == "client-1" {
-            "client-2"
-        } else {
-            "client-1"
-        };
         assert!(
-            probe::tcp(&ns, None, ip_of(&lab, other), PORT).is_none(),
+            probe::tcp(&ns, None, ip_of(&cluster, other), PORT).is_none(),
             "{client}: the policy isolates it otherwise"
         );
     }
     // Allowing the Service port instead of the target port allows nothing through the Service.
-    lab.apply(vec![policy(8080)]).expect("apply");
-    lab.wait_programmed(Duration::from_secs(20))
-        .expect("programmed");
+    settle(&cluster, vec![policy(8080)], &[]);
     assert!(
-        probe::tcp(&netns_of(&lab, "client-1"), None, vip, 8080).is_none(),
+        probe::tcp(&netns_of(&cluster, "client-1"), None, WEB_IP, 8080).is_none(),
         "the Service port is not what the policy sees"
     );
+}
+
+/// Whether anything listens on the agent's health port on `node` (its container is up).
+fn agent_listening(cluster: &Cluster, node: usize) -> bool {
+    let ns = cluster.nodes[node].ns.path();
+    sluice_tests::in_netns(&ns, || {
+        std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], 9421)),
+            Duration::from_millis(300),
+        )
+        .is_ok()
+    })
 }
 
 /// The agent dying and coming back changes nothing for Services: the pinned maps keep balancing
@@ -698,17 +749,32 @@ fn network_policy_sees_the_endpoint() {
 /// restarted agent finds its frontends as they are.
 #[test]
 fn services_survive_an_agent_restart() {
-    let mut lab = lab(Encap::Vxlan);
-    let vip = session_service(&mut lab, "steady", "web");
+    let mut cluster = cluster(Encap::Vxlan);
+    let vip = session_service(&cluster, "steady", "web", &["web-1", "web-2"]);
     for name in ["web-1", "web-2"] {
-        session_server(&netns_of(&lab, name), name, SESSION_PORT);
+        session_server(&netns_of(&cluster, name), name, SESSION_PORT);
     }
-    let client = netns_of(&lab, "client-1");
+    let client = netns_of(&cluster, "client-1");
     let mut session = Session::open(&client, vip, SESSION_PORT);
     let endpoint = session.ask().expect("session answers");
-    let before = lab.nodes[0].node.maps().service_entries().expect("entries");
+    let before = cluster.nodes[0]
+        .maps()
+        .and_then(|m| m.service_entries())
+        .expect("entries");
+    let restarts = cluster.agent_restarts("node-1").expect("restart count");
+    assert!(
+        agent_listening(&cluster, 0),
+        "the agent's health port answers"
+    );
 
-    lab.nodes[0].node.kill_agent();
+    // The kubelet is stopped first, so that nothing restarts the agent while the test looks at
+    // the datapath on its own; the kill is a SIGKILL to the agent's container, as a crash.
+    cluster.nodes[0].kubelet.stop();
+    cluster.kill_agent("node-1").expect("kill the agent");
+    assert!(
+        eventually(Duration::from_secs(10), || !agent_listening(&cluster, 0)),
+        "the agent is down"
+    );
     assert_eq!(
         session.ask().expect("session while the agent is down"),
         endpoint
@@ -718,11 +784,31 @@ fn services_survive_an_agent_restart() {
         2,
         "new connections too"
     );
-    lab.nodes[0].node.start_agent().expect("restart the agent");
-    lab.wait_programmed(Duration::from_secs(20))
+    assert!(!agent_listening(&cluster, 0), "still down throughout");
+
+    cluster.nodes[0]
+        .kubelet
+        .restart(Duration::ZERO)
+        .expect("the kubelet starts again");
+    cluster
+        .wait_for(
+            "the kubelet restarted the agent and it is Ready",
+            Duration::from_secs(60),
+            || {
+                let pod = cluster.agent_pod("node-1")?;
+                Ok(cluster.agent_restarts("node-1")? > restarts
+                    && sluice_tests::cluster::condition(&pod, "Ready"))
+            },
+        )
+        .unwrap();
+    cluster
+        .wait_programmed(Duration::from_secs(20))
         .expect("programmed after the restart");
     assert_eq!(session.ask().expect("session after the restart"), endpoint);
-    let after = lab.nodes[0].node.maps().service_entries().expect("entries");
+    let after = cluster.nodes[0]
+        .maps()
+        .and_then(|m| m.service_entries())
+        .expect("entries");
     assert_eq!(before.0.len(), after.0.len(), "the same frontends");
     assert_eq!(before.1.len(), after.1.len(), "the same endpoints");
 }

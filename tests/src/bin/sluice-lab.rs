@@ -1,20 +1,21 @@
-//! sluice-lab: a Sluice cluster on one machine, either a real Kubernetes cluster (`--kubernetes`:
-//! kube-apiserver, kubelets with containerd, Sluice installed by its chart) or the embedded lab
-//! (network namespaces, real agents, an API server of our own). Scripts depend on this command
-//! line; keep it stable.
+//! sluice-lab: a real Kubernetes cluster on one machine (kube-apiserver, kubelets with
+//! containerd in network namespaces, Sluice installed by its chart). Scripts depend on this
+//! command line; keep it stable (`--kubernetes`, from when the lab could also be an API server
+//! of our own, is accepted and changes nothing).
 //!
 //!   sluice-lab matrix --nodes N --manifests DIR [--manifests DIR2 ...] [--ports 80,81]
-//!       [--protocols TCP,UDP] [--datapath ebpf] [--encap vxlan|noencap] [--kubernetes]
+//!       [--protocols TCP,UDP] [--datapath ebpf] [--encap vxlan|geneve|noencap] [--values FILE]
 //!       --json OUT.json
-//!   sluice-lab up [--nodes N] [--encap vxlan|noencap]   (foreground; Ctrl-C or `down` ends it)
-//!   sluice-lab up --kubernetes [--nodes N] [--values FILE]; sluice-lab kubeconfig
+//!   sluice-lab up [--nodes N] [--encap vxlan|geneve|noencap] [--values FILE]
+//!       (foreground; Ctrl-C or `down` ends it); sluice-lab kubeconfig
 //!   sluice-lab conformance [--suites netpol,services] [--only TEXT] [--json OUT]
 //!   sluice-lab apply -f FILE | status | down
 //!   sluice-lab probe-service NS/NAME [--port N] [--udp] [--from NS/POD|NODE|external]
 //!       [--frontend cluster-ip|node-port|load-balancer|external-ip] [--node NODE] [--count N]
 //!
 //! `apply` and `probe-service` hand their request to the running `up` through files under
-//! `/run/sluice-lab/requests/`: the pods' namespaces and the API server live in that process.
+//! `/run/sluice-lab/requests/`: that process knows the lab's ports (pods run the lab's pod
+//! server on them) and reaches the pods' namespaces.
 
 use std::{
     collections::BTreeMap,
@@ -30,13 +31,11 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use sluice_tests::cluster::{conformance, Cluster, ClusterOptions};
 use sluice_tests::lab::{
     manifests,
-    report::{probe_all, truth_table, Probe, Protocol, Report, Step},
+    report::{truth_table, Protocol, Report, Step},
     services::{Frontend, ServiceProbes, Source},
-    Encap, Lab, LabOptions, Values,
 };
 use sluice_tests::probe::PROBE_TIMEOUT;
 
@@ -73,16 +72,15 @@ enum Cmd {
         /// without NetworkPolicy): the run is then a smoke test.
         #[arg(long)]
         expect_all_connected: bool,
-        /// A values file for the chart (deploy/chart/sluice): sluice-controller runs as the
-        /// chart configures it; with nodeIPAM.enable, Nodes get their podCIDRs from it.
+        /// A values file for the chart (deploy/chart/sluice), after the lab's own.
         #[arg(long)]
         values: Option<PathBuf>,
-        /// On a real Kubernetes cluster (kubelets, containerd, Sluice installed by its chart)
-        /// instead of the embedded API server; pods run the lab's pod server image.
-        #[arg(long)]
+        /// Accepted for scripts; the lab is always a real cluster.
+        #[arg(long, hide = true)]
         kubernetes: bool,
     },
-    /// Bring a cluster up and keep it until Ctrl-C or `sluice-lab down`.
+    /// Bring a cluster up and keep it until Ctrl-C or `sluice-lab down`; reach it with
+    /// `kubectl --kubeconfig $(sluice-lab kubeconfig)`.
     Up {
         #[arg(long, default_value_t = 2)]
         nodes: usize,
@@ -90,18 +88,15 @@ enum Cmd {
         encap: String,
         #[arg(long, value_delimiter = ',', default_value = "80,81")]
         ports: Vec<u16>,
-        /// A values file for the chart (deploy/chart/sluice): sluice-controller runs as the
-        /// chart configures it; with nodeIPAM.enable, Nodes get their podCIDRs from it.
+        /// A values file for the chart (deploy/chart/sluice), after the lab's own.
         #[arg(long)]
         values: Option<PathBuf>,
-        /// A real Kubernetes cluster (kube-apiserver, kubelets with containerd) with Sluice
-        /// installed by `helm install` of its chart, instead of the embedded API server; reach
-        /// it with `kubectl --kubeconfig $(sluice-lab kubeconfig)`.
-        #[arg(long)]
+        /// Accepted for scripts; the lab is always a real cluster.
+        #[arg(long, hide = true)]
         kubernetes: bool,
     },
-    /// The path of the running `up --kubernetes` cluster's admin kubeconfig, for kubectl and
-    /// helm on this machine.
+    /// The path of the running cluster's admin kubeconfig, for kubectl and helm on this
+    /// machine.
     Kubeconfig,
     /// Apply a manifest file to the running cluster.
     Apply {
@@ -181,11 +176,8 @@ fn main() -> Result<()> {
             json,
             values,
             expect_all_connected,
-            kubernetes,
+            kubernetes: _,
         } => {
-            if kubernetes && encap != "vxlan" {
-                bail!("--encap {encap:?} with --kubernetes: the cluster's chart values use vxlan");
-            }
             if datapath != "ebpf" {
                 bail!("--datapath {datapath:?}: only ebpf is available yet");
             }
@@ -193,23 +185,9 @@ fn main() -> Result<()> {
                 .iter()
                 .map(|p| Protocol::parse(p))
                 .collect::<Result<Vec<_>>>()?;
-            let options = LabOptions {
-                nodes,
-                encap: Encap::parse(&encap)?,
-                attach_mode: "auto".into(),
-                ports: ports.clone(),
-            };
+            let options = cluster_options(nodes, &encap, values)?;
             guarded(&stop, || {
-                let report = matrix(
-                    options,
-                    values.as_deref(),
-                    &manifests,
-                    &ports,
-                    &protocols,
-                    &json,
-                    &stop,
-                    kubernetes,
-                )?;
+                let report = matrix(options, &manifests, &ports, &protocols, &json, &stop)?;
                 if expect_all_connected {
                     all_connected(&report)?;
                 }
@@ -218,53 +196,31 @@ fn main() -> Result<()> {
         }
         Cmd::Up {
             nodes,
-            values,
+            encap,
             ports,
-            kubernetes: true,
-            ..
-        } => guarded(&stop, || up_kubernetes(nodes, values, &ports, &stop)),
+            values,
+            kubernetes: _,
+        } => {
+            let options = cluster_options(nodes, &encap, values)?;
+            guarded(&stop, || up(options, &ports, &stop))
+        }
         Cmd::Kubeconfig => {
             let path = Path::new(STATE_DIR).join("kubeconfig");
             if !path.exists() {
-                bail!("no running `sluice-lab up --kubernetes` cluster");
+                bail!("no running lab (start one with `sluice-lab up`)");
             }
             println!("{}", path.display());
             Ok(())
         }
-        Cmd::Up {
-            nodes,
-            encap,
-            ports,
-            values,
-            kubernetes: false,
-        } => {
-            let options = LabOptions {
-                nodes,
-                encap: Encap::parse(&encap)?,
-                attach_mode: "auto".into(),
-                ports,
-            };
-            guarded(&stop, || up(options, values.as_deref(), &stop))
-        }
-        Cmd::Apply { file } if kubernetes_running() => {
-            print!(
-                "{}",
-                kubectl(&["apply", "-f", &file.display().to_string()])?
-            );
-            Ok(())
-        }
         Cmd::Apply { file } => apply(&file),
-        Cmd::Status if kubernetes_running() => {
+        Cmd::Status => {
+            if !Path::new(STATE_DIR).join("kubeconfig").exists() {
+                bail!("no running lab (start one with `sluice-lab up`)");
+            }
             print!(
                 "{}",
                 kubectl(&["get", "nodes,pods,services", "-A", "-o", "wide"])?
             );
-            Ok(())
-        }
-        Cmd::Status => {
-            let status = std::fs::read_to_string(Path::new(STATE_DIR).join("status.txt"))
-                .context("no running lab (start one with `sluice-lab up`)")?;
-            print!("{status}");
             Ok(())
         }
         Cmd::Down => down(),
@@ -337,48 +293,42 @@ fn guarded(stop: &Arc<AtomicBool>, f: impl FnOnce() -> Result<()> + Send) -> Res
     })
 }
 
-/// Applies a manifest directory, waits until the agents hold it, probes every pair.
-type MatrixStep = dyn FnMut(&Path) -> Result<Vec<Probe>>;
+/// The cluster `--nodes`, `--encap` and `--values` ask for.
+fn cluster_options(nodes: usize, encap: &str, values: Option<PathBuf>) -> Result<ClusterOptions> {
+    let inline_values = match encap {
+        "vxlan" => None,
+        "geneve" => Some("tunnelType: geneve\n".to_string()),
+        "noencap" => Some("trafficEncapMode: noEncap\n".to_string()),
+        other => bail!("--encap {other:?}: expected vxlan, geneve or noencap"),
+    };
+    Ok(ClusterOptions {
+        values,
+        inline_values,
+        ..ClusterOptions::nodes(nodes)
+    })
+}
 
-#[allow(clippy::too_many_arguments)]
+/// Brings the cluster up, applies each manifest directory in turn, waits until the agents hold
+/// it and probes every pair; writes the report.
 fn matrix(
-    options: LabOptions,
-    values: Option<&Path>,
+    options: ClusterOptions,
     dirs: &[PathBuf],
     ports: &[u16],
     protocols: &[Protocol],
     json: &Path,
     stop: &AtomicBool,
-    kubernetes: bool,
 ) -> Result<Report> {
     let started = Instant::now();
-    let mut step: Box<MatrixStep> = if kubernetes {
-        let cluster = Cluster::up(ClusterOptions {
-            values: values.map(Path::to_path_buf),
-            ..ClusterOptions::nodes(options.nodes)
-        })?;
-        let (ports, protocols) = (ports.to_vec(), protocols.to_vec());
-        Box::new(move |dir| {
-            cluster.apply_lab_manifests(manifests::load_dir(dir)?, &ports)?;
-            cluster.wait_programmed(Duration::from_secs(60))?;
-            cluster.probe_all(&ports, &protocols, PROBE_TIMEOUT)
-        })
-    } else {
-        let mut lab = start(options, values)?;
-        let (ports, protocols) = (ports.to_vec(), protocols.to_vec());
-        Box::new(move |dir| {
-            lab.apply(manifests::load_dir(dir)?)?;
-            lab.wait_programmed(Duration::from_secs(30))?;
-            Ok(probe_all(&lab, &ports, &protocols))
-        })
-    };
+    let cluster = Cluster::up(options)?;
     println!("cluster up in {:.1?}", started.elapsed());
     let mut report = Report::default();
     for dir in dirs {
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        let probes = step(dir)?;
+        cluster.apply_lab_manifests(manifests::load_dir(dir)?, ports)?;
+        cluster.wait_programmed(Duration::from_secs(60))?;
+        let probes = cluster.probe_all(ports, protocols, PROBE_TIMEOUT)?;
         let connected = probes.iter().filter(|p| p.connected).count();
         println!(
             "\n== {} ({connected}/{} probes connected)",
@@ -433,53 +383,6 @@ fn index_legend(probes: &[sluice_tests::lab::report::Probe]) -> String {
         .join("  ")
 }
 
-/// The lab, with sluice-controller as the chart configures it when a values file is given.
-fn start(options: LabOptions, values: Option<&Path>) -> Result<Lab> {
-    match values {
-        Some(file) => Lab::up_with_values(
-            options,
-            Values {
-                file,
-                controller: "",
-            },
-        ),
-        None => Lab::up(options),
-    }
-}
-
-fn up(options: LabOptions, values: Option<&Path>, stop: &AtomicBool) -> Result<()> {
-    let state = claim_state_dir()?;
-    let requests = state.join("requests");
-    std::fs::create_dir_all(&requests)?;
-    let result = (|| {
-        let mut lab = start(options, values)?;
-        println!(
-            "lab up: {} nodes; kubeconfig {} (API server inside the lab namespace {})",
-            lab.nodes.len(),
-            lab.kubeconfig_path().display(),
-            lab.switch.name
-        );
-        println!("apply manifests with `sluice-lab apply -f FILE`, stop with Ctrl-C or `sluice-lab down`");
-        while !stop.load(Ordering::SeqCst) {
-            serve_requests(&requests, |kind, request| match kind {
-                "yaml" => Some(
-                    manifests::load_file(request)
-                        .and_then(|objects| lab.apply(objects))
-                        .map(|()| String::new()),
-                ),
-                "probe" => Some(probe_request(&lab, request)),
-                _ => None,
-            })?;
-            lab.sync()?;
-            std::fs::write(state.join("status.txt"), status_text(&lab))?;
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Ok(())
-    })();
-    let _ = std::fs::remove_dir_all(state);
-    result
-}
-
 /// Claims the lab's control directory for this process, or fails naming the running lab.
 fn claim_state_dir() -> Result<&'static Path> {
     let state = Path::new(STATE_DIR);
@@ -494,18 +397,11 @@ fn claim_state_dir() -> Result<&'static Path> {
     Ok(state)
 }
 
-fn up_kubernetes(
-    nodes: usize,
-    values: Option<PathBuf>,
-    ports: &[u16],
-    stop: &AtomicBool,
-) -> Result<()> {
+fn up(options: ClusterOptions, ports: &[u16], stop: &AtomicBool) -> Result<()> {
     let state = claim_state_dir()?;
     let result = (|| {
-        let cluster = Cluster::up(ClusterOptions {
-            values,
-            ..ClusterOptions::nodes(nodes)
-        })?;
+        let nodes = options.nodes;
+        let cluster = Cluster::up(options)?;
         let (_proxy, kubeconfig) = cluster.host_access()?;
         let requests = state.join("requests");
         std::fs::create_dir_all(&requests)?;
@@ -540,10 +436,6 @@ fn up_kubernetes(
     result
 }
 
-fn kubernetes_running() -> bool {
-    Path::new(STATE_DIR).join("kubeconfig").exists()
-}
-
 /// kubectl on this machine against the running `up --kubernetes` cluster.
 fn kubectl(args: &[&str]) -> Result<String> {
     sluice_tests::sh(
@@ -552,67 +444,6 @@ fn kubectl(args: &[&str]) -> Result<String> {
             .arg(Path::new(STATE_DIR).join("kubeconfig"))
             .args(args),
     )
-}
-
-fn status_text(lab: &Lab) -> String {
-    let mut out = String::from("NODE       INTERNAL-IP     POD-CIDR         READY\n");
-    let ready = lab.agents_ready();
-    for n in &lab.nodes {
-        out.push_str(&format!(
-            "{:<10} {:<15} {:<16} {}\n",
-            n.name, n.ip, n.pod_cidr, ready
-        ));
-    }
-    out.push_str("\nPOD                            IP\n");
-    for (pod, ip) in lab.pod_ips() {
-        out.push_str(&format!("{pod:<30} {ip}\n"));
-    }
-    out.push_str(
-        "\nSERVICE                        TYPE          CLUSTER-IP      EXTERNAL-IP       PORTS\n",
-    );
-    for svc in lab.api.list("services", None) {
-        let text = |v: &Value| v.as_str().unwrap_or("-").to_string();
-        let name = format!(
-            "{}/{}",
-            text(&svc["metadata"]["namespace"]),
-            text(&svc["metadata"]["name"])
-        );
-        let external: Vec<String> = svc["status"]["loadBalancer"]["ingress"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|i| text(&i["ip"]))
-            .chain(
-                svc["spec"]["externalIPs"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(text),
-            )
-            .collect();
-        // As kubectl prints them: port[:nodePort]/protocol.
-        let ports: Vec<String> = svc["spec"]["ports"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|p| match p["nodePort"].as_u64() {
-                Some(np) => format!("{}:{np}/{}", p["port"], text(&p["protocol"])),
-                None => format!("{}/{}", p["port"], text(&p["protocol"])),
-            })
-            .collect();
-        out.push_str(&format!(
-            "{name:<30} {:<13} {:<15} {:<17} {}\n",
-            text(&svc["spec"]["type"]),
-            text(&svc["spec"]["clusterIP"]),
-            if external.is_empty() {
-                "-".into()
-            } else {
-                external.join(",")
-            },
-            ports.join(",")
-        ));
-    }
-    out
 }
 
 /// Answers each request in `requests` that `handle` takes (by its extension), leaving files

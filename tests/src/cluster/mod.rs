@@ -6,6 +6,7 @@
 //! each node's containerd with the pause and agnhost images. Everything is ended and removed when
 //! the `Cluster` drops.
 
+mod agent;
 mod api_proxy;
 pub mod cgroup;
 pub mod conformance;
@@ -14,6 +15,7 @@ mod daemon;
 mod node;
 mod pki;
 pub mod probes;
+mod services;
 
 use std::{
     path::{Path, PathBuf},
@@ -119,6 +121,9 @@ pub struct Cluster {
     pub switch: Netns,
     /// How long `up` took to "all nodes Ready, Sluice running".
     pub startup: Duration,
+    /// Nodes started so far, crashed ones included: a node joining later never takes the name
+    /// or address of one whose Node object may still be in the API.
+    joined: usize,
 }
 
 impl Drop for Cluster {
@@ -174,29 +179,26 @@ impl Cluster {
             external,
             switch,
             startup: Duration::ZERO,
+            joined: 0,
         };
-        let pause = kube_image("pause");
-        let coredns = kube_image("coredns");
-        let images = [
-            pause.clone(),
-            kube_image("agnhost"),
-            coredns.clone(),
-            crate::containerd::image_archive(),
-            crate::containerd::lab_pod_archive(),
-        ];
-        let sandbox = image_name(&pause)?;
-        for index in 0..options.nodes {
-            let node = KubeNode::start(
-                index,
-                &cluster.dir,
-                &cluster.mount_dir,
-                &cluster.pki,
-                &cluster.switch,
-                &images,
-                &sandbox,
-            )?;
-            cluster.nodes.push(node);
+        for _ in 0..options.nodes {
+            cluster.start_node()?;
         }
+        if options.controller_manager.cluster_cidr.is_some() {
+            // kubeadm's order: the control plane allocates podCIDRs before a CNI is applied, so
+            // Sluice's controller finds them taken.
+            cluster.wait_for(
+                "kube-controller-manager's podCIDRs on every node",
+                Duration::from_secs(60),
+                || {
+                    let nodes = cluster.get(&["nodes"])?;
+                    let items = nodes["items"].as_array().cloned().unwrap_or_default();
+                    Ok(items.len() == cluster.nodes.len()
+                        && items.iter().all(|n| n["spec"]["podCIDR"].is_string()))
+                },
+            )?;
+        }
+        let coredns = kube_image("coredns");
         cluster.apply(&COREDNS.replace("COREDNS_IMAGE", &image_name(&coredns)?))?;
         cluster.install_sluice(options.values.as_deref(), options.inline_values.as_deref())?;
         cluster.wait_ready(Duration::from_secs(120))?;
@@ -331,18 +333,132 @@ impl Cluster {
     /// SIGKILLs the agent's container on `node` (found through the kubelet's pod status), as
     /// an OOM kill or a crash would; the kubelet restarts it.
     pub fn kill_agent(&self, node: &str) -> Result<()> {
-        let pod = self.agent_pod(node)?;
-        let status = &pod["status"]["containerStatuses"];
-        let id = status
+        self.kill_container(&self.agent_pod(node)?, "sluice-agent")
+    }
+
+    /// SIGKILLs `container` of `pod` (as stored) on its node, through containerd: a crash,
+    /// with no chance to clean up; the kubelet restarts it.
+    pub fn kill_container(&self, pod: &Value, container: &str) -> Result<()> {
+        let name = &pod["metadata"]["name"];
+        let id = pod["status"]["containerStatuses"]
             .as_array()
             .into_iter()
             .flatten()
-            .find(|c| c["name"] == "sluice-agent")
+            .find(|c| c["name"] == container)
             .and_then(|c| c["containerID"].as_str()?.strip_prefix("containerd://"))
-            .with_context(|| format!("no running agent container on {node}"))?
+            .with_context(|| format!("no running {container} container in pod {name}"))?
             .to_string();
-        let node = self.node(node).context("no such node")?;
+        let on = pod["spec"]["nodeName"].as_str().unwrap_or_default();
+        let node = self
+            .node(on)
+            .with_context(|| format!("pod {name} is on {on:?}, not a running node"))?;
         crate::sh(&mut node.ctr(&["tasks", "kill", "--signal", "SIGKILL", &id]))?;
+        Ok(())
+    }
+
+    /// Starts the next node (`node-<n>`): its containerd with the lab's images and its kubelet,
+    /// which registers the Node; returns its name without waiting for it.
+    pub fn start_node(&mut self) -> Result<String> {
+        let pause = kube_image("pause");
+        let images = [
+            pause.clone(),
+            kube_image("agnhost"),
+            kube_image("coredns"),
+            crate::containerd::image_archive(),
+            crate::containerd::lab_pod_archive(),
+        ];
+        let node = KubeNode::start(
+            self.joined,
+            &self.dir,
+            &self.mount_dir,
+            &self.pki,
+            &self.switch,
+            &images,
+            &image_name(&pause)?,
+        )?;
+        self.joined += 1;
+        let name = node.name.clone();
+        self.nodes.push(node);
+        Ok(name)
+    }
+
+    /// A machine joining the running cluster: starts the next node and waits until it is
+    /// Ready with its kube-system pods (Sluice's agent) ready. Returns its name.
+    pub fn add_node(&mut self, timeout: Duration) -> Result<String> {
+        let name = self.start_node()?;
+        self.wait_node_ready(&name, timeout)?;
+        Ok(name)
+    }
+
+    /// Waits until Node `name` is Ready and every kube-system pod on it (one agent at least)
+    /// runs with all containers ready. Other nodes are not looked at: Node objects without a
+    /// kubelet, or crashed nodes, never become Ready.
+    pub fn wait_node_ready(&mut self, name: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let nodes = self.get(&["nodes"])?;
+            self.route_pod_cidrs(&nodes)?;
+            let mut pending = Vec::new();
+            let node = nodes["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["metadata"]["name"] == name);
+            match node {
+                None => pending.push(format!("{name} not registered")),
+                Some(node) if !condition(node, "Ready") => {
+                    pending.push(format!("{name} not Ready"))
+                }
+                Some(_) => {}
+            }
+            let pods = self.get(&[
+                "pods",
+                "-n",
+                "kube-system",
+                "--field-selector",
+                &format!("spec.nodeName={name}"),
+            ])?;
+            let pods = pods["items"].as_array().cloned().unwrap_or_default();
+            if !pods
+                .iter()
+                .any(|p| p["metadata"]["labels"]["app.kubernetes.io/component"] == "agent")
+            {
+                pending.push(format!("no agent pod on {name}"));
+            }
+            for pod in pods.iter().filter(|p| !condition(p, "Ready")) {
+                pending.push(format!(
+                    "pod {} {}",
+                    pod["metadata"]["name"], pod["status"]["phase"]
+                ));
+            }
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if let Some(node) = self.nodes.iter_mut().find(|n| n.name == name) {
+                node.kubelet.check()?;
+                node.containerd.check()?;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{name} was not ready within {timeout:?}: {}\n{}",
+                    pending.join("; "),
+                    self.diagnose()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// The machine of node `name` fails: its kubelet, containerd and every container on it are
+    /// SIGKILLed at once (no pod is stopped gracefully), and its namespaces go. Its Node object
+    /// and pods stay in the API, as after a real machine failure, until someone deletes them.
+    pub fn crash_node(&mut self, name: &str) -> Result<()> {
+        let index = self
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .with_context(|| format!("no running node {name}"))?;
+        self.nodes.remove(index).crash();
         Ok(())
     }
 
@@ -355,18 +471,23 @@ impl Cluster {
             .context("/version has no gitVersion")
     }
 
-    fn install_sluice(&self, values: Option<&Path>, inline: Option<&str>) -> Result<()> {
-        let lab_values = self.dir.join("lab-values.yaml");
-        std::fs::write(&lab_values, LAB_VALUES)?;
+    /// `helm VERB sluice deploy/chart/sluice` as the cluster admin, from the lab namespace.
+    pub fn helm(&self, verb: &str) -> Command {
         let mut helm = Command::new("ip");
         helm.args(["netns", "exec", &self.switch.name])
             .arg(root().join("target/tools/bin/helm"))
-            .args(["install", "sluice"])
+            .args([verb, "sluice"])
             .arg(root().join("deploy/chart/sluice"))
             .args(["--namespace", "kube-system", "--kubeconfig"])
-            .arg(self.kubeconfig())
-            .arg("-f")
-            .arg(&lab_values);
+            .arg(self.kubeconfig());
+        helm
+    }
+
+    fn install_sluice(&self, values: Option<&Path>, inline: Option<&str>) -> Result<()> {
+        let lab_values = self.dir.join("lab-values.yaml");
+        std::fs::write(&lab_values, LAB_VALUES)?;
+        let mut helm = self.helm("install");
+        helm.arg("-f").arg(&lab_values);
         if let Some(values) = values {
             helm.arg("-f").arg(values);
         }

@@ -151,6 +151,13 @@ impl KubeNode {
         Ok(node)
     }
 
+    /// Ends the node as a machine failure would: the kubelet first, so that it restarts
+    /// nothing, then containerd, its shims and every container together, all with SIGKILL.
+    pub fn crash(mut self) {
+        self.kubelet.kill();
+        cgroup::remove(&self.cgroup);
+    }
+
     fn mount(&self) -> Result<()> {
         for (key, value) in KUBELET_SYSCTLS {
             std::fs::write(self.dir.join("sysctl").join(key.replace('/', ".")), value)?;

@@ -106,9 +106,19 @@ impl Cluster {
     /// current objects programmed (`names.json` in its state directory, `/var/lib/sluice` on the
     /// node).
     pub fn wait_programmed(&self, timeout: Duration) -> Result<()> {
+        self.wait_settled(timeout, true)
+    }
+
+    /// Waits until every agent reports the API's current objects programmed, whatever the
+    /// pods' state: after a node went away, its pods stay not Ready.
+    pub fn wait_agents_programmed(&self, timeout: Duration) -> Result<()> {
+        self.wait_settled(timeout, false)
+    }
+
+    fn wait_settled(&self, timeout: Duration, pods_ready: bool) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let pending = self.unprogrammed()?;
+            let pending = self.unprogrammed(pods_ready)?;
             if pending.is_empty() {
                 return Ok(());
             }
@@ -123,11 +133,11 @@ impl Cluster {
         }
     }
 
-    fn unprogrammed(&self) -> Result<Vec<String>> {
+    fn unprogrammed(&self, pods_ready: bool) -> Result<Vec<String>> {
         let mut pending: Vec<String> = self
             .lab_pods()?
             .iter()
-            .filter(|p| !condition(p, "Ready") || !p["status"]["podIP"].is_string())
+            .filter(|p| pods_ready && (!condition(p, "Ready") || !p["status"]["podIP"].is_string()))
             .map(|p| format!("pod {} not Ready", key(p)))
             .collect();
         let resources: Vec<&str> = WATCHED.iter().map(|(_, r)| *r).collect();
