@@ -456,27 +456,3 @@ async fn kube_clients_see_allocations_and_refusals() {
         other => panic!("expected 422 Invalid, got {other:?}"),
     }
 }
-
-/// `examples/services/` parses, and the API server admits every Service in it as documented,
-/// also when it is applied again.
-#[test]
-fn the_services_example_is_admitted() {
-    let api = server();
-    let file =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/services/shop.yaml");
-    let objects = sluice_tests::lab::manifests::load_file(&file).expect("the example parses");
-    // Twice: applied again, each object is replaced and keeps what it was allocated.
-    for obj in objects.iter().chain(&objects) {
-        sluice_tests::lab::manifests::create_or_replace(&api, obj.clone()).expect("admitted");
-    }
-    let spec = |name: &str| api.get("services", Some("shop"), name).expect(name)["spec"].clone();
-    assert_eq!(cluster_ip(&spec("dns")), "10.96.0.10");
-    assert_eq!(node_ports(&spec("web-nodeport")), [30080]);
-    assert!(spec("web-lb")["healthCheckNodePort"].is_u64());
-    assert_eq!(
-        spec("web-sticky")["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"],
-        60
-    );
-    assert_eq!(spec("web-headless")["clusterIP"], "None");
-    assert!(spec("docs").get("clusterIP").is_none());
-}
