@@ -24,19 +24,6 @@ fn pod(name: &str) -> serde_json::Value {
         "spec": {"containers": [{"name": "c", "image": "x"}]}})
 }
 
-/// Each pod's network namespace and address, by name.
-fn pods(cluster: &Cluster) -> BTreeMap<String, (PathBuf, Ipv4Addr)> {
-    let (sources, targets) = cluster.probe_endpoints().expect("pods");
-    let targets: BTreeMap<String, Ipv4Addr> = targets.into_iter().collect();
-    sources
-        .into_iter()
-        .map(|(key, netns)| {
-            let ip = targets[&key];
-            (key.trim_start_matches("default/").to_string(), (netns, ip))
-        })
-        .collect()
-}
-
 fn connects(pods: &BTreeMap<String, (PathBuf, Ipv4Addr)>, from: &str, to: &str) -> bool {
     probe::tcp_within(
         &pods[from].0,
@@ -79,7 +66,7 @@ fn pins_of_another_layout_are_replaced_with_a_flow_running() {
     cluster
         .wait_programmed(Duration::from_secs(60))
         .expect("programmed");
-    let pods = pods(&cluster);
+    let pods = cluster.pod_addresses(Some("default")).expect("pods");
     assert!(connects(&pods, "a", "b") && !connects(&pods, "c", "b"));
 
     // A plain restart adopts every pin.

@@ -15,19 +15,13 @@ use serde_json::{json, Value};
 use sluice_agent::model::CidrKey;
 use sluice_tests::{
     cluster::{condition, Cluster, ClusterOptions, KubeNode},
-    lab::report::Protocol,
+    lab::{report::Protocol, Encap},
     probe::{self, Flow, Servers},
     require_root,
 };
 
 const PORT: u16 = 80;
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
-
-#[derive(Clone, Copy, Debug)]
-enum Encap {
-    Vxlan,
-    NoEncap,
-}
 
 struct Lab {
     cluster: Cluster,
@@ -37,15 +31,7 @@ struct Lab {
 
 fn lab(encap: Encap) -> Lab {
     require_root();
-    let inline_values = match encap {
-        Encap::Vxlan => None,
-        Encap::NoEncap => Some("trafficEncapMode: noEncap\n".to_string()),
-    };
-    let cluster = Cluster::up(ClusterOptions {
-        inline_values,
-        ..ClusterOptions::nodes(2)
-    })
-    .expect("cluster up");
+    let cluster = Cluster::up(ClusterOptions::nodes(2).with_encap(encap)).expect("cluster up");
     let pods: Vec<Value> = (0..6)
         .map(|i| {
             json!({
@@ -61,15 +47,7 @@ fn lab(encap: Encap) -> Lab {
     cluster
         .wait_programmed(Duration::from_secs(60))
         .expect("programmed");
-    let (sources, targets) = cluster.probe_endpoints().expect("pods");
-    let targets: BTreeMap<String, Ipv4Addr> = targets.into_iter().collect();
-    let pods = sources
-        .into_iter()
-        .map(|(key, netns)| {
-            let ip = targets[&key];
-            (key.trim_start_matches("default/").to_string(), (netns, ip))
-        })
-        .collect();
+    let pods = cluster.pod_addresses(Some("default")).expect("pods");
     Lab { cluster, pods }
 }
 

@@ -233,20 +233,7 @@ impl Suite {
 
     /// `sluicectl` in the agent's container on `node`, as an operator runs it.
     fn sluicectl(&self, node: &str, args: &[&str]) -> String {
-        let pod = self.cluster.agent_pod(node).expect("agent pod");
-        let name = pod["metadata"]["name"].as_str().expect("agent pod name");
-        let mut command = vec![
-            "-n",
-            "kube-system",
-            "exec",
-            name,
-            "-c",
-            "sluice-agent",
-            "--",
-            "sluicectl",
-        ];
-        command.extend_from_slice(args);
-        self.kubectl(&command)
+        self.cluster.sluicectl(node, args).expect("sluicectl")
     }
 }
 

@@ -50,15 +50,7 @@ fn lab(map_sizes: &str) -> Lab {
     cluster
         .wait_programmed(Duration::from_secs(60))
         .expect("programmed");
-    let (sources, targets) = cluster.probe_endpoints().expect("pods");
-    let targets: BTreeMap<String, Ipv4Addr> = targets.into_iter().collect();
-    let pods = sources
-        .into_iter()
-        .map(|(key, netns)| {
-            let ip = targets[&key];
-            (key, (netns, ip))
-        })
-        .collect();
+    let pods = cluster.pod_addresses(None).expect("pods");
     Lab { cluster, pods }
 }
 
@@ -76,11 +68,7 @@ impl Lab {
     }
 
     fn agent_log(&self) -> String {
-        let pod = self.cluster.agent_pod("node-1").expect("agent pod");
-        let name = pod["metadata"]["name"].as_str().expect("name");
-        self.cluster
-            .kubectl(&["-n", "kube-system", "logs", name, "-c", "sluice-agent"])
-            .expect("agent log")
+        self.cluster.agent_log("node-1").expect("agent log")
     }
 }
 

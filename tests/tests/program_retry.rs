@@ -141,15 +141,7 @@ fn lab() -> Lab {
     cluster
         .wait_programmed(Duration::from_secs(60))
         .expect("programmed");
-    let (sources, targets) = cluster.probe_endpoints().expect("pods");
-    let targets: BTreeMap<String, Ipv4Addr> = targets.into_iter().collect();
-    let pods = sources
-        .into_iter()
-        .map(|(key, netns)| {
-            let ip = targets[&key];
-            (key.trim_start_matches("default/").to_string(), (netns, ip))
-        })
-        .collect();
+    let pods = cluster.pod_addresses(Some("default")).expect("pods");
     Lab { cluster, pods }
 }
 

@@ -9,15 +9,12 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 use serde_json::{json, Value};
 use sluice_tests::{
     cluster::{Cluster, ClusterOptions},
-    lab::services::{ServiceProbes, Source},
+    lab::{
+        services::{ServiceProbes, Source},
+        Encap,
+    },
     probe, require_root,
 };
-
-#[derive(Clone, Copy, Debug)]
-enum Encap {
-    Vxlan,
-    NoEncap,
-}
 
 const PORT: u16 = 80;
 const NODE_PORT: u16 = 30090;
@@ -25,15 +22,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 
 fn cluster(encap: Encap) -> Cluster {
     require_root();
-    let inline_values = match encap {
-        Encap::Vxlan => None,
-        Encap::NoEncap => Some("trafficEncapMode: noEncap\n".to_string()),
-    };
-    let cluster = Cluster::up(ClusterOptions {
-        inline_values,
-        ..ClusterOptions::nodes(2)
-    })
-    .expect("cluster up");
+    let cluster = Cluster::up(ClusterOptions::nodes(2).with_encap(encap)).expect("cluster up");
     apply(
         &cluster,
         vec![

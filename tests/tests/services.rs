@@ -14,7 +14,10 @@ use std::{
 use serde_json::{json, Value};
 use sluice_tests::{
     cluster::{Cluster, ClusterOptions},
-    lab::services::{ServiceProbes, Source},
+    lab::{
+        services::{ServiceProbes, Source},
+        Encap,
+    },
     probe::{self, session_server, Reply, Session},
     require_root,
 };
@@ -23,12 +26,6 @@ const PORT: u16 = 80;
 /// The `web` Service's cluster IP, asked for in its manifest (kube-dns holds 10.96.0.10).
 const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const SESSION_PORT: u16 = 9000;
-
-#[derive(Clone, Copy, Debug)]
-enum Encap {
-    Vxlan,
-    NoEncap,
-}
 
 fn pod(name: &str, node: usize, app: &str) -> Value {
     json!({
@@ -50,15 +47,11 @@ fn cluster_with_external_ips(encap: Encap) -> Cluster {
 /// Clients and web pods on both nodes, and the Service `web` in front of the web pods.
 fn up(encap: Encap, values: &str) -> Cluster {
     require_root();
-    let mut values = values.to_string();
-    if let Encap::NoEncap = encap {
-        values += "trafficEncapMode: noEncap\n";
-    }
-    let cluster = Cluster::up(ClusterOptions {
-        inline_values: (!values.is_empty()).then_some(values),
+    let options = ClusterOptions {
+        inline_values: Some(values.to_string()),
         ..ClusterOptions::nodes(2)
-    })
-    .expect("cluster up");
+    };
+    let cluster = Cluster::up(options.with_encap(encap)).expect("cluster up");
     settle(
         &cluster,
         vec![

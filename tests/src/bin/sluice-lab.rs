@@ -36,6 +36,7 @@ use sluice_tests::lab::{
     manifests,
     report::{truth_table, Protocol, Report, Step},
     services::{Frontend, ServiceProbes, Source},
+    Encap,
 };
 use sluice_tests::probe::PROBE_TIMEOUT;
 
@@ -295,17 +296,11 @@ fn guarded(stop: &Arc<AtomicBool>, f: impl FnOnce() -> Result<()> + Send) -> Res
 
 /// The cluster `--nodes`, `--encap` and `--values` ask for.
 fn cluster_options(nodes: usize, encap: &str, values: Option<PathBuf>) -> Result<ClusterOptions> {
-    let inline_values = match encap {
-        "vxlan" => None,
-        "geneve" => Some("tunnelType: geneve\n".to_string()),
-        "noencap" => Some("trafficEncapMode: noEncap\n".to_string()),
-        other => bail!("--encap {other:?}: expected vxlan, geneve or noencap"),
-    };
     Ok(ClusterOptions {
         values,
-        inline_values,
         ..ClusterOptions::nodes(nodes)
-    })
+    }
+    .with_encap(Encap::parse(encap)?))
 }
 
 /// Brings the cluster up, applies each manifest directory in turn, waits until the agents hold

@@ -107,6 +107,14 @@ impl ClusterOptions {
             controller_manager: ControllerManager::default(),
         }
     }
+
+    /// The chart's values for `encap`, after the inline values set so far.
+    pub fn with_encap(mut self, encap: crate::lab::Encap) -> ClusterOptions {
+        let mut values = self.inline_values.take().unwrap_or_default();
+        values.push_str(encap.config());
+        self.inline_values = Some(values);
+        self
+    }
 }
 
 /// Fields drop in order: nodes (their pods with them), the control plane, then the namespaces.

@@ -210,6 +210,24 @@ impl Cluster {
         Ok((sources, targets))
     }
 
+    /// Each lab pod's network namespace and address: the pods of namespace `ns` by name, or,
+    /// without `ns`, every lab pod by `ns/name`.
+    pub fn pod_addresses(&self, ns: Option<&str>) -> Result<BTreeMap<String, (PathBuf, Ipv4Addr)>> {
+        let (sources, targets) = self.probe_endpoints()?;
+        let targets: BTreeMap<String, Ipv4Addr> = targets.into_iter().collect();
+        Ok(sources
+            .into_iter()
+            .filter_map(|(key, netns)| {
+                let ip = targets[&key];
+                let name = match ns {
+                    Some(ns) => key.strip_prefix(&format!("{ns}/"))?.to_string(),
+                    None => key,
+                };
+                Some((name, (netns, ip)))
+            })
+            .collect())
+    }
+
     /// Every ordered pair of lab pods on each port and protocol.
     pub fn probe_all(
         &self,

@@ -63,7 +63,8 @@ impl Encap {
         }
     }
 
-    fn config(self) -> &'static str {
+    /// The agent config keys, which are also the chart's values of the same names.
+    pub fn config(self) -> &'static str {
         match self {
             Encap::Vxlan => "trafficEncapMode: encap\ntunnelType: vxlan\n",
             Encap::Geneve => "trafficEncapMode: encap\ntunnelType: geneve\n",
