@@ -2,7 +2,6 @@
 //! the real `sluice-cni` binary called the way a container runtime calls it, servers in pods and
 //! TCP/UDP probes. Everything it creates is deleted when its guard drops, also on panic.
 
-pub mod apiserver;
 pub mod cluster;
 pub mod containerd;
 pub mod lab;

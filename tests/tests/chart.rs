@@ -276,6 +276,35 @@ fn component_image_keys_win_over_image() {
     );
 }
 
+/// The controller runs on the host network, so its health port is the node's: the scheduler must
+/// know (a hostPort), or a second replica lands beside the first and crash-loops on a taken port;
+/// and a rollout must free the port before the new replica starts.
+#[test]
+fn controller_replicas_never_share_a_node() {
+    let objects = render(
+        &None,
+        &[
+            "--set",
+            "controller.replicas=2",
+            "--set",
+            "controller.healthPort=9500",
+        ],
+    )
+    .unwrap();
+    let deployment = object(&objects, "Deployment", "sluice-controller");
+    let spec = &deployment["spec"]["template"]["spec"];
+    assert_eq!(spec["hostNetwork"], true);
+    let ports = spec["containers"][0]["ports"].as_sequence().expect("ports");
+    assert!(
+        ports
+            .iter()
+            .any(|p| p["hostPort"] == 9500 && p["containerPort"] == 9500),
+        "{ports:?}"
+    );
+    let rolling = &deployment["spec"]["strategy"]["rollingUpdate"];
+    assert_eq!(rolling["maxSurge"], 0, "{rolling:?}");
+}
+
 #[test]
 fn a_config_change_rolls_the_agents() {
     let checksum = |extra: &[&str]| {

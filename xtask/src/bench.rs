@@ -10,7 +10,7 @@ pub enum Which {
     All,
     /// Pod-to-pod TCP throughput and request/response latency on one node.
     Forward,
-    /// Pod to pod across two lab nodes, encap and noEncap, against plain VXLAN and routing.
+    /// Pod to pod across two cluster nodes, encap and noEncap, against plain VXLAN and routing.
     CrossNode,
     /// Time from an API change to its map entry (p50/p99 over 100 changes).
     ControlPlane,
@@ -25,6 +25,9 @@ pub fn run(which: Which) -> Result<()> {
     crate::setup::check()?;
     crate::build::ebpf()?;
     crate::require_root("the benchmarks")?;
+    // The cross-node, control-plane, policy and Service parts run the real cluster, whose
+    // Sluice pods run the image.
+    crate::image::build()?;
     crate::run(crate::cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     let names: &[&str] = match which {
         Which::All => &[

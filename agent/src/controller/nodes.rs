@@ -21,7 +21,7 @@ use kube::{
     Api,
 };
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::k8s::{self, EventSink};
 
@@ -33,6 +33,11 @@ use super::{
 /// How soon a Node whose podCIDR could not be written (API error, exhaustion) is tried again.
 const RETRY: Duration = Duration::from_secs(5);
 
+/// Writes of a Node's podCIDR refused as stale (409: the kubelet, a label, a taint changed the
+/// Node since it was read), each retried at once on a fresh read, before the Node waits for
+/// [`RETRY`].
+const STALE_WRITES: usize = 4;
+
 pub struct NodeIpamController {
     api: Api<Node>,
     settings: NodeIpamSettings,
@@ -42,6 +47,9 @@ pub struct NodeIpamController {
     retry: BTreeSet<String>,
     /// Nodes whose exhaustion was reported: once, not every retry.
     exhausted: BTreeSet<String>,
+    /// Nodes whose podCIDR was written and whose watch event for it has not come yet: the events
+    /// before it are older than the write (a podCIDR, once set, never goes).
+    written: BTreeSet<String>,
     /// Each Node's addresses as last checked against the cluster CIDRs.
     addresses: BTreeMap<String, Vec<(IpAddr, String)>>,
 }
@@ -55,6 +63,7 @@ impl NodeIpamController {
             events,
             retry: BTreeSet::new(),
             exhausted: BTreeSet::new(),
+            written: BTreeSet::new(),
             addresses: BTreeMap::new(),
         }
     }
@@ -80,6 +89,7 @@ impl NodeIpamController {
                         self.ipam.release(&name);
                         self.retry.remove(&name);
                         self.exhausted.remove(&name);
+                        self.written.remove(&name);
                         self.addresses.remove(&name);
                     }
                 },
@@ -93,6 +103,7 @@ impl NodeIpamController {
     async fn rebuild(&mut self, nodes: Vec<Node>) {
         self.ipam = NodeIpam::new(&self.settings);
         self.retry.clear();
+        self.written.clear();
         self.addresses.clear();
         let (with, without): (Vec<Node>, Vec<Node>) = nodes
             .into_iter()
@@ -135,9 +146,14 @@ impl NodeIpamController {
         }
         if !cidrs.is_empty() {
             self.retry.remove(&name);
+            self.written.remove(&name);
             for conflict in self.ipam.observe(&name, &cidrs) {
                 self.report_conflict(node, &conflict).await;
             }
+            return;
+        }
+        if self.written.contains(&name) {
+            debug!(node = %name, "an event from before its podCIDR was written");
             return;
         }
         if let Err(e) = self.assign(node).await {
@@ -160,9 +176,10 @@ impl NodeIpamController {
     }
 
     /// Allocates and writes the Node's blocks. The patch carries the resourceVersion the Node
-    /// was read at: if another writer (kube-controller-manager's allocator, a platform) set a
-    /// podCIDR meanwhile, the API refuses it, the blocks go back, and the Node's own podCIDR is
-    /// observed when the watch brings it.
+    /// was read at, so that a podCIDR another writer (kube-controller-manager's allocator, a
+    /// platform) set meanwhile is never overwritten: a refused write is retried on a fresh read
+    /// unless that read has a podCIDR, which the watch then brings to [`NodeIpam::observe`]. The
+    /// blocks stay the Node's until then, so a retry writes the same ones.
     async fn assign(&mut self, node: &Node) -> Result<()> {
         let name = node.metadata.name.clone().unwrap_or_default();
         let blocks = match self.ipam.allocate(&name) {
@@ -176,25 +193,39 @@ impl NodeIpamController {
             }
         };
         let texts: Vec<String> = blocks.iter().map(ToString::to_string).collect();
-        let patch = json!({
-            "metadata": {"resourceVersion": node.metadata.resource_version},
-            "spec": {"podCIDR": texts[0], "podCIDRs": texts},
-        });
-        match self
-            .api
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
-                self.exhausted.remove(&name);
-                info!(node = %name, podCIDRs = ?texts, "assigned");
-                Ok(())
-            }
-            Err(e) => {
-                self.ipam.release(&name);
-                Err(e.into())
+        let mut resource_version = node.metadata.resource_version.clone();
+        for _ in 0..STALE_WRITES {
+            let patch = json!({
+                "metadata": {"resourceVersion": resource_version},
+                "spec": {"podCIDR": texts[0], "podCIDRs": texts},
+            });
+            match self
+                .api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    self.exhausted.remove(&name);
+                    self.written.insert(name.clone());
+                    info!(node = %name, podCIDRs = ?texts, "assigned");
+                    return Ok(());
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    info!(node = %name, "the Node changed since it was read: writing its podCIDR on a fresh read");
+                    let Some(fresh) = self.api.get_opt(&name).await? else {
+                        self.ipam.release(&name);
+                        return Ok(());
+                    };
+                    if !k8s::all_pod_cidrs(&fresh).0.is_empty() {
+                        info!(node = %name, "the Node got a podCIDR from another writer");
+                        return Ok(());
+                    }
+                    resource_version = fresh.metadata.resource_version;
+                }
+                Err(e) => return Err(e.into()),
             }
         }
+        anyhow::bail!("{STALE_WRITES} writes refused as stale: the Node changes faster than it can be written")
     }
 
     async fn report_conflict(&self, node: &Node, conflict: &Conflict) {

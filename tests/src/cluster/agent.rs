@@ -3,7 +3,7 @@
 //! mount namespace, and the pods' sandboxes found through containerd before the API knows them.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     time::{Duration, Instant},
@@ -15,6 +15,43 @@ use sluice_agent::datapath::ebpf::Maps;
 use sluice_common::HAIRPIN_IPV4;
 
 use super::{Cluster, KubeNode};
+
+/// The field of `names.json` the suites wait on. Read alone: the file also names every rule, pod
+/// and Service (hundreds of KiB with 10,000 Services), which need not become a `Value` on every
+/// poll.
+#[derive(serde::Deserialize)]
+struct Reported {
+    #[serde(rename = "programmedResourceVersions")]
+    programmed: BTreeMap<String, u64>,
+}
+
+/// The watched kinds, as the agent names them, with their API resource.
+pub(crate) const WATCHED: [(&str, &str); 6] = [
+    ("Node", "nodes"),
+    ("Namespace", "namespaces"),
+    ("Pod", "pods"),
+    ("Service", "services"),
+    ("EndpointSlice", "endpointslices"),
+    ("NetworkPolicy", "networkpolicies"),
+];
+
+fn programmed_revisions(names_json: &std::path::Path) -> BTreeMap<String, u64> {
+    let names = std::fs::read(names_json).unwrap_or_default();
+    serde_json::from_slice::<Reported>(&names).map_or_else(|_| BTreeMap::new(), |r| r.programmed)
+}
+
+/// The kinds whose `targets` revision is above what `reported` says programmed, as
+/// "Pod at 12 of 15".
+pub fn behind(reported: &BTreeMap<String, u64>, targets: &BTreeMap<String, u64>) -> Vec<String> {
+    targets
+        .iter()
+        .filter(|(kind, target)| reported.get(*kind).copied().unwrap_or(0) < **target)
+        .map(|(kind, target)| {
+            let at = reported.get(kind).copied().unwrap_or(0);
+            format!("{kind} at {at} of {target}")
+        })
+        .collect()
+}
 
 /// Where the chart's agent pins its maps, on the node (`bpffsDir`'s default).
 const BPFFS_DIR: &str = "/sys/fs/bpf/sluice";
@@ -31,6 +68,17 @@ impl KubeNode {
             .context("the node's containerd is not running")
     }
 
+    /// What the agent reports programmed (`names.json` in its state directory, `/var/lib/sluice`
+    /// on the node): the newest resourceVersion of each kind; empty before its first report.
+    pub fn programmed_revisions(&self) -> BTreeMap<String, u64> {
+        programmed_revisions(&self.names_json())
+    }
+
+    /// The agent's report file, as this process opens it.
+    pub fn names_json(&self) -> PathBuf {
+        self.dir.join("var-lib/sluice/names.json")
+    }
+
     /// The routes the agent owns on this node other than the two every node has for Services
     /// (the Service CIDR and the hairpin address, through the gateway): other nodes' pod
     /// CIDRs. An error when one of those two is missing.
@@ -43,7 +91,7 @@ impl KubeNode {
             .filter_map(|l| l.split_whitespace().next()?.parse().ok())
             .collect();
         let hairpin = IpNetwork::new(IpAddr::V4(Ipv4Addr::from(HAIRPIN_IPV4)), 32)?;
-        let services: IpNetwork = crate::apiserver::SERVICE_CIDR.parse()?;
+        let services: IpNetwork = super::SERVICE_CIDR.parse()?;
         for (route, what) in [
             (services, "the Service CIDR"),
             (hairpin, "the hairpin address"),

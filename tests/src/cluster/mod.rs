@@ -9,6 +9,7 @@
 mod agent;
 mod api_proxy;
 pub mod cgroup;
+mod client;
 pub mod conformance;
 mod control_plane;
 mod daemon;
@@ -16,6 +17,13 @@ mod node;
 mod pki;
 pub mod probes;
 mod services;
+
+pub use agent::behind;
+pub use client::AdminClient;
+
+/// The Service CIDR kube-apiserver allocates ClusterIPs from (the chart's `serviceCIDR` in
+/// `lab-values.yaml`).
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 
 use std::{
     path::{Path, PathBuf},
@@ -175,7 +183,7 @@ impl Cluster {
             &dir,
             &pki,
             &switch,
-            crate::apiserver::SERVICE_CIDR,
+            SERVICE_CIDR,
             &options.controller_manager,
         )?;
         let mut cluster = Cluster {
@@ -347,6 +355,23 @@ impl Cluster {
     /// SIGKILLs `container` of `pod` (as stored) on its node, through containerd: a crash,
     /// with no chance to clean up; the kubelet restarts it.
     pub fn kill_container(&self, pod: &Value, container: &str) -> Result<()> {
+        self.container_task(pod, container, &["kill", "--signal", "SIGKILL"])
+    }
+
+    /// Runs `ctr tasks <verb> <id>` on the task of `container` of `pod` (as stored), on its
+    /// node: `kill`, or `pause`/`resume` (the cgroup freezer: the process keeps its sockets
+    /// and reads nothing from them meanwhile).
+    pub fn container_task(&self, pod: &Value, container: &str, verb: &[&str]) -> Result<()> {
+        let (node, id) = self.container(pod, container)?;
+        let mut args = vec!["tasks"];
+        args.extend_from_slice(verb);
+        args.push(&id);
+        crate::sh(&mut node.ctr(&args))?;
+        Ok(())
+    }
+
+    /// The node running `container` of `pod` (as stored), and the container's ID there.
+    fn container(&self, pod: &Value, container: &str) -> Result<(&KubeNode, String)> {
         let name = &pod["metadata"]["name"];
         let id = pod["status"]["containerStatuses"]
             .as_array()
@@ -360,8 +385,7 @@ impl Cluster {
         let node = self
             .node(on)
             .with_context(|| format!("pod {name} is on {on:?}, not a running node"))?;
-        crate::sh(&mut node.ctr(&["tasks", "kill", "--signal", "SIGKILL", &id]))?;
-        Ok(())
+        Ok((node, id))
     }
 
     /// Starts the next node (`node-<n>`): its containerd with the lab's images and its kubelet,

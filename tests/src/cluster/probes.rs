@@ -15,12 +15,13 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::{condition, Cluster};
+use super::{
+    agent::{behind, WATCHED},
+    condition, Cluster,
+};
 use crate::lab::{
-    behind, programmed_revisions,
     report::{probe_pairs, Probe, Protocol},
     services::{ServiceProbes, Source},
-    WATCHED,
 };
 
 /// The image `cargo xtask image` builds from `tests/pod`.
@@ -140,6 +141,19 @@ impl Cluster {
             .filter(|p| pods_ready && (!condition(p, "Ready") || !p["status"]["podIP"].is_string()))
             .map(|p| format!("pod {} not Ready", key(p)))
             .collect();
+        let targets = self.revisions()?;
+        for node in &self.nodes {
+            let late = behind(&node.programmed_revisions(), &targets);
+            if !late.is_empty() {
+                pending.push(format!("{}: programmed {}", node.name, late.join(", ")));
+            }
+        }
+        Ok(pending)
+    }
+
+    /// The API's newest resourceVersion of each kind the agents watch: what an agent has
+    /// programmed once it reports these.
+    pub fn revisions(&self) -> Result<BTreeMap<String, u64>> {
         let resources: Vec<&str> = WATCHED.iter().map(|(_, r)| *r).collect();
         let objects = self.get(&[&resources.join(","), "-A"])?;
         let mut targets: BTreeMap<String, u64> = BTreeMap::new();
@@ -155,14 +169,7 @@ impl Cluster {
             let newest = targets.entry(kind.to_string()).or_default();
             *newest = (*newest).max(version);
         }
-        for node in &self.nodes {
-            let names = node.dir.join("var-lib/sluice/names.json");
-            let late = behind(&programmed_revisions(&names), &targets);
-            if !late.is_empty() {
-                pending.push(format!("{}: programmed {}", node.name, late.join(", ")));
-            }
-        }
-        Ok(pending)
+        Ok(targets)
     }
 
     /// Every running container's process, by container ID, on every node.

@@ -5,7 +5,6 @@ use std::{fmt, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use serde::Serialize;
 
-use super::Lab;
 use crate::probe;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -55,26 +54,6 @@ pub struct Step {
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
     pub steps: Vec<Step>,
-}
-
-/// Probes run in parallel per source pod, port and protocol; each waits at most `timeout`.
-pub fn probe_all(lab: &Lab, ports: &[u16], protocols: &[Protocol]) -> Vec<Probe> {
-    probe_all_within(lab, ports, protocols, probe::PROBE_TIMEOUT)
-}
-
-pub fn probe_all_within(
-    lab: &Lab,
-    ports: &[u16],
-    protocols: &[Protocol],
-    timeout: Duration,
-) -> Vec<Probe> {
-    let sources = lab
-        .kubelet
-        .pods()
-        .map(|(name, pod)| (name.clone(), pod.netns.path()))
-        .collect();
-    let targets = lab.pod_ips().into_iter().collect();
-    probe_pairs(sources, targets, ports, protocols, timeout)
 }
 
 /// Probes every target from inside every source's network namespace (`(name, netns path)`), on

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
 
-use super::{controllers::selects, report::Protocol, Lab};
+use super::report::Protocol;
 use crate::probe::{self, Reply};
 
 /// Where a probe starts.
@@ -24,7 +24,7 @@ pub enum Source {
     Pod(String),
     /// A node's own network namespace (host network), by node name.
     Node(String),
-    /// The external client, [`Lab::external`].
+    /// The external client, [`crate::cluster::Cluster::external`].
     External,
 }
 
@@ -191,7 +191,9 @@ pub trait ServiceProbes {
         let selected: BTreeSet<String> = self
             .pods_in(ns)?
             .iter()
-            .filter(|p| selector.is_some_and(|s| selects(s, p)))
+            .filter(|p| {
+                selector.is_some_and(|s| s.iter().all(|(k, v)| p["metadata"]["labels"][k] == *v))
+            })
             .map(|p| {
                 format!(
                     "{ns}/{}",
@@ -218,51 +220,6 @@ pub trait ServiceProbes {
                 .args(["ip", "route", "replace", &format!("{ip}/32"), "via", &via]),
         )?;
         Ok(())
-    }
-}
-
-impl ServiceProbes for Lab {
-    fn service(&self, ns: &str, name: &str) -> Result<Value> {
-        self.api
-            .get("services", Some(ns), name)
-            .ok_or_else(|| anyhow!("no Service {ns}/{name}"))
-    }
-
-    fn pods_in(&self, ns: &str) -> Result<Vec<Value>> {
-        Ok(self.api.list("pods", Some(ns)))
-    }
-
-    fn running_pods(&self) -> Result<Vec<String>> {
-        Ok(self.kubelet.pods().map(|(key, _)| key.clone()).collect())
-    }
-
-    fn node_ip(&self, node: &str) -> Result<Ipv4Addr> {
-        self.node(node)
-            .map(|n| n.ip)
-            .ok_or_else(|| anyhow!("no lab node {node}"))
-    }
-
-    fn netns_of(&self, source: &Source) -> Result<PathBuf> {
-        match source {
-            Source::Pod(key) => self
-                .kubelet
-                .pod(key)
-                .map(|p| p.netns.path())
-                .ok_or_else(|| anyhow!("no running pod {key}")),
-            Source::Node(name) => self
-                .node(name)
-                .map(|n| n.node.ns.path())
-                .ok_or_else(|| anyhow!("no lab node {name}")),
-            Source::External => Ok(self.external().path()),
-        }
-    }
-
-    fn external_netns(&self) -> PathBuf {
-        self.external().path()
-    }
-
-    fn settle(&self, timeout: std::time::Duration) -> Result<()> {
-        self.wait_programmed(timeout)
     }
 }
 

@@ -38,12 +38,12 @@ const RR_LIMIT: Duration = Duration::from_secs(5);
 const IPERF_PORT: u16 = 5201;
 const RR_PORT: u16 = 7000;
 
-/// Two endpoints that can talk: client namespace, server namespace, server address.
+/// Two endpoints that can talk: client network namespace, server network namespace (paths, as
+/// `nsenter --net` takes them), server address.
 pub struct Pair {
     pub name: &'static str,
     pub client: PathBuf,
     pub server: PathBuf,
-    pub server_ns: String,
     pub server_ip: Ipv4Addr,
 }
 
@@ -100,21 +100,18 @@ fn forward() -> Result<()> {
             name: "veth pair",
             client: va.path(),
             server: vb.path(),
-            server_ns: vb.name.clone(),
             server_ip: "10.77.0.2".parse()?,
         },
         Pair {
             name: "Linux bridge",
             client: ba.path(),
             server: bb.path(),
-            server_ns: bb.name.clone(),
             server_ip: "10.78.0.2".parse()?,
         },
         Pair {
             name: "Sluice (eBPF)",
             client: pa.ns.path(),
             server: pb.ns.path(),
-            server_ns: pb.ns.name.clone(),
             server_ip: pb.ip,
         },
     ];
@@ -186,34 +183,22 @@ fn link_pair(a: &Netns, b: &Netns, ip_a: &str, ip_b: &str) -> Result<()> {
 
 /// One iperf3 run; the server serves exactly one test (-1) and exits.
 fn iperf(pair: &Pair) -> Result<f64> {
-    let mut server = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pair.server_ns,
-            "iperf3",
-            "-s",
-            "-1",
-            "-p",
-            &IPERF_PORT.to_string(),
-        ])
+    let in_ns = |netns: &Path| {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={}", netns.display()))
+            .arg("iperf3");
+        command
+    };
+    let mut server = in_ns(&pair.server)
+        .args(["-s", "-1", "-p", &IPERF_PORT.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("starting iperf3 -s (run cargo xtask setup)")?;
     std::thread::sleep(Duration::from_millis(300));
-    let client_ns = pair
-        .client
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    let out = Command::new("ip")
+    let out = in_ns(&pair.client)
         .args([
-            "netns",
-            "exec",
-            &client_ns,
-            "iperf3",
             "-c",
             &pair.server_ip.to_string(),
             "-p",

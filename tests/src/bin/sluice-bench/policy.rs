@@ -16,15 +16,17 @@ use aya::{
     maps::lpm_trie::Key,
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::Api;
 use serde_json::{json, Value};
-use sluice_agent::model::policy::PolicyLpmKey;
+use sluice_agent::{datapath::ebpf::Maps, model::policy::PolicyLpmKey};
 use sluice_common::{
     DropReason, EndpointPolicy, Identity, IpKey, PolicyKey, PolicyRule, IP_KEY_PREFIX_BITS,
     POLICY_KEY_EXACT_BITS,
 };
 use sluice_tests::{
+    cluster::{AdminClient, Cluster, ClusterOptions},
     in_netns,
-    lab::{Encap, Lab, LabOptions},
     test_run::{harness, ipv4_l4, Harness, Setup, GW_MAC, OUTSIDE_V4, PEER_V4, POD_V4},
     Netns,
 };
@@ -247,29 +249,13 @@ fn connection_rate() -> Result<()> {
         ns.exec(&["ip", "addr", "add", ip, "dev", "eth0"])?;
         ns.exec(&["ip", "link", "set", "eth0", "up"])?;
     }
-    // Sluice: one node, a client and a server pod.
-    let mut lab = Lab::up(LabOptions {
-        nodes: 1,
-        encap: Encap::Vxlan,
-        attach_mode: "auto".into(),
-        ports: vec![80],
-    })?;
-    lab.apply(["client", "server"].iter().map(|n| pod(n)).collect())?;
-    lab.wait_programmed(Duration::from_secs(20))?;
-    let client_pod = lab
-        .kubelet
-        .pod("default/client")
-        .context("client pod")?
-        .netns
-        .path();
-    let server_pod = lab
-        .kubelet
-        .pod("default/server")
-        .context("server pod")?
-        .netns
-        .path();
-    let server_ip = lab.kubelet.pod("default/server").context("server pod")?.ip;
-    let client_ip = lab.kubelet.pod("default/client").context("client pod")?.ip;
+    // Sluice: one node of the real cluster, a client and a server pod.
+    let (cluster, admin) = one_node(&["client", "server"])?;
+    let pods = cluster.pod_addresses(Some("default"))?;
+    let (client_pod, client_ip) = pods.get("client").context("client pod")?.clone();
+    let (server_pod, server_ip) = pods.get("server").context("server pod")?.clone();
+    let policies: Api<NetworkPolicy> = Api::namespaced(admin.client.clone(), "default");
+    let maps = cluster.nodes[0].maps()?;
 
     for &n in &RULE_COUNTS {
         // Sluice: n ipBlock rules that do not match plus one that lets the client in.
@@ -277,12 +263,8 @@ fn connection_rate() -> Result<()> {
         if n > 0 {
             let mut rules: Vec<Value> = (0..n).map(|i| json!({"from": [{"ipBlock": {"cidr": format!("{}/32", rule_peer(i))}}], "ports": [{"port": ACCEPT_PORT}]})).collect();
             rules.push(json!({"from": [{"ipBlock": {"cidr": format!("{client_ip}/32")}}], "ports": [{"port": ACCEPT_PORT}]}));
-            lab.apply(vec![
-                json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                "metadata": {"name": name, "namespace": "default"},
-                "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "ingress": rules}}),
-            ])?;
-            wait_policy_entries(&lab, n as usize)?;
+            admin.create(&policies, &policy(&name, rules)?)?;
+            wait_policy_entries(&maps, n as usize)?;
         }
         // iptables: the same count of non-matching rules, then the client's.
         let rules: String = (0..n)
@@ -310,9 +292,7 @@ fn connection_rate() -> Result<()> {
         }
         let (sluice, iptables) = (median(sluice), median(iptables));
         if n > 0 {
-            lab.api
-                .delete("networkpolicies", Some("default"), &name)
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            admin.delete(&policies, &name)?;
         }
         println!(
             "| {n} | {sluice:.0} | {iptables:.0} | {:.2} |",
@@ -338,14 +318,30 @@ fn restore(ns: &Netns, rules: &str) -> Result<()> {
     Ok(())
 }
 
+/// A pod of the lab's pod server on node-1, labelled `app: <name>`.
 pub fn pod(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default", "labels": {"app": name}},
            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "x"}]}})
 }
 
-/// Waits until node-1's POLICY map holds at least `rules` entries.
-fn wait_policy_entries(lab: &Lab, rules: usize) -> Result<Duration> {
-    let maps = sluice_agent::datapath::ebpf::Maps::from_pins(&lab.nodes[0].node.bpffs)?;
+/// A one-node cluster running `pods` (see [`pod`]), programmed, and a client to write to it.
+pub fn one_node(pods: &[&str]) -> Result<(Cluster, AdminClient)> {
+    let cluster = Cluster::up(ClusterOptions::nodes(1))?;
+    cluster.apply_lab_manifests(pods.iter().map(|n| pod(n)).collect(), &[80])?;
+    cluster.wait_programmed(Duration::from_secs(60))?;
+    let admin = cluster.admin_client()?;
+    Ok((cluster, admin))
+}
+
+/// A NetworkPolicy `name` letting `ingress` rules into the `app: server` pod.
+fn policy(name: &str, ingress: Vec<Value>) -> Result<NetworkPolicy> {
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "ingress": ingress}}))?)
+}
+
+/// Waits until the POLICY map holds at least `rules` entries.
+fn wait_policy_entries(maps: &Maps, rules: usize) -> Result<Duration> {
     let start = Instant::now();
     while maps.policy_tables()?.policy.len() < rules {
         anyhow::ensure!(
@@ -359,28 +355,17 @@ fn wait_policy_entries(lab: &Lab, rules: usize) -> Result<Duration> {
 
 /// Time from creating (then deleting) a 1,000-rule policy to its entries in the kernel.
 fn programming_time() -> Result<()> {
-    let mut lab = Lab::up(LabOptions {
-        nodes: 1,
-        encap: Encap::Vxlan,
-        attach_mode: "auto".into(),
-        ports: vec![],
-    })?;
-    lab.apply(vec![pod("server")])?;
-    lab.wait_programmed(Duration::from_secs(20))?;
+    let (cluster, admin) = one_node(&["server"])?;
+    let policies: Api<NetworkPolicy> = Api::namespaced(admin.client.clone(), "default");
+    let maps = cluster.nodes[0].maps()?;
     let rules: Vec<Value> = (0..1_000).map(|i| json!({"from": [{"ipBlock": {"cidr": format!("{}/32", rule_peer(i))}}], "ports": [{"port": 80}]})).collect();
+    let thousand = policy("thousand", rules)?;
     let start = Instant::now();
-    lab.apply(vec![
-        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "thousand", "namespace": "default"},
-        "spec": {"podSelector": {"matchLabels": {"app": "server"}}, "ingress": rules}}),
-    ])?;
-    wait_policy_entries(&lab, 1_000)?;
+    admin.create(&policies, &thousand)?;
+    wait_policy_entries(&maps, 1_000)?;
     let added = start.elapsed();
-    let maps = sluice_agent::datapath::ebpf::Maps::from_pins(&lab.nodes[0].node.bpffs)?;
     let start = Instant::now();
-    lab.api
-        .delete("networkpolicies", Some("default"), "thousand")
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    admin.delete(&policies, "thousand")?;
     while !maps.policy_tables()?.policy.is_empty() {
         anyhow::ensure!(
             start.elapsed() < Duration::from_secs(60),

@@ -1,5 +1,5 @@
 //! New connections per second through a ClusterIP in real network namespaces: Sluice on a
-//! one-node lab against kube-proxy's rules (`kube_proxy.rs`), rounds interleaved.
+//! one-node cluster against kube-proxy's rules (`kube_proxy.rs`), rounds interleaved.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -11,37 +11,28 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use sluice_agent::datapath::ebpf::Maps;
 use sluice_common::FlowKey;
-use sluice_tests::{
-    in_netns,
-    lab::{Encap, Lab, LabOptions},
-};
+use sluice_tests::in_netns;
 
 use super::{
     allocated_ip, create, kube_proxy::KubeProxy, wait_reported, Scale, ENDPOINTS_PER_SERVICE,
     FIRST_PORT, SERVICE_PORT,
 };
-use crate::policy::{median, pod, with_acceptor};
+use crate::policy::{median, one_node, with_acceptor};
 
 const CONNECT_TIME: Duration = Duration::from_secs(1);
 
 /// Connections per second through a ClusterIP with each count of Services installed, Sluice
-/// (one lab node, client and server pods) against kube-proxy's rules (`KubeProxy`), rounds
+/// (one cluster node, client and server pods) against kube-proxy's rules (`KubeProxy`), rounds
 /// interleaved.
 pub fn run(scale: &Scale) -> Result<()> {
     let kube_proxy = KubeProxy::up(scale)?;
-    let mut lab = Lab::up(LabOptions {
-        nodes: 1,
-        encap: Encap::Vxlan,
-        attach_mode: "auto".into(),
-        ports: vec![],
-    })?;
-    lab.apply(vec![pod("client"), pod("server")])?;
-    lab.wait_programmed(Duration::from_secs(20))?;
-    let client = lab.kubelet.pod("default/client").context("client pod")?;
-    let server = lab.kubelet.pod("default/server").context("server pod")?;
-    let (client_ns, client_ip) = (client.netns.path(), client.ip);
-    let (server_ns, server_ip) = (server.netns.path(), server.ip);
-    let mut maps = Maps::from_pins(&lab.nodes[0].node.bpffs)?;
+    let (cluster, admin) = one_node(&["client", "server"])?;
+    let pods = cluster.pod_addresses(Some("default"))?;
+    let (client_ns, client_ip) = pods.get("client").context("client pod")?.clone();
+    let (server_ns, server_ip) = pods.get("server").context("server pod")?.clone();
+    let mut maps = cluster.nodes[0].maps()?;
+    // The cluster's own Services (kubernetes, kube-dns) are there before the benchmark's.
+    let system = maps.service_entries()?.0.len();
 
     println!(
         "\nnew connections per second through a ClusterIP (connect/close loop, fresh source port per connection, median of {} interleaved rounds of {} s after a warm-up round)",
@@ -56,14 +47,13 @@ pub fn run(scale: &Scale) -> Result<()> {
     println!("|---|---|---|---|---|");
     let mut installed = 0;
     for (c, &n) in scale.counts.iter().enumerate() {
-        create(&lab, installed..n, &[server_ip])?;
+        let written = create(&admin, installed..n, &[server_ip])?;
         installed = n;
-        let vip = SocketAddrV4::new(allocated_ip(&lab, 0)?, SERVICE_PORT);
-        wait_reported(&lab.nodes[0], &lab.revisions())?;
-        lab.wait_programmed(Duration::from_secs(60))?;
+        let vip = SocketAddrV4::new(allocated_ip(&admin, 0)?, SERVICE_PORT);
+        wait_reported(&cluster.nodes[0], &written)?;
         ensure!(
-            maps.service_entries()?.0.len() == n as usize,
-            "SERVICES does not hold {n} frontends"
+            maps.service_entries()?.0.len() == system + n as usize,
+            "SERVICES does not hold {n} frontends besides the cluster's {system}"
         );
         let restore = kube_proxy.install(n)?;
         let (mut sluice, mut iptables) = (Vec::new(), Vec::new());

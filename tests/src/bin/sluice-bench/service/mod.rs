@@ -14,8 +14,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::Api;
 use serde_json::{json, Value};
-use sluice_tests::lab::{Lab, LabNode};
+use sluice_tests::cluster::{behind, AdminClient, KubeNode};
 
 use crate::policy::ACCEPT_PORT;
 
@@ -77,7 +79,7 @@ fn endpoints_of(i: u32, measured: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
 }
 
 /// Service `i` (no selector: the benchmark writes its EndpointSlice) and that slice. Without
-/// `cluster_ip` the API server allocates one, as kube-apiserver does.
+/// `cluster_ip` the API server allocates one.
 fn objects(i: u32, measured: &[Ipv4Addr], cluster_ip: Option<Ipv4Addr>) -> (Value, Value) {
     let name = format!("svc-{i}");
     let mut service = json!({"apiVersion": "v1", "kind": "Service",
@@ -99,33 +101,83 @@ fn objects(i: u32, measured: &[Ipv4Addr], cluster_ip: Option<Ipv4Addr>) -> (Valu
     (service, slice)
 }
 
-/// Creates Services `range` and their slices through the lab's API server, which allocates
-/// their ClusterIPs.
-fn create(lab: &Lab, range: std::ops::Range<u32>, measured: &[Ipv4Addr]) -> Result<()> {
-    for i in range {
-        let (service, slice) = objects(i, measured, None);
-        lab.create(service)?;
-        lab.create(slice)?;
-    }
-    Ok(())
+/// Requests in flight while the benchmark writes Services.
+const IN_FLIGHT: usize = 16;
+
+/// Creates Services `range` (kube-apiserver allocates their ClusterIPs), then their slices;
+/// returns the newest resourceVersion of each kind, what the agent has programmed them once it
+/// reports.
+fn create(
+    admin: &AdminClient,
+    range: std::ops::Range<u32>,
+    measured: &[Ipv4Addr],
+) -> Result<BTreeMap<String, u64>> {
+    let (services, slices): (Vec<Value>, Vec<Value>) =
+        range.map(|i| objects(i, measured, None)).unzip();
+    let services: Vec<Service> = services
+        .into_iter()
+        .map(serde_json::from_value)
+        .collect::<Result<_, _>>()?;
+    let slices: Vec<EndpointSlice> = slices
+        .into_iter()
+        .map(serde_json::from_value)
+        .collect::<Result<_, _>>()?;
+    let newest = |versions: Vec<Option<String>>| {
+        versions
+            .into_iter()
+            .filter_map(|v| v?.parse::<u64>().ok())
+            .max()
+            .unwrap_or_default()
+    };
+    let services = admin.create_all(
+        &Api::namespaced(admin.client.clone(), "default"),
+        services,
+        IN_FLIGHT,
+    )?;
+    let slices = admin.create_all(
+        &Api::namespaced(admin.client.clone(), "default"),
+        slices,
+        IN_FLIGHT,
+    )?;
+    Ok(BTreeMap::from([
+        (
+            "Service".to_string(),
+            newest(
+                services
+                    .into_iter()
+                    .map(|s| s.metadata.resource_version)
+                    .collect(),
+            ),
+        ),
+        (
+            "EndpointSlice".to_string(),
+            newest(
+                slices
+                    .into_iter()
+                    .map(|s| s.metadata.resource_version)
+                    .collect(),
+            ),
+        ),
+    ]))
 }
 
-/// The ClusterIP the API server gave Service `i`.
-fn allocated_ip(lab: &Lab, i: u32) -> Result<Ipv4Addr> {
-    let service = lab
-        .api
-        .get("services", Some("default"), &format!("svc-{i}"))
+/// The ClusterIP kube-apiserver gave Service `i`.
+fn allocated_ip(admin: &AdminClient, i: u32) -> Result<Ipv4Addr> {
+    let services: Api<Service> = Api::namespaced(admin.client.clone(), "default");
+    let service = admin
+        .block_on(services.get(&format!("svc-{i}")))
         .with_context(|| format!("Service svc-{i}"))?;
-    service["spec"]["clusterIP"]
-        .as_str()
+    service
+        .spec
+        .and_then(|s| s.cluster_ip)
         .and_then(|ip| ip.parse().ok())
         .with_context(|| format!("svc-{i} has no IPv4 ClusterIP"))
 }
 
 /// Waits until `node`'s agent reports every kind programmed up to `target`; the time it took.
-fn wait_reported(node: &LabNode, target: &BTreeMap<String, u64>) -> Result<Duration> {
+fn wait_reported(node: &KubeNode, target: &BTreeMap<String, u64>) -> Result<Duration> {
     let start = Instant::now();
-    while !node.behind(target).is_empty() {
+    while !behind(&node.programmed_revisions(), target).is_empty() {
         if start.elapsed() > Duration::from_secs(300) {
             bail!(
                 "{} did not report {target:?} programmed within 300 s",

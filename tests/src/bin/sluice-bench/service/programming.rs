@@ -1,20 +1,23 @@
 //! Time to program the largest count of Services, and the agent's memory with them.
 
-use std::time::Instant;
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use anyhow::{ensure, Context, Result};
 use k8s_openapi::api::core::v1::Service as K8sService;
 use serde::Deserialize;
+use serde_json::Value;
 use sluice_agent::k8s::EndpointSlice;
 use sluice_agent::model::service::{self, ServiceInputs, SetAllocator};
-use sluice_tests::lab::{Encap, Lab, LabNode, LabOptions};
+use sluice_tests::cluster::{Cluster, ClusterOptions};
 
 use super::{create, endpoints_of, wait_reported, Scale, ENDPOINTS_PER_SERVICE};
 use crate::heap;
 
 /// The agent's resident set and its peak so far (VmRSS, VmHWM), in MiB.
-fn memory(node: &LabNode) -> Result<(f64, f64)> {
-    let pid = node.node.agent_pid().context("the agent is not running")?;
+fn memory(pid: u32) -> Result<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let mib = |field: &str| {
         status
@@ -31,14 +34,17 @@ fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-/// Heap bytes of the lab's Services and EndpointSlices, as the API server serves them,
+/// Heap bytes of the cluster's Services and EndpointSlices, as kube-apiserver serves them,
 /// deserialized into the agent's types (what its watch stores hold), and of the ServiceTables
 /// compiled from them.
-fn weigh(lab: &Lab) -> Result<(usize, usize)> {
-    let (services, slices) = (
-        lab.api.list("services", None),
-        lab.api.list("endpointslices", None),
-    );
+fn weigh(cluster: &Cluster) -> Result<(usize, usize)> {
+    let items = |resource: &str| -> Result<Vec<Value>> {
+        Ok(cluster.get(&[resource, "-A"])?["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    };
+    let (services, slices) = (items("services")?, items("endpointslices")?);
     let before = heap::live();
     let services: Vec<K8sService> = services
         .iter()
@@ -66,53 +72,95 @@ fn weigh(lab: &Lab) -> Result<(usize, usize)> {
     Ok((objects, compiled))
 }
 
-/// Programming time and agent memory with the largest count of Services: a node whose agent
-/// runs while they are written, then a node that joins once they exist.
+/// SIGKILLs node-1's agent and clears its report; once the kubelet has started it again (after
+/// its back-off), times from the new process's start until it reports `target` programmed: a
+/// restarted agent syncs everything from the API again.
+fn restart(cluster: &Cluster, target: &BTreeMap<String, u64>) -> Result<(Duration, u32)> {
+    let node = &cluster.nodes[0];
+    let old = agent_pid()?;
+    cluster.kill_agent("node-1")?;
+    match std::fs::remove_file(node.names_json()) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pid = loop {
+        if let Some(&pid) = agent_processes()?.iter().find(|&&pid| pid != old) {
+            break pid;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the agent was not restarted within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    Ok((wait_reported(node, target)?, pid))
+}
+
+/// The agent's process: the one `sluice-agent` on this machine.
+fn agent_pid() -> Result<u32> {
+    match agent_processes()?[..] {
+        [pid] => Ok(pid),
+        ref pids => anyhow::bail!("expected one sluice-agent process, found {pids:?}"),
+    }
+}
+
+/// The processes named `sluice-agent` on this machine (the benchmark runs one cluster node).
+fn agent_processes() -> Result<Vec<u32>> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(pid) = entry?.file_name().to_str().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        if std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim() == "sluice-agent")
+        {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
+
+/// Programming time and agent memory with the largest count of Services, on a one-node
+/// cluster: Services written while the agent runs, then an agent restart with them there,
+/// against one with none.
 pub fn run(scale: &Scale) -> Result<()> {
     let n = *scale.counts.last().context("no count")?;
-    let mut lab = Lab::up(LabOptions {
-        nodes: 0,
-        encap: Encap::Vxlan,
-        attach_mode: "auto".into(),
-        ports: vec![],
-    })?;
-    let start = Instant::now();
-    lab.add_node(0)?;
-    wait_reported(&lab.nodes[0], &lab.revisions())?;
-    let joined_empty = start.elapsed();
-    let empty = memory(&lab.nodes[0])?;
+    let cluster = Cluster::up(ClusterOptions::nodes(1))?;
+    let admin = cluster.admin_client()?;
+    let maps = cluster.nodes[0].maps()?;
+    // The cluster's own Services (kubernetes, kube-dns) are there before the benchmark's.
+    let system = maps.service_entries()?.0.len();
+    let none = cluster.revisions()?;
+    let (restarted_empty, pid) = restart(&cluster, &none)?;
+    let empty = memory(pid)?;
 
     let start = Instant::now();
-    create(&lab, 0..n, &endpoints_of(1, &[]))?;
-    let written = start.elapsed();
-    let lag = wait_reported(&lab.nodes[0], &lab.revisions())?;
-    let full = memory(&lab.nodes[0])?;
-    let (objects, tables) = weigh(&lab)?;
+    let written = create(&admin, 0..n, &endpoints_of(1, &[]))?;
+    let write_time = start.elapsed();
+    let lag = wait_reported(&cluster.nodes[0], &written)?;
+    let full = memory(pid)?;
+    let (objects, tables) = weigh(&cluster)?;
     ensure!(
-        lab.nodes[0].node.maps().service_entries()?.0.len() == n as usize,
-        "node-1: SERVICES does not hold {n} frontends"
+        maps.service_entries()?.0.len() == system + n as usize,
+        "SERVICES does not hold {n} frontends besides the cluster's {system}"
     );
 
-    // node-1's agent stops, so that node-2's start has both cores as node-1's had.
-    lab.nodes[0].node.kill_agent();
-    let start = Instant::now();
-    lab.add_node(1)?;
-    wait_reported(&lab.nodes[1], &lab.revisions())?;
-    let joined_full = start.elapsed();
-    let joined = memory(&lab.nodes[1])?;
+    let (restarted_full, pid) = restart(&cluster, &written)?;
+    let restarted = memory(pid)?;
     ensure!(
-        lab.nodes[1].node.maps().service_entries()?.0.len() == n as usize,
-        "node-2: SERVICES does not hold {n} frontends"
+        maps.service_entries()?.0.len() == system + n as usize,
+        "SERVICES lost frontends over the restart"
     );
 
-    println!("\nprogramming {n} Services × {ENDPOINTS_PER_SERVICE} endpoints (one run each)");
+    println!("\nprogramming {n} Services × {ENDPOINTS_PER_SERVICE} endpoints on kube-apiserver (one run each)");
     println!("| step | time |");
     println!("|---|---|");
     let rows = [
-        (format!("API server: {n} Services + {n} EndpointSlices written (in-process, the agent watching)"), written),
+        (format!("{n} Services + {n} EndpointSlices written (kube-rs, {} requests in flight, the agent watching)", super::IN_FLIGHT), write_time),
         ("last write → the agent reports them programmed".to_string(), lag),
-        ("node joins: agent start → programmed, 0 Services".to_string(), joined_empty),
-        (format!("node joins: agent start → programmed, {n} Services"), joined_full),
+        ("agent (re)start → programmed, 0 Services".to_string(), restarted_empty),
+        (format!("agent (re)start → programmed, {n} Services"), restarted_full),
     ];
     for (step, time) in rows {
         println!("| {step} | {:.0} ms |", time.as_secs_f64() * 1e3);
@@ -123,7 +171,7 @@ pub fn run(scale: &Scale) -> Result<()> {
     for (what, (rss, hwm)) in [
         ("node-1, no Services".to_string(), empty),
         (format!("node-1, after {n} Services arrived"), full),
-        (format!("node-2, started with {n} Services"), joined),
+        (format!("node-1, restarted with {n} Services"), restarted),
     ] {
         println!("| {what} | {rss:.1} MiB | {hwm:.1} MiB |");
     }
