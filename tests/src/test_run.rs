@@ -12,11 +12,12 @@ use aya::{
 };
 use sluice_agent::{
     datapath::ebpf::{Maps, EBPF_OBJECT},
-    model::ip_key,
+    model::{ip_key, policy::PolicyLpmKey},
 };
 use sluice_common::{
-    DropReason, Endpoint, FlowKey, IpKey, NodeConfig, RemoteNode, SpoofGuardEntry, SpoofGuardKey,
-    IP_KEY_PREFIX_BITS,
+    DropReason, Endpoint, EndpointPolicy, FlowKey, Identity, IpKey, NodeConfig, PolicyKey,
+    PolicyRule, RemoteNode, SpoofGuardEntry, SpoofGuardKey, IP_KEY_PREFIX_BITS,
+    POLICY_KEY_EXACT_BITS, PROTO_ANY,
 };
 
 pub const TC_ACT_OK: u32 = 0;
@@ -162,6 +163,43 @@ impl Harness {
             _pad: [0; 2],
         };
         self.maps.spoof_guard.insert(pod, mac, 0).unwrap();
+    }
+
+    /// Puts `pod` under `ingress_policy` and `egress_policy` (0: that direction not isolated),
+    /// as the policy compiler writes ENDPOINT_POLICY.
+    pub fn isolate(&mut self, pod: [u8; 4], ingress_policy: u32, egress_policy: u32) {
+        let value = EndpointPolicy {
+            ingress_policy,
+            egress_policy,
+        };
+        self.maps
+            .endpoint_policy
+            .insert(IpKey::v4(pod), value, 0)
+            .unwrap();
+    }
+
+    /// `addr`/`prefix` has identity `id` in IPCACHE.
+    pub fn identity_of(&mut self, addr: [u8; 4], prefix: u32, id: u32) {
+        let key = Key::new(IP_KEY_PREFIX_BITS + prefix, IpKey::v4(addr));
+        self.maps.ipcache.insert(&key, Identity { id }, 0).unwrap();
+    }
+
+    /// `policy` allows `peer` as `rule`; `port`: None = any protocol, Some((proto, port, prefix
+    /// bits of the port)).
+    pub fn allow(&mut self, policy: u32, peer: u32, port: Option<(u8, u16, u32)>, rule: u32) {
+        let (proto, port, bits) = port.unwrap_or((PROTO_ANY, 0, 0));
+        let key = PolicyKey {
+            policy,
+            peer,
+            proto,
+            _pad: 0,
+            port: port.to_be_bytes(),
+        };
+        let lpm = PolicyLpmKey {
+            key,
+            prefix_len: POLICY_KEY_EXACT_BITS + bits,
+        };
+        self.maps.insert_policy(&lpm, PolicyRule { rule }).unwrap();
     }
 }
 

@@ -2,12 +2,11 @@
 //! metrics and events, with crafted packets through BPF_PROG_TEST_RUN. The maps are filled by
 //! hand here, the way the policy compiler fills them.
 
-use aya::maps::lpm_trie::Key;
 use sluice_agent::model::policy::PolicyLpmKey;
 use sluice_common::{
-    ct_flags, identity, DropReason, EndpointPolicy, Identity, IpKey, PolicyEvent, PolicyKey,
-    PolicyRule, DIRECTION_EGRESS, DIRECTION_INGRESS, IP_KEY_PREFIX_BITS, POLICY_KEY_EXACT_BITS,
-    PROTO_ANY, VERDICT_ALLOW, VERDICT_DROP,
+    ct_flags, identity, DropReason, EndpointPolicy, IpKey, PolicyEvent, PolicyKey, PolicyRule,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, POLICY_KEY_EXACT_BITS, PROTO_ANY, VERDICT_ALLOW,
+    VERDICT_DROP,
 };
 use sluice_tests::test_run::*;
 
@@ -20,39 +19,6 @@ const FIN: u8 = 0x01;
 const PEER_ID: u32 = 300;
 const EGRESS_POLICY: u32 = 1;
 const INGRESS_POLICY: u32 = 2;
-
-fn isolate(h: &mut Harness, pod: [u8; 4], ingress_policy: u32, egress_policy: u32) {
-    let value = EndpointPolicy {
-        ingress_policy,
-        egress_policy,
-    };
-    h.maps
-        .endpoint_policy
-        .insert(IpKey::v4(pod), value, 0)
-        .unwrap();
-}
-
-fn identity_of(h: &mut Harness, addr: [u8; 4], prefix: u32, id: u32) {
-    let key = Key::new(IP_KEY_PREFIX_BITS + prefix, IpKey::v4(addr));
-    h.maps.ipcache.insert(&key, Identity { id }, 0).unwrap();
-}
-
-/// `port`: None = any protocol; Some((proto, port, prefix bits of the port)).
-fn allow(h: &mut Harness, policy: u32, peer: u32, port: Option<(u8, u16, u32)>, rule: u32) {
-    let (proto, port, bits) = port.unwrap_or((PROTO_ANY, 0, 0));
-    let key = PolicyKey {
-        policy,
-        peer,
-        proto,
-        _pad: 0,
-        port: port.to_be_bytes(),
-    };
-    let lpm = PolicyLpmKey {
-        key,
-        prefix_len: POLICY_KEY_EXACT_BITS + bits,
-    };
-    h.maps.insert_policy(&lpm, PolicyRule { rule }).unwrap();
-}
 
 fn packet(proto: u8, src: [u8; 4], dst: [u8; 4], ports: (u16, u16), flags: u8) -> Vec<u8> {
     ipv4_l4(POD_MAC, src, dst, proto, ports, flags)
@@ -86,7 +52,7 @@ fn pods_no_policy_isolates_skip_conntrack_and_policy() {
 #[test]
 fn egress_isolation_without_rules_denies_and_reports() {
     let mut h = harness(Setup::Encap);
-    isolate(&mut h, POD_V4, 0, EGRESS_POLICY);
+    h.isolate(POD_V4, 0, EGRESS_POLICY);
     h.expect_drop(
         "from_pod",
         &from_pod_to_peer(TCP, 80),
@@ -107,9 +73,9 @@ fn egress_isolation_without_rules_denies_and_reports() {
 #[test]
 fn egress_rule_matches_peer_protocol_and_port_and_counts() {
     let mut h = harness(Setup::Encap);
-    isolate(&mut h, POD_V4, 0, EGRESS_POLICY);
-    identity_of(&mut h, PEER_V4, 32, PEER_ID);
-    allow(&mut h, EGRESS_POLICY, PEER_ID, Some((TCP, 80, 16)), 7);
+    h.isolate(POD_V4, 0, EGRESS_POLICY);
+    h.identity_of(PEER_V4, 32, PEER_ID);
+    h.allow(EGRESS_POLICY, PEER_ID, Some((TCP, 80, 16)), 7);
     let allowed = from_pod_to_peer(TCP, 80);
     assert_eq!(h.run("from_pod", &allowed).0, TC_ACT_REDIRECT);
     h.expect_drop(
@@ -143,15 +109,9 @@ fn egress_rule_matches_peer_protocol_and_port_and_counts() {
 #[test]
 fn port_ranges_are_lpm_prefixes() {
     let mut h = harness(Setup::Encap);
-    isolate(&mut h, POD_V4, 0, EGRESS_POLICY);
+    h.isolate(POD_V4, 0, EGRESS_POLICY);
     // 1024..=2047 is the 6-bit port prefix 0b000001.
-    allow(
-        &mut h,
-        EGRESS_POLICY,
-        identity::ANY,
-        Some((TCP, 1024, 6)),
-        9,
-    );
+    h.allow(EGRESS_POLICY, identity::ANY, Some((TCP, 1024, 6)), 9);
     for port in [1024, 1500, 2047] {
         assert_eq!(
             h.run("from_pod", &from_pod_to_peer(TCP, port)).0,
@@ -171,9 +131,9 @@ fn port_ranges_are_lpm_prefixes() {
 #[test]
 fn sctp_and_any_protocol_rules() {
     let mut h = harness(Setup::Encap);
-    isolate(&mut h, POD_V4, 0, EGRESS_POLICY);
-    identity_of(&mut h, PEER_V4, 32, PEER_ID);
-    allow(&mut h, EGRESS_POLICY, PEER_ID, Some((SCTP, 9000, 16)), 11);
+    h.isolate(POD_V4, 0, EGRESS_POLICY);
+    h.identity_of(PEER_V4, 32, PEER_ID);
+    h.allow(EGRESS_POLICY, PEER_ID, Some((SCTP, 9000, 16)), 11);
     assert_eq!(
         h.run("from_pod", &from_pod_to_peer(SCTP, 9000)).0,
         TC_ACT_REDIRECT
@@ -189,7 +149,7 @@ fn sctp_and_any_protocol_rules() {
         DropReason::EgressDenied,
     );
     // A rule without ports: every protocol and port to that peer.
-    allow(&mut h, EGRESS_POLICY, PEER_ID, None, 12);
+    h.allow(EGRESS_POLICY, PEER_ID, None, 12);
     assert_eq!(
         h.run("from_pod", &from_pod_to_peer(UDP, 53)).0,
         TC_ACT_REDIRECT
@@ -199,11 +159,11 @@ fn sctp_and_any_protocol_rules() {
 #[test]
 fn ip_blocks_use_the_longest_prefix_identity() {
     let mut h = harness(Setup::Encap);
-    isolate(&mut h, POD_V4, 0, EGRESS_POLICY);
+    h.isolate(POD_V4, 0, EGRESS_POLICY);
     // ipBlock 10.0.0.0/8 except 10.1.0.0/16: the except is its own identity without the rule.
-    identity_of(&mut h, [10, 0, 0, 0], 8, 400);
-    identity_of(&mut h, [10, 1, 0, 0], 16, 401);
-    allow(&mut h, EGRESS_POLICY, 400, None, 13);
+    h.identity_of([10, 0, 0, 0], 8, 400);
+    h.identity_of([10, 1, 0, 0], 16, 401);
+    h.allow(EGRESS_POLICY, 400, None, 13);
     assert_eq!(
         h.run(
             "from_pod",
@@ -228,9 +188,9 @@ fn ip_blocks_use_the_longest_prefix_identity() {
 fn established_connections_are_not_judged_again() {
     let mut h = harness(Setup::Encap);
     // The pod may open connections to the peer's port 80, and nothing may come in.
-    isolate(&mut h, POD_V4, INGRESS_POLICY, EGRESS_POLICY);
-    identity_of(&mut h, PEER_V4, 32, PEER_ID);
-    allow(&mut h, EGRESS_POLICY, PEER_ID, Some((TCP, 80, 16)), 7);
+    h.isolate(POD_V4, INGRESS_POLICY, EGRESS_POLICY);
+    h.identity_of(PEER_V4, 32, PEER_ID);
+    h.allow(EGRESS_POLICY, PEER_ID, Some((TCP, 80, 16)), 7);
     assert_eq!(
         h.run("from_pod", &from_pod_to_peer(TCP, 80)).0,
         TC_ACT_REDIRECT
@@ -268,10 +228,10 @@ fn established_connections_are_not_judged_again() {
 #[test]
 fn ingress_rules_and_the_host_exception() {
     let mut h = harness(Setup::Encap);
-    isolate(&mut h, PEER_V4, INGRESS_POLICY, 0);
-    identity_of(&mut h, GW_V4, 32, identity::HOST);
-    identity_of(&mut h, REMOTE_POD_V4, 32, 500);
-    allow(&mut h, INGRESS_POLICY, 500, Some((UDP, 53, 16)), 21);
+    h.isolate(PEER_V4, INGRESS_POLICY, 0);
+    h.identity_of(GW_V4, 32, identity::HOST);
+    h.identity_of(REMOTE_POD_V4, 32, 500);
+    h.allow(INGRESS_POLICY, 500, Some((UDP, 53, 16)), 21);
     // From a remote pod: only UDP 53.
     let dns = ipv4_l4(GW_MAC, REMOTE_POD_V4, PEER_V4, UDP, (5353, 53), 0);
     assert_eq!(h.run("from_tunnel", &dns).0, TC_ACT_REDIRECT);

@@ -459,6 +459,51 @@ fn a_pod_reaching_itself_through_a_service_is_hairpinned() {
     );
 }
 
+/// A pod reaching itself through a Service leaves with the hairpin address as its source, but
+/// policy judges the pod: its egress isolation holds (found by Cyclonus: a pod under an egress
+/// deny-all reached itself through its own Service), and its ingress rules see itself, not the
+/// hairpin address.
+#[test]
+fn a_pod_hairpinning_through_a_service_is_judged_as_itself() {
+    const POD_IDENTITY: u32 = 300;
+    let hairpinned = |h: &mut Harness| {
+        local_pods(h);
+        let client = Kind::Ipv4Tcp.client();
+        add_service(
+            h,
+            frontend(client, scope::INTERNAL),
+            0,
+            &[(ip(POD_V4), TARGET_PORT)],
+        );
+        client.frame(GW_MAC, POD_MAC)
+    };
+    // Egress isolated, no rule: not a packet out, to itself neither.
+    let mut h = harness(Setup::Encap);
+    let packet = hairpinned(&mut h);
+    h.isolate(POD_V4, 0, 1);
+    h.expect_drop("from_pod", &packet, DropReason::EgressDenied);
+    // Ingress isolated, no rule: nothing in, from itself neither.
+    let mut h = harness(Setup::Encap);
+    let packet = hairpinned(&mut h);
+    h.isolate(POD_V4, 2, 0);
+    h.expect_drop("from_pod", &packet, DropReason::IngressDenied);
+    // Both directions allow the pod's own identity: it reaches itself, hairpinned.
+    let mut h = harness(Setup::Encap);
+    let packet = hairpinned(&mut h);
+    h.isolate(POD_V4, 2, 1);
+    h.identity_of(POD_V4, 32, POD_IDENTITY);
+    h.allow(1, POD_IDENTITY, Some((6, TARGET_PORT, 16)), 11);
+    h.allow(2, POD_IDENTITY, Some((6, TARGET_PORT, 16)), 12);
+    let (verdict, out) = h.run("from_pod", &packet);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        &out[26..30],
+        &HAIRPIN_IPV4,
+        "the hairpin address as the source"
+    );
+    assert_eq!(&out[30..34], &POD_V4, "back into the pod");
+}
+
 #[test]
 fn the_node_reaching_its_own_host_network_endpoint_is_hairpinned() {
     // A hostNetwork client connects to a ClusterIP from the gateway address; the endpoint is a

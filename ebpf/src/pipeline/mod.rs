@@ -53,11 +53,14 @@ pub fn from_pod(ctx: &TcContext) -> StageResult {
         }
         Packet::Ip(meta) => {
             spoof_guard::check_ip(port, meta)?;
+            // ServiceLB may rewrite the source (the hairpin address for a pod reaching itself,
+            // the gateway's for SNAT); policy judges the pod that sent it.
+            let sender = meta.src;
             let lb = service_lb::balance(ctx, meta, Some(scope::INTERNAL), node)?;
             if matches!(lb, Lb::Reject) {
                 return reject::answer(ctx, meta);
             }
-            security(meta, true, false)?;
+            security(meta, Some(&sender), false)?;
             forward(ctx, meta, lb, node)
         }
     }
@@ -75,7 +78,7 @@ pub fn from_gateway(ctx: &TcContext) -> StageResult {
             if matches!(lb, Lb::Reject) {
                 return reject::answer(ctx, meta);
             }
-            security(meta, false, false)?;
+            security(meta, None, false)?;
             match lb {
                 // A host-network endpoint answering.
                 Lb::Reverse => reply(ctx, meta, node),
@@ -107,7 +110,7 @@ pub fn from_tunnel(ctx: &TcContext) -> StageResult {
         Packet::Arp(_) => Err(DropReason::UnsupportedArp),
         Packet::Ip(meta) => {
             let lb = service_lb::balance(ctx, meta, None, node)?;
-            security(meta, false, false)?;
+            security(meta, None, false)?;
             match lb {
                 Lb::Reverse => reply(ctx, meta, node),
                 _ => match l3_forwarding::lookup(meta, node) {
@@ -143,7 +146,7 @@ pub fn from_uplink(ctx: &TcContext) -> StageResult {
             // Rewritten to this node's gateway address (externalTrafficPolicy Cluster): judged
             // as any other node judges that address, never as the node itself.
             let snat = matches!(lb, Lb::Forward) && meta.src == IpKey::v4(node.gateway_ipv4);
-            security(meta, false, snat)?;
+            security(meta, None, snat)?;
             match lb {
                 // noEncap: replies from another node's endpoint arrive here.
                 Lb::Reverse => reply(ctx, meta, node),
@@ -185,17 +188,19 @@ fn reply(ctx: &TcContext, meta: &mut IpMeta, node: &NodeConfig) -> StageResult {
 
 /// ConntrackState → EgressRule (for a local sender, `from_pod`) → IngressRule (for a local
 /// receiver). Traffic between pods that no policy isolates skips all of it: two hash lookups.
-/// `snat`: the source is this node's gateway address standing in for a client outside the
-/// cluster. Kept out of line: its keys get a stack frame of their own (the BPF stack is 512
+/// `sender`: the local pod that sent the packet, as it sent it (before ServiceLB); its egress
+/// rules apply, and a receiver's ingress rules judge it, not the address the packet now
+/// carries. `snat`: the source is this node's gateway address standing in for a client outside
+/// the cluster. Kept out of line: its keys get a stack frame of their own (the BPF stack is 512
 /// bytes).
 #[inline(never)]
-fn security(meta: &IpMeta, from_local_pod: bool, snat: bool) -> Result<(), DropReason> {
+fn security(meta: &IpMeta, sender: Option<&IpKey>, snat: bool) -> Result<(), DropReason> {
     // Each entry is read right after its lookup: testing both pointers for null together makes
     // LLVM OR them, which the verifier rejects.
     let mut isolated = false;
     let mut egress_policy = 0;
-    if from_local_pod {
-        if let Some(policy) = ENDPOINT_POLICY.get_ptr(meta.src) {
+    if let Some(sender) = sender {
+        if let Some(policy) = ENDPOINT_POLICY.get_ptr(sender) {
             isolated = true;
             // SAFETY: pointer from a successful lookup, read once.
             egress_policy = unsafe { (*policy).egress_policy };
@@ -221,7 +226,7 @@ fn security(meta: &IpMeta, from_local_pod: bool, snat: bool) -> Result<(), DropR
         };
         let ingress = match ingress_policy {
             0 => 0,
-            policy => network_policy::ingress(policy, meta, snat)?,
+            policy => network_policy::ingress(policy, meta, sender.unwrap_or(&meta.src), snat)?,
         };
         Ok((egress, ingress))
     })

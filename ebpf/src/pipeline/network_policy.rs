@@ -111,17 +111,17 @@ pub fn egress(policy: u32, meta: &IpMeta) -> Result<u32, DropReason> {
     }
 }
 
-/// The ingress rule allowing a new connection into a pod under `policy`. The node itself is
-/// always let in (kubelet probes), as in Antrea. `snat`: the source is this node's gateway
+/// The ingress rule allowing a new connection from `src` into a pod under `policy`. The node
+/// itself is always let in (kubelet probes), as in Antrea. `snat`: `src` is this node's gateway
 /// address standing in for an outside client; it is judged by the prefixes around it, as every
 /// other node (where no /32 names it) judges it, so an outside client never passes for the node.
 #[inline(always)]
-pub fn ingress(policy: u32, meta: &IpMeta, snat: bool) -> Result<u32, DropReason> {
+pub fn ingress(policy: u32, meta: &IpMeta, src: &IpKey, snat: bool) -> Result<u32, DropReason> {
     // IPv4 keys are 4 address bytes: a /31 at most skips the address's own /32 entry.
     let peer = if snat {
-        identity_within(&meta.src, 31)
+        identity_within(src, 31)
     } else {
-        peer_identity(&meta.src)
+        peer_identity(src)
     };
     if peer == identity::HOST {
         super::passed(Stage::IngressRule);
