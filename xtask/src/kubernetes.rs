@@ -5,8 +5,10 @@
 //! test -c`, the pause container from the release's own `build/pause` source with gcc; then the
 //! images pods run (`oci`): pause and agnhost, under the names the release's kubelet and e2e tests
 //! use — and CoreDNS, the cluster's DNS as kubeadm installs it, from its own module
-//! (`tests/kubernetes/coredns`, apart because its dependencies are not Kubernetes'). Everything
-//! lands in `target/kubernetes/`; a stamp of the inputs makes a second run a check.
+//! (`tests/kubernetes/coredns`, apart because its dependencies are not Kubernetes'); and
+//! Cyclonus, the NetworkPolicy conformance generator Antrea runs (`tests/kubernetes/cyclonus`,
+//! with a stamp of its own, so that it changes without a Kubernetes rebuild). Everything lands
+//! in `target/kubernetes/`; a stamp of the inputs makes a second run a check.
 
 use std::{
     path::{Path, PathBuf},
@@ -45,6 +47,10 @@ fn module_dir() -> PathBuf {
 
 fn coredns_dir() -> PathBuf {
     module_dir().join("coredns")
+}
+
+fn cyclonus_dir() -> PathBuf {
+    module_dir().join("cyclonus")
 }
 
 pub fn dir() -> PathBuf {
@@ -96,7 +102,46 @@ fn stamp() -> PathBuf {
 
 pub fn ready() -> bool {
     let built = std::fs::read_to_string(stamp()).ok();
-    built.is_some() && built == inputs().ok() && images_present()
+    built.is_some() && built == inputs().ok() && images_present() && cyclonus_ready()
+}
+
+fn cyclonus_inputs() -> Result<String> {
+    let go = Command::new("go").arg("version").output()?;
+    let mut inputs = String::from_utf8_lossy(&go.stdout).into_owned();
+    for file in ["go.mod", "go.sum"] {
+        inputs += &std::fs::read_to_string(cyclonus_dir().join(file))?;
+    }
+    Ok(inputs)
+}
+
+fn cyclonus_stamp() -> PathBuf {
+    dir().join("cyclonus.stamp")
+}
+
+fn cyclonus_ready() -> bool {
+    let built = std::fs::read_to_string(cyclonus_stamp()).ok();
+    bin_dir().join("cyclonus").exists() && built.is_some() && built == cyclonus_inputs().ok()
+}
+
+/// `target/kubernetes/bin/cyclonus`, from the module `tests/kubernetes/cyclonus` pins.
+fn cyclonus() -> Result<()> {
+    if cyclonus_ready() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(bin_dir())?;
+    let started = std::time::Instant::now();
+    run(go()
+        .current_dir(cyclonus_dir())
+        .args(["build", "-trimpath", "-ldflags", "-s -w", "-o"])
+        .arg(format!("{}/", bin_dir().display()))
+        .arg("tool"))?;
+    std::fs::write(cyclonus_stamp(), cyclonus_inputs()?)?;
+    println!(
+        "cyclonus {} built in {:.0} s",
+        required(&cyclonus_dir(), "github.com/mattfenwick/cyclonus")?,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn images_present() -> bool {
@@ -175,6 +220,7 @@ fn e2e_image(source: &Path, image: &str) -> Result<(String, String)> {
 }
 
 pub fn build() -> Result<()> {
+    cyclonus()?;
     let version = version()?;
     if ready() {
         println!("kubernetes {version}: built ({})", dir().display());
@@ -184,7 +230,7 @@ pub fn build() -> Result<()> {
     let bin = bin_dir();
     std::fs::create_dir_all(&bin)?;
     let flags = version_flags(&version)?;
-    println!("building kubernetes {version} from source (about 5 minutes the first time)");
+    println!("building kubernetes {version} from source (5 to 15 minutes the first time)");
     run(go()
         .args(["build", "-trimpath", "-ldflags", &flags, "-o"])
         .arg(format!("{}/", bin.display()))

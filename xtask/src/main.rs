@@ -48,13 +48,14 @@ enum Cmd {
         #[command(subcommand)]
         which: Option<bench::Which>,
     },
-    /// The upstream Kubernetes e2e suites against Sluice on the lab's real cluster: the
-    /// release's [sig-network] Netpol and Services specs (long: see docs/conformance.md).
+    /// The upstream conformance suites against Sluice on the lab's real cluster: the release's
+    /// [sig-network] Netpol and Services specs, and Cyclonus's generated NetworkPolicy cases
+    /// (long: see docs/conformance.md).
     Conformance {
-        /// netpol, services, or both.
-        #[arg(long, default_value = "netpol,services")]
+        /// Any of netpol, services, cyclonus.
+        #[arg(long, default_value = "netpol,services,cyclonus")]
         suites: String,
-        /// Only the specs whose name contains this.
+        /// Only the specs whose name contains this (for cyclonus: the case tags to run).
         #[arg(long)]
         only: Option<String>,
         /// Nodes of the cluster (a few Services specs need three).

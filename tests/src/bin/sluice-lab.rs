@@ -8,7 +8,7 @@
 //!       --json OUT.json
 //!   sluice-lab up [--nodes N] [--encap vxlan|geneve|noencap] [--values FILE]
 //!       (foreground; Ctrl-C or `down` ends it); sluice-lab kubeconfig
-//!   sluice-lab conformance [--suites netpol,services] [--only TEXT] [--json OUT]
+//!   sluice-lab conformance [--suites netpol,services,cyclonus] [--only TEXT] [--json OUT]
 //!   sluice-lab apply -f FILE | status | down
 //!   sluice-lab probe-service NS/NAME [--port N] [--udp] [--from NS/POD|NODE|external]
 //!       [--frontend cluster-ip|node-port|load-balancer|external-ip] [--node NODE] [--count N]
@@ -31,7 +31,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
-use sluice_tests::cluster::{conformance, Cluster, ClusterOptions};
+use sluice_tests::cluster::{conformance, cyclonus, Cluster, ClusterOptions};
 use sluice_tests::lab::{
     manifests,
     report::{truth_table, Protocol, Report, Step},
@@ -115,10 +115,16 @@ enum Cmd {
     /// e2e suites against it (the release's e2e.test), print and write the results, tear down.
     /// Exit 1 when a spec failed.
     Conformance {
-        /// Suites: netpol ([sig-network] Netpol), services ([sig-network] Services).
-        #[arg(long, value_delimiter = ',', default_value = "netpol,services")]
+        /// Suites: netpol ([sig-network] Netpol), services ([sig-network] Services), cyclonus
+        /// (Cyclonus's generated NetworkPolicy cases).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "netpol,services,cyclonus"
+        )]
         suites: Vec<String>,
-        /// Only the specs whose name contains this.
+        /// Only the specs whose name contains this; for cyclonus, the case tags to run
+        /// (comma-separated; default upstream-e2e,conflict).
         #[arg(long)]
         only: Option<String>,
         #[arg(long, default_value_t = 2)]
@@ -243,17 +249,26 @@ fn main() -> Result<()> {
 }
 
 fn conformance(suites: &[String], only: Option<&str>, nodes: usize, json: &Path) -> Result<()> {
-    let suites = suites
-        .iter()
-        .map(|s| conformance::suite(s))
-        .collect::<Result<Vec<_>>>()?;
+    // Every name checked before a cluster comes up.
+    for name in suites.iter().filter(|s| *s != "cyclonus") {
+        conformance::suite(name)?;
+    }
     let cluster = Cluster::up(ClusterOptions::nodes(nodes))?;
     let out = json.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut results = Vec::new();
-    for suite in suites {
-        eprintln!("running {} ...", suite.name);
-        let only: Vec<&str> = only.into_iter().collect();
-        let result = conformance::run(&cluster, suite, &only, &out)?;
+    for name in suites {
+        eprintln!("running {name} ...");
+        let result = if name == "cyclonus" {
+            let tags: Vec<&str> = match only {
+                Some(tags) => tags.split(',').collect(),
+                None => cyclonus::DEFAULT_TAGS.to_vec(),
+            };
+            // The default tags take about 25 minutes here.
+            cyclonus::run(&cluster, &tags, &out, Duration::from_secs(90 * 60))?
+        } else {
+            let only: Vec<&str> = only.into_iter().collect();
+            conformance::run(&cluster, conformance::suite(name)?, &only, &out)?
+        };
         print!("{}", result.summary());
         results.push(result);
     }

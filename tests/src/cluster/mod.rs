@@ -12,6 +12,7 @@ pub mod cgroup;
 mod client;
 pub mod conformance;
 mod control_plane;
+pub mod cyclonus;
 mod daemon;
 mod node;
 mod pki;
