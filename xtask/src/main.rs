@@ -40,8 +40,9 @@ enum Cmd {
     Test,
     /// Build, then run the single-node demo: three pods through the real CNI, probed, counters shown.
     Demo,
-    /// Build, then run the lab demo: a real two-node Kubernetes cluster with Sluice installed by
-    /// its chart, the pods of examples/demo, the probe matrix.
+    /// Build, then run the first-run demo on a real two-node Kubernetes cluster with Sluice
+    /// installed by its chart: the pods of examples/demo probed pair by pair, a NetworkPolicy
+    /// applied and deleted, a Service probed from a pod and from outside, the datapath counters.
     Lab,
     /// Benchmarks; each prints ratios against baselines measured in the same run.
     Bench {
@@ -159,9 +160,7 @@ fn demo() -> Result<()> {
 
 fn lab() -> Result<()> {
     let mut lab = sluice_lab("the lab")?;
-    lab.args(["matrix", "--kubernetes", "--nodes", "2"])
-        .args(["--manifests", "examples/demo", "--ports", "80,8080"])
-        .args(["--expect-all-connected", "--json"])
+    lab.args(["demo", "--manifests", "examples/demo", "--json"])
         .arg(build::root().join("target/lab-demo.json"));
     run(&mut lab)
 }

@@ -5,6 +5,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
+use sluice_agent::table::{Align, Table};
 use sluice_tests::{
     probe::{self, Servers},
     require_root, Node,
@@ -35,32 +36,28 @@ fn main() -> Result<()> {
         .collect();
 
     println!("\nprobes on port {PORT} (answered by / failed):");
-    print!("{:<10}", "from \\ to");
-    for to in &pods {
-        print!("{:<18}", to.name);
-    }
-    println!();
+    let mut columns = vec![("from \\ to", Align::Left)];
+    columns.extend(pods.iter().map(|p| (p.name.as_str(), Align::Left)));
+    let mut table = Table::new(&columns);
     let cell = |r: Option<probe::Reply>| r.map_or("--".to_string(), |r| r.server);
     for from in &pods {
-        print!("{:<10}", from.name);
-        for to in &pods {
+        let mut row = vec![from.name.clone()];
+        row.extend(pods.iter().map(|to| {
             let tcp = cell(probe::tcp(&from.ns.path(), None, to.ip, PORT));
             let udp = cell(probe::udp(&from.ns.path(), to.ip, PORT));
-            print!("{:<18}", format!("tcp:{tcp} udp:{udp}"));
-        }
-        println!();
+            format!("tcp:{tcp} udp:{udp}")
+        }));
+        table.row(row);
     }
-    print!("{:<10}", "node");
-    for to in &pods {
-        print!(
-            "{:<18}",
-            format!(
-                "tcp:{}",
-                cell(probe::tcp(&node.ns.path(), None, to.ip, PORT))
-            )
-        );
-    }
-    println!();
+    let mut row = vec!["node".to_string()];
+    row.extend(pods.iter().map(|to| {
+        format!(
+            "tcp:{}",
+            cell(probe::tcp(&node.ns.path(), None, to.ip, PORT))
+        )
+    }));
+    table.row(row);
+    print!("{}", table.render());
 
     let spoofer = &pods[2];
     spoofer

@@ -6,6 +6,7 @@
 //!   sluice-lab matrix --nodes N --manifests DIR [--manifests DIR2 ...] [--ports 80,81]
 //!       [--protocols TCP,UDP] [--datapath ebpf] [--encap vxlan|geneve|noencap] [--values FILE]
 //!       --json OUT.json
+//!   sluice-lab demo [--manifests examples/demo] --json OUT.json
 //!   sluice-lab up [--nodes N] [--encap vxlan|geneve|noencap] [--values FILE]
 //!       (foreground; Ctrl-C or `down` ends it); sluice-lab kubeconfig
 //!   sluice-lab conformance [--suites netpol,services,cyclonus] [--only TEXT] [--json OUT]
@@ -18,8 +19,6 @@
 //! server on them) and reaches the pods' namespaces.
 
 use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -33,9 +32,9 @@ use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use sluice_tests::cluster::{conformance, cyclonus, Cluster, ClusterOptions};
 use sluice_tests::lab::{
-    manifests,
-    report::{truth_table, Protocol, Report, Step},
-    services::{Frontend, ServiceProbes, Source},
+    demo, manifests,
+    report::{expect, truth_table, Protocol, Report, Step},
+    services::{Frontend, ServiceProbe, ServiceProbes},
     Encap,
 };
 use sluice_tests::probe::PROBE_TIMEOUT;
@@ -79,6 +78,15 @@ enum Cmd {
         /// Accepted for scripts; the lab is always a real cluster.
         #[arg(long, hide = true)]
         kubernetes: bool,
+    },
+    /// The first run: a two-node cluster, the pods of `--manifests` probed pair by pair, its
+    /// `policy/` applied and deleted, its Service probed from a pod and from outside, the
+    /// datapath's counters. Exit 1 when a step did not go the way it says.
+    Demo {
+        #[arg(long, default_value = "examples/demo")]
+        manifests: PathBuf,
+        #[arg(long)]
+        json: PathBuf,
     },
     /// Bring a cluster up and keep it until Ctrl-C or `sluice-lab down`; reach it with
     /// `kubectl --kubeconfig $(sluice-lab kubeconfig)`.
@@ -163,6 +171,8 @@ struct ProbeArgs {
 }
 
 fn main() -> Result<()> {
+    // Parsed first: `help` needs no root.
+    let args = Args::parse();
     sluice_tests::require_root();
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [libc::SIGINT, libc::SIGTERM] {
@@ -172,7 +182,7 @@ fn main() -> Result<()> {
             signal_hook_registry::register(signal, move || stop.store(true, Ordering::SeqCst))
         }?;
     }
-    match Args::parse().command {
+    match args.command {
         Cmd::Matrix {
             nodes,
             manifests,
@@ -196,11 +206,19 @@ fn main() -> Result<()> {
             guarded(&stop, || {
                 let report = matrix(options, &manifests, &ports, &protocols, &json, &stop)?;
                 if expect_all_connected {
-                    all_connected(&report)?;
+                    let probes: Vec<_> = report.steps.into_iter().flat_map(|s| s.probes).collect();
+                    expect(&probes, |_| true)?;
                 }
                 Ok(())
             })
         }
+        Cmd::Demo { manifests, json } => guarded(&stop, || {
+            let cluster = Cluster::up(ClusterOptions::nodes(2))?;
+            let report = demo::run(&cluster, &manifests)?;
+            std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
+                .with_context(|| format!("writing {}", json.display()))?;
+            Ok(())
+        }),
         Cmd::Up {
             nodes,
             encap,
@@ -358,30 +376,6 @@ fn matrix(
     Ok(report)
 }
 
-/// Fails naming the probes that did not reach their destination.
-fn all_connected(report: &Report) -> Result<()> {
-    let failed: Vec<String> = report
-        .steps
-        .iter()
-        .flat_map(|s| &s.probes)
-        .filter(|p| !p.connected || p.answered_by.as_deref() != Some(p.to.as_str()))
-        .map(|p| format!("{} -> {} {}/{}", p.from, p.to, p.protocol, p.port))
-        .collect();
-    if !failed.is_empty() {
-        bail!(
-            "{} probe(s) that should connect did not: {}",
-            failed.len(),
-            failed
-                .iter()
-                .take(10)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("; ")
-        );
-    }
-    Ok(())
-}
-
 fn index_legend(probes: &[sluice_tests::lab::report::Probe]) -> String {
     let mut pods: Vec<&str> = probes.iter().map(|p| p.from.as_str()).collect();
     pods.sort();
@@ -482,77 +476,25 @@ fn probe_request(lab: &impl ServiceProbes, request: &Path) -> Result<String> {
     probe_service(lab, &args)
 }
 
-/// Runs `probe-service` in the `up` process and words its outcome.
+/// Runs `probe-service` in the `up` process.
 fn probe_service(lab: &impl ServiceProbes, args: &ProbeArgs) -> Result<String> {
     let (ns, name) = args
         .service
         .split_once('/')
         .context("the Service is namespace/name")?;
-    let protocol = if args.udp {
-        Protocol::Udp
-    } else {
-        Protocol::Tcp
+    let request = ServiceProbe {
+        port: args.port,
+        protocol: if args.udp {
+            Protocol::Udp
+        } else {
+            Protocol::Tcp
+        },
+        from: args.from.as_deref().map(str::parse).transpose()?,
+        frontend: Frontend::parse(&args.frontend, &args.node)?,
+        via: args.node.clone(),
+        count: args.count,
     };
-    let port = match args.port {
-        Some(port) => port,
-        None => lab.service(ns, name)?["spec"]["ports"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["protocol"] == protocol.to_string())
-            .and_then(|p| p["port"].as_u64()?.try_into().ok())
-            .with_context(|| format!("Service {ns}/{name} has no {protocol} port"))?,
-    };
-    let frontend = Frontend::parse(&args.frontend, &args.node)?;
-    let from: Source = match &args.from {
-        Some(from) => from.parse()?,
-        None => lab.default_client(ns, name)?,
-    };
-    let to = lab.frontend(ns, name, &frontend, port, protocol)?;
-    if frontend == Frontend::ExternalIp && from == Source::External {
-        lab.route_from_external(*to.ip(), &args.node)?;
-    }
-    let mut out = String::new();
-    // Manifests applied just before: give the agents time to program them.
-    if let Err(e) = lab.settle(Duration::from_secs(10)) {
-        writeln!(out, "warning: {e:#}")?;
-    }
-    writeln!(out, "{ns}/{name} {to}/{protocol} ({frontend}) from {from}")?;
-    writeln!(
-        out,
-        "PROBE  ANSWERED-BY                    PORT   CLIENT-SEEN"
-    )?;
-    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
-    for i in 1..=args.count {
-        match lab.probe(&from, to, protocol)? {
-            Some(reply) => {
-                writeln!(
-                    out,
-                    "{i:<6} {:<30} {:<6} {}",
-                    reply.server, reply.port, reply.client
-                )?;
-                *answers.entry(reply.server).or_default() += 1;
-            }
-            None => writeln!(
-                out,
-                "{i:<6} {:<30} {:<6} -",
-                "- (no answer within 1 s)", "-"
-            )?,
-        }
-    }
-    let spread: Vec<String> = answers
-        .iter()
-        .map(|(pod, n)| format!("{pod} {n}"))
-        .collect();
-    writeln!(
-        out,
-        "{}/{} answered{}{}",
-        answers.values().sum::<usize>(),
-        args.count,
-        if spread.is_empty() { "" } else { ": " },
-        spread.join(", ")
-    )?;
-    Ok(out)
+    Ok(request.run(lab, ns, name)?.text)
 }
 
 fn apply(file: &Path) -> Result<()> {

@@ -3,6 +3,7 @@
 //! modes, manifests from files, the probe report and the Service probes. The cluster itself is
 //! in [`crate::cluster`].
 
+pub mod demo;
 pub mod manifests;
 pub mod report;
 pub mod services;

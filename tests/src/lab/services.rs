@@ -4,15 +4,17 @@
 //! saw and the port it was reached on.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     str::FromStr,
+    time::Duration,
 };
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
+use sluice_agent::table::{Align, Table};
 
 use super::report::Protocol;
 use crate::probe::{self, Reply};
@@ -220,6 +222,96 @@ pub trait ServiceProbes {
                 .args(["ip", "route", "replace", &format!("{ip}/32"), "via", &via]),
         )?;
         Ok(())
+    }
+}
+
+/// A run of probes to one Service: `probe-service`'s, and the first run's.
+pub struct ServiceProbe {
+    /// The Service port; `None` for its first port of `protocol`.
+    pub port: Option<u16>,
+    pub protocol: Protocol,
+    /// `None` for [`ServiceProbes::default_client`].
+    pub from: Option<Source>,
+    pub frontend: Frontend,
+    /// The node that external-ip probes from the external client are routed through.
+    pub via: String,
+    /// Probes, one after the other, each a new connection.
+    pub count: usize,
+}
+
+/// What a [`ServiceProbe`] saw: a line per probe and a summary, and who answered how often.
+pub struct ServiceAnswers {
+    pub text: String,
+    pub answers: BTreeMap<String, usize>,
+}
+
+impl ServiceProbe {
+    /// Waits (at most 10 s) until the agents have programmed what the API holds, then probes.
+    pub fn run(&self, lab: &impl ServiceProbes, ns: &str, name: &str) -> Result<ServiceAnswers> {
+        let protocol = self.protocol;
+        let port = match self.port {
+            Some(port) => port,
+            None => lab.service(ns, name)?["spec"]["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["protocol"] == protocol.to_string())
+                .and_then(|p| p["port"].as_u64()?.try_into().ok())
+                .ok_or_else(|| anyhow!("Service {ns}/{name} has no {protocol} port"))?,
+        };
+        let from = match &self.from {
+            Some(from) => from.clone(),
+            None => lab.default_client(ns, name)?,
+        };
+        let to = lab.frontend(ns, name, &self.frontend, port, protocol)?;
+        if self.frontend == Frontend::ExternalIp && from == Source::External {
+            lab.route_from_external(*to.ip(), &self.via)?;
+        }
+        let mut text = String::new();
+        // Manifests applied just before: give the agents time to program them.
+        if let Err(e) = lab.settle(Duration::from_secs(10)) {
+            text.push_str(&format!("warning: {e:#}\n"));
+        }
+        text.push_str(&format!(
+            "{ns}/{name} {to}/{protocol} ({}) from {from}\n",
+            self.frontend
+        ));
+        let mut table = Table::new(&[
+            ("PROBE", Align::Right),
+            ("ANSWERED-BY", Align::Left),
+            ("PORT", Align::Right),
+            ("CLIENT-SEEN", Align::Left),
+        ]);
+        let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+        for i in 1..=self.count {
+            let row = match lab.probe(&from, to, protocol)? {
+                Some(reply) => {
+                    *answers.entry(reply.server.clone()).or_default() += 1;
+                    [
+                        reply.server,
+                        reply.port.to_string(),
+                        reply.client.to_string(),
+                    ]
+                }
+                None => ["- (no answer within 1 s)".into(), "-".into(), "-".into()],
+            };
+            let mut cells = vec![i.to_string()];
+            cells.extend(row);
+            table.row(cells);
+        }
+        text.push_str(&table.render());
+        let spread: Vec<String> = answers
+            .iter()
+            .map(|(pod, n)| format!("{pod} {n}"))
+            .collect();
+        text.push_str(&format!(
+            "{}/{} answered{}{}\n",
+            answers.values().sum::<usize>(),
+            self.count,
+            if spread.is_empty() { "" } else { ": " },
+            spread.join(", ")
+        ));
+        Ok(ServiceAnswers { text, answers })
     }
 }
 
