@@ -124,7 +124,12 @@ impl Harness {
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);
         opts.data_out = Some(&mut out);
-        let result = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        let result = prog.test_run(opts).unwrap_or_else(|e| {
+            panic!(
+                "BPF_PROG_TEST_RUN of {program} on {} bytes {packet:02x?}: {e:?}",
+                packet.len()
+            )
+        });
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
     }

@@ -133,6 +133,32 @@ fn truncated_and_malformed_headers_are_dropped() {
     h.expect_drop("from_pod", &short_total, DropReason::Malformed);
 }
 
+/// A datagram must hold what its IP header says it holds: the receiver drops one cut short, and
+/// this node must not have judged it and kept state for it first (found by
+/// `packet_fuzz_test_run.rs`: a TCP SYN 5 bytes short of its total length was delivered).
+#[test]
+fn datagrams_shorter_than_their_ip_length_or_their_l4_header_are_dropped() {
+    let mut h = harness(Setup::Encap);
+    let full = ipv4_tcp(POD_MAC, POD_V4, PEER_V4);
+    h.expect_drop("from_pod", &full[..49], DropReason::Truncated);
+    // Total length 30: 10 bytes of a 20-byte TCP header, padding after it.
+    let mut short_tcp = full.clone();
+    short_tcp[16..18].copy_from_slice(&30u16.to_be_bytes());
+    h.expect_drop("from_pod", &short_tcp, DropReason::Truncated);
+    let udp = ipv6_udp(POD_MAC, POD_V6, PEER_V6);
+    h.expect_drop("from_pod", &udp[..61], DropReason::Truncated);
+    let mut long_payload = udp.clone();
+    long_payload[18..20].copy_from_slice(&9u16.to_be_bytes());
+    h.expect_drop("from_pod", &long_payload, DropReason::Truncated);
+    // Padding after the datagram is not part of it: the frame is forwarded.
+    let mut padded = full;
+    padded.extend([0; 6]);
+    assert_eq!(h.run("from_pod", &padded).0, TC_ACT_REDIRECT);
+    let mut padded = udp;
+    padded.extend([0; 6]);
+    assert_eq!(h.run("from_pod", &padded).0, TC_ACT_REDIRECT);
+}
+
 #[test]
 fn unconfigured_node_drops_instead_of_guessing() {
     let mut h = harness(Setup::Unconfigured);

@@ -2,7 +2,8 @@
 //! `fuzz/seeds/<target>`, with the eBPF toolchain setup chose (nightly features: sanitizers,
 //! coverage). cargo-fuzz is installed under `target/tools` when missing. What the fuzzer adds
 //! to the corpus stays under `target/fuzz/corpus`; a crash is saved in `fuzz/artifacts` and fails
-//! the command.
+//! the command. `packets` is not a cargo-fuzz target: it runs `packet_fuzz_test_run.rs`, random
+//! and mutated frames through the real programs with BPF_PROG_TEST_RUN (root), for as long.
 
 use std::{path::Path, process::Command};
 
@@ -17,11 +18,39 @@ pub const TARGETS: [&str; 4] = [
     "service_compiler",
 ];
 
+/// BPF_PROG_TEST_RUN with mutated frames: coverage of the eBPF programs is not something
+/// libFuzzer sees, so a plain mutation loop does as well.
+const PACKETS: &str = "packets";
+
 const CARGO_FUZZ: &str = "0.13.2";
 
 pub fn run_targets(seconds: u64, only: &[String]) -> Result<()> {
     setup::check()?;
     build::ebpf()?;
+    let wanted = |target: &str| only.is_empty() || only.iter().any(|o| o == target);
+    if let Some(unknown) = only
+        .iter()
+        .find(|o| *o != PACKETS && !TARGETS.contains(&o.as_str()))
+    {
+        anyhow::bail!("fuzz target {unknown:?}: expected {PACKETS} or one of {TARGETS:?}");
+    }
+    if wanted(PACKETS) {
+        crate::require_root("fuzzing the packet programs")?;
+        println!("== fuzz {PACKETS} for {seconds} s (each of its invariants)");
+        run(crate::cargo()
+            .env("SLUICE_FUZZ_SECONDS", seconds.to_string())
+            .args([
+                "test",
+                "-p",
+                "sluice-tests",
+                "--test",
+                "packet_fuzz_test_run",
+            ])
+            .args(["--", "--nocapture"]))?;
+    }
+    if !TARGETS.iter().any(|t| wanted(t)) {
+        return Ok(());
+    }
     let tools = setup::tools_dir();
     if !tools.join("bin/cargo-fuzz").exists() {
         run(Command::new("cargo")
@@ -41,10 +70,7 @@ pub fn run_targets(seconds: u64, only: &[String]) -> Result<()> {
         tools.join("bin").display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    for target in TARGETS
-        .iter()
-        .filter(|t| only.is_empty() || only.iter().any(|o| o == *t))
-    {
+    for target in TARGETS.iter().filter(|t| wanted(t)) {
         let corpus = root.join("target/fuzz/corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
         let mut cmd = build::toolchain_cargo();

@@ -202,11 +202,16 @@ fn ipv4(ctx: &TcContext, src_mac: [u8; 6]) -> Result<&'static mut IpMeta, DropRe
         )
     };
     let header_len = ((version_ihl & 0x0f) as usize) * 4;
-    if version_ihl >> 4 != 4 || header_len < size_of::<Ipv4Hdr>() || (tot_len as usize) < header_len
-    {
+    if version_ihl >> 4 != 4 || header_len < size_of::<Ipv4Hdr>() {
         return Err(DropReason::Malformed);
     }
-    if (ctx.len() as usize) < ETH_HLEN + header_len {
+    let datagram = ip_length(ctx, tot_len, 0);
+    if datagram < header_len {
+        return Err(DropReason::Malformed);
+    }
+    // The datagram must be all there: the receiver would drop what its length says is cut
+    // short, after this node had judged it and kept state for it.
+    if (ctx.len() as usize).saturating_sub(ETH_HLEN) < datagram {
         return Err(DropReason::Truncated);
     }
     // SAFETY: bounds checked by `ptr_at` above.
@@ -226,7 +231,12 @@ fn ipv4(ctx: &TcContext, src_mac: [u8; 6]) -> Result<&'static mut IpMeta, DropRe
         quoted: Quoted::NONE,
     };
     if frag_off & IP_OFFSET == 0 {
-        l4(ctx, meta, ETH_HLEN + (header_len & 0x3c))?;
+        l4(
+            ctx,
+            meta,
+            ETH_HLEN + (header_len & 0x3c),
+            datagram - header_len,
+        )?;
         if frag_off & IP_MORE_FRAGMENTS != 0 && has_ports(proto) {
             let ports = FragPorts {
                 src_port: meta.src_port,
@@ -276,9 +286,10 @@ fn fragment_key(src: [u8; 4], dst: [u8; 4], id: u16, proto: u8) -> FragKey {
 fn ipv6(ctx: &TcContext, src_mac: [u8; 6]) -> Result<&'static mut IpMeta, DropReason> {
     let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN)?;
     // SAFETY: bounds checked by `ptr_at`.
-    let (version, next, src, dst) = unsafe {
+    let (version, payload_len, next, src, dst) = unsafe {
         (
             (*ip).version_tc_flow[0] >> 4,
+            u16::from_be((*ip).payload_len),
             (*ip).next_header,
             (*ip).src,
             (*ip).dst,
@@ -286,6 +297,11 @@ fn ipv6(ctx: &TcContext, src_mac: [u8; 6]) -> Result<&'static mut IpMeta, DropRe
     };
     if version != 6 {
         return Err(DropReason::Malformed);
+    }
+    let header = size_of::<Ipv6Hdr>();
+    let payload = ip_length(ctx, payload_len, header) - header;
+    if (ctx.len() as usize) < ETH_HLEN + header + payload {
+        return Err(DropReason::Truncated);
     }
     let meta = scratch()?;
     *meta = IpMeta {
@@ -302,7 +318,7 @@ fn ipv6(ctx: &TcContext, src_mac: [u8; 6]) -> Result<&'static mut IpMeta, DropRe
         quoted: Quoted::NONE,
     };
     // Extension headers are not walked: such packets are classified without ports.
-    l4(ctx, meta, ETH_HLEN + size_of::<Ipv6Hdr>())?;
+    l4(ctx, meta, ETH_HLEN + size_of::<Ipv6Hdr>(), payload)?;
     Ok(meta)
 }
 
@@ -324,11 +340,44 @@ fn arp(ctx: &TcContext, src_mac: [u8; 6]) -> Result<ArpMeta, DropReason> {
     })
 }
 
-/// Ports (and TCP flags) of TCP, UDP and SCTP, which all start with source and destination port.
-/// Read with `bpf_skb_load_bytes`: the offset varies with IPv4 options and the L4 header may sit
-/// beyond the linear part.
+/// The length of the IP datagram whose header says `claimed` (IPv4's total length, or IPv6's
+/// payload length after the `fixed` header). A BIG TCP packet (over 64 KiB) says 0, as the
+/// kernel writes it: its length is the frame's.
 #[inline(always)]
-fn l4(ctx: &TcContext, meta: &mut IpMeta, offset: usize) -> Result<(), DropReason> {
+fn ip_length(ctx: &TcContext, claimed: u16, fixed: usize) -> usize {
+    let frame = (ctx.len() as usize).saturating_sub(ETH_HLEN);
+    if claimed == 0 && frame > 0xffff {
+        frame
+    } else {
+        fixed + claimed as usize
+    }
+}
+
+/// The shortest header of each protocol whose ports the Classifier reads.
+#[inline(always)]
+fn l4_header_len(proto: u8) -> usize {
+    match proto {
+        IPPROTO_TCP => 20,
+        IPPROTO_UDP => 8,
+        IPPROTO_SCTP => 12,
+        _ => 0,
+    }
+}
+
+/// Ports (and TCP flags) of TCP, UDP and SCTP, which all start with source and destination port,
+/// from a header that must fit in the `available` bytes the IP header says follow it. Read with
+/// `bpf_skb_load_bytes`: the offset varies with IPv4 options and the L4 header may sit beyond
+/// the linear part.
+#[inline(always)]
+fn l4(
+    ctx: &TcContext,
+    meta: &mut IpMeta,
+    offset: usize,
+    available: usize,
+) -> Result<(), DropReason> {
+    if available < l4_header_len(meta.proto) {
+        return Err(DropReason::Truncated);
+    }
     match meta.proto {
         IPPROTO_TCP => {
             let head: [u8; 14] = ctx.load(offset).map_err(|_| DropReason::Truncated)?;
