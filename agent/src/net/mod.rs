@@ -225,6 +225,11 @@ impl Netlink {
             "disabling ARP on the gateway",
         )
         .await?;
+        if ip.is_ipv4() {
+            for end in [name, dp_name.as_str()] {
+                disable_ipv6(end);
+            }
+        }
         self.set_up(dp.index, mtu).await?;
         self.set_up(gw.index, mtu).await?;
         self.add_address(gw.index, ip, prefix).await?;
@@ -453,10 +458,7 @@ pub fn configure_pod(netns: &Path, pod: PodInterface) -> Result<()> {
                 &format!("renaming the pod interface to {}", pod.ifname),
             )
             .await?;
-            let _ = std::fs::write(
-                format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", pod.ifname),
-                "1",
-            );
+            disable_ipv6(&pod.ifname);
             nl.set_up(link.index, pod.mtu).await?;
             nl.add_address(link.index, IpAddr::V4(pod.ip), pod.prefix)
                 .await?;
@@ -467,6 +469,17 @@ pub fn configure_pod(netns: &Path, pod: PodInterface) -> Result<()> {
             Ok(())
         })
     })
+}
+
+/// Pods have IPv4 only: without this, the kernel sends IPv6 router solicitations and MLD
+/// reports out of each new interface, which the datapath can only drop (as
+/// `UnknownDestination` on the gateway). In the calling thread's network namespace; a kernel
+/// without IPv6 has nothing to disable.
+fn disable_ipv6(ifname: &str) {
+    let _ = std::fs::write(
+        format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"),
+        "1",
+    );
 }
 
 /// The pod-side state CHECK verifies: the interface exists with the MAC and address we gave it.
@@ -486,6 +499,30 @@ pub fn write_sysctl(path: &str, value: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Needs root: the namespace is this test thread's own, gone with it.
+    #[test]
+    fn an_ipv4_gateway_sends_no_ipv6_of_its_own() {
+        std::thread::spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("a network namespace (root)");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let netlink = Netlink::new().unwrap();
+                let ip = IpAddr::V4(Ipv4Addr::new(10, 244, 0, 1));
+                netlink.ensure_gateway("gw0", ip, 24, 1450).await.unwrap();
+                for end in ["gw0", "gw0-dp"] {
+                    let path = format!("/proc/sys/net/ipv6/conf/{end}/disable_ipv6");
+                    let disabled = std::fs::read_to_string(&path).unwrap();
+                    assert_eq!(disabled.trim(), "1", "{path}");
+                }
+            });
+        })
+        .join()
+        .unwrap();
+    }
 
     /// Needs root (CI runs as root): the namespace is this test thread's own, gone with it.
     #[test]
