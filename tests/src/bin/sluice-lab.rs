@@ -83,6 +83,7 @@ enum Cmd {
     /// `policy/` applied and deleted, its Service probed from a pod and from outside, the
     /// datapath's counters. Exit 1 when a step did not go the way it says.
     Demo {
+        /// examples/demo, or a copy of it: the checks name its pods, policy and Service.
         #[arg(long, default_value = "examples/demo")]
         manifests: PathBuf,
         #[arg(long)]
