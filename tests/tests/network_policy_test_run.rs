@@ -298,3 +298,81 @@ fn policy_sync_round_trips_through_both_maps() {
     assert_eq!(h.maps.policy_exact.keys().count(), 1);
     assert_eq!(h.maps.policy.keys().count(), 0);
 }
+
+/// A sync diffs against what the previous one wrote, plus what was isolated pending since (a
+/// CNI ADD): a pending entry the next sync does not want goes, one it wants is replaced, and
+/// the pod's packets are judged by the result.
+#[test]
+fn a_sync_replaces_what_was_isolated_pending_since_the_last_one() {
+    use sluice_agent::model::policy::PolicyTables;
+    let mut h = harness(Setup::Encap);
+    h.maps.sync_policy(&PolicyTables::default()).unwrap();
+    // The ADD of the pod: it allows nothing until the policy round has seen it.
+    h.maps.isolate_pending(&[IpKey::v4(POD_V4)]).unwrap();
+    h.expect_drop(
+        "from_pod",
+        &from_pod_to_peer(TCP, 80),
+        DropReason::EgressDenied,
+    );
+    // No policy selects it: the round removes the entry, and it is open.
+    h.maps.sync_policy(&PolicyTables::default()).unwrap();
+    assert_eq!(h.maps.endpoint_policy.keys().count(), 0);
+    assert_eq!(
+        h.run("from_pod", &from_pod_to_peer(TCP, 80)).0,
+        TC_ACT_REDIRECT
+    );
+
+    // Pending again; this time the round isolates its egress and allows TCP 80 to the peer.
+    h.maps.isolate_pending(&[IpKey::v4(POD_V4)]).unwrap();
+    let mut desired = PolicyTables::default();
+    let isolated = EndpointPolicy {
+        ingress_policy: 0,
+        egress_policy: EGRESS_POLICY,
+    };
+    desired.endpoint_policy.insert(IpKey::v4(POD_V4), isolated);
+    let peer = std::net::Ipv4Addr::from(PEER_V4);
+    desired.ipcache.insert(
+        sluice_agent::model::CidrKey::new(ipnetwork::IpNetwork::V4(
+            ipnetwork::Ipv4Network::new(peer, 32).unwrap(),
+        )),
+        sluice_common::Identity { id: PEER_ID },
+    );
+    let key = PolicyKey {
+        policy: EGRESS_POLICY,
+        peer: PEER_ID,
+        proto: TCP,
+        _pad: 0,
+        port: 80u16.to_be_bytes(),
+    };
+    desired.policy.insert(
+        PolicyLpmKey {
+            key,
+            prefix_len: POLICY_KEY_EXACT_BITS + 16,
+        },
+        PolicyRule { rule: 7 },
+    );
+    h.maps.sync_policy(&desired).unwrap();
+    assert_eq!(
+        h.maps.endpoint_policy.get(&IpKey::v4(POD_V4), 0).unwrap(),
+        isolated
+    );
+    assert_eq!(
+        h.run("from_pod", &from_pod_to_peer(TCP, 80)).0,
+        TC_ACT_REDIRECT
+    );
+    h.expect_drop(
+        "from_pod",
+        &from_pod_to_peer(TCP, 81),
+        DropReason::EgressDenied,
+    );
+    // What the sync recorded is what the kernel holds.
+    let kernel = h.maps.policy_tables().unwrap();
+    assert_eq!(
+        (kernel.endpoint_policy, kernel.ipcache.len(), kernel.policy),
+        (
+            desired.endpoint_policy,
+            desired.ipcache.len(),
+            desired.policy
+        )
+    );
+}

@@ -148,6 +148,7 @@ fn nodes_get_pod_cidrs_from_the_controller_an_existing_one_takes_precedence() {
         inline_values: Some(NODE_IPAM.into()),
         controller_manager: ControllerManager {
             cluster_cidr: Some(kcm_block.to_string()),
+            ..ControllerManager::default()
         },
         ..ClusterOptions::nodes(1)
     })

@@ -19,6 +19,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use tokio::{sync::Mutex, time::MissedTickBehavior};
 use tracing::{info, warn};
 
@@ -32,7 +33,7 @@ use crate::{
     model::{
         policy::{self, Allocator, LocalNode, PolicyError},
         service::{ServiceError, SetAllocator},
-        Mac,
+        LocalEndpoint, Mac,
     },
     service_health::HealthCheckServers,
 };
@@ -83,7 +84,11 @@ pub async fn start(setup: Setup) -> Result<ProgramRounds> {
         service_errors: Vec::new(),
         uplink: None,
         services_compiled_at: None,
+        policy_compiled_for: None,
+        external_ips_at: None,
+        rule_names: BTreeMap::new(),
         service_names: BTreeMap::new(),
+        names_changed: true,
         programmed_revisions: BTreeMap::new(),
         overlaps_checked: None,
         overlaps: Vec::new(),
@@ -121,7 +126,15 @@ struct Follower {
     /// `service_events` when the Service tables were last programmed: a change of anything
     /// else (a pod, a policy) does not recompile them.
     services_compiled_at: Option<u64>,
+    /// `policy_events` and the pods wired here when the policy was last programmed: a change of
+    /// anything else (a Service, a heartbeat) does not recompile it.
+    policy_compiled_for: Option<(u64, Vec<LocalEndpoint>)>,
+    /// `service_events` when the LoadBalancer IPs this node answers for were last programmed.
+    external_ips_at: Option<u64>,
+    /// Rule ids and backend set ids by name, for `sluicectl`; `names_changed` until written.
+    rule_names: BTreeMap<u32, String>,
     service_names: BTreeMap<u32, String>,
+    names_changed: bool,
     /// Per kind, the store's revision the last round that programmed everything had read.
     programmed_revisions: BTreeMap<&'static str, u64>,
     /// The cluster networks the overlap check last ran on (`None`: run it), and what it found.
@@ -166,6 +179,8 @@ impl Follower {
                 _ = resync.tick() => {
                     info!("periodic resync: every part re-derived from the store");
                     self.services_compiled_at = None;
+                    self.policy_compiled_for = None;
+                    self.external_ips_at = None;
                     self.overlaps_checked = None;
                 }
             }
@@ -215,21 +230,92 @@ impl Follower {
             .map(|(kind, rv)| (*kind, rv.load(Ordering::Acquire)))
             .collect();
         let service_events = self.cluster.service_events.load(Ordering::Acquire);
+        let policy_events = self.cluster.policy_events.load(Ordering::Acquire);
         let nodes = self.cluster.nodes.state();
-        let pod_network = self.pods.clone();
-        let mut pods = pod_network.lock().await;
-        failures.part(
-            "routes",
-            pods.set_remote_routes(k8s::remote_routes(&nodes, &self.own))
-                .await,
-        );
         let node_addresses = k8s::node_addresses(&nodes, &self.own);
-        let mut host = node_addresses.clone();
-        host.push(pods.gateway_ip());
+        // The pod network is locked only to read it and to write the datapath: a CNI ADD or DEL
+        // waits for a map sync at most, never for a compile.
+        let endpoints = {
+            let mut pods = self.pods.lock().await;
+            failures.part(
+                "routes",
+                pods.set_remote_routes(k8s::remote_routes(&nodes, &self.own))
+                    .await,
+            );
+            if self.uplink.is_none() && !node_addresses.is_empty() {
+                if let Some(uplink) =
+                    failures.part("uplink", pods.attach_uplink(&node_addresses).await)
+                {
+                    info!(uplink = %uplink.0, "Services from outside: program attached to the uplink");
+                    self.uplink = Some(uplink);
+                    self.external_ips_at = None;
+                }
+            }
+            failures.part("policy", pods.endpoints())
+        };
         let all_pods = self.cluster.pods.state();
+        if let Some(endpoints) = endpoints {
+            let inputs = (policy_events, endpoints);
+            if self.policy_compiled_for.as_ref() != Some(&inputs) {
+                let programmed = self.program_policy(&inputs.1, &node_addresses, &all_pods, &nodes);
+                if failures.part("policy", programmed.await).is_some() {
+                    self.policy_compiled_for = Some(inputs);
+                    self.names_changed = true;
+                }
+            }
+        }
+        if self.services_compiled_at != Some(service_events) {
+            let programmed = self.program_services(&node_addresses).await;
+            if failures.part("services", programmed).is_some() {
+                self.services_compiled_at = Some(service_events);
+                self.names_changed = true;
+            }
+        }
+        // Diagnostics only: a failed check does not fail the round.
+        if let Err(e) = self.check_overlaps(&nodes).await {
+            warn!("checking for overlapping networks: {e:#}");
+        }
+        if self.external_ips_at != Some(service_events) {
+            let programmed = self.external_ips(&nodes).await;
+            if failures.part("external IPs", programmed).is_some() {
+                self.external_ips_at = Some(service_events);
+            }
+        }
+        if self.names_changed {
+            let written = report::write_names(
+                &self.state_dir,
+                &self.rule_names,
+                &self.service_names,
+                &all_pods,
+            );
+            if failures.part("names", written).is_some() {
+                self.names_changed = false;
+            }
+        }
+        // Only a round that programmed everything may say it caught up.
+        if failures.0.is_empty() {
+            self.programmed_revisions.extend(revisions);
+        }
+        let written = report::write_programmed(&self.state_dir, &self.programmed_revisions);
+        failures.part("names", written);
+        failures
+    }
+
+    /// NetworkPolicy for the pods wired here (`endpoints`): compiled off the async workers and
+    /// with the pod network unlocked, then synced.
+    async fn program_policy(
+        &mut self,
+        endpoints: &[LocalEndpoint],
+        node_addresses: &[IpAddr],
+        all_pods: &[Arc<Pod>],
+        nodes: &[Arc<Node>],
+    ) -> Result<()> {
+        let gateway_ip = self.pods.lock().await.gateway_ip();
+        let mut host = node_addresses.to_vec();
+        host.push(gateway_ip);
         let namespaces = self.cluster.namespaces.state();
         let policies = self.cluster.network_policies.state();
-        let tables = failures.part("policy", pods.endpoints()).map(|endpoints| {
+        let mut tables = tokio::task::block_in_place(|| {
             policy::compile(
                 all_pods.iter().map(|p| p.as_ref()),
                 namespaces.iter().map(|n| n.as_ref()),
@@ -237,60 +323,38 @@ impl Follower {
                 &LocalNode {
                     name: &self.own,
                     host_ips: &host,
-                    endpoints: &endpoints,
+                    endpoints,
                 },
                 &mut self.alloc,
             )
         });
-        if let Some(tables) = &tables {
-            if tables.errors != self.errors {
-                for error in &tables.errors {
-                    warn!(
-                        "{error}: the pods it selects are isolated and it allows nothing until fixed"
-                    );
-                }
-                self.errors = tables.errors.clone();
+        if tables.errors != self.errors {
+            for error in &tables.errors {
+                warn!(
+                    "{error}: the pods it selects are isolated and it allows nothing until fixed"
+                );
             }
-            let policy_sync = pods.set_policy(tables);
-            self.report_policy_sync(policy_sync.as_ref().err().map(|e| format!("{e:#}")), &nodes)
-                .await;
-            failures.part("policy", policy_sync);
+            self.errors = tables.errors.clone();
         }
-        if self.uplink.is_none() && !node_addresses.is_empty() {
-            if let Some(uplink) = failures.part("uplink", pods.attach_uplink(&node_addresses).await)
-            {
-                info!(uplink = %uplink.0, "Services from outside: program attached to the uplink");
-                self.uplink = Some(uplink);
-            }
+        let synced = {
+            let mut pods = self.pods.lock().await;
+            // A pod wired while the compile ran is not in it: it stays isolated pending (as its
+            // ADD left it) until the next round, which its ADD asked for.
+            pods.endpoints().map(|now| {
+                policy::isolate_new(&mut tables, endpoints, &now);
+                tokio::task::block_in_place(|| pods.set_policy(&tables))
+            })
         }
-        if self.services_compiled_at != Some(service_events) {
-            let programmed = self.program_services(&mut pods, &node_addresses).await;
-            if failures.part("services", programmed).is_some() {
-                self.services_compiled_at = Some(service_events);
-            }
-        }
-        drop(pods);
-        // Diagnostics only: a failed check does not fail the round.
-        if let Err(e) = self.check_overlaps(&nodes).await {
-            warn!("checking for overlapping networks: {e:#}");
-        }
-        let external_ips = self.external_ips(&nodes).await;
-        failures.part("external IPs", external_ips);
-        if let Some(tables) = &tables {
-            // Only a round that programmed everything may say it caught up.
-            if failures.0.is_empty() {
-                self.programmed_revisions.extend(revisions);
-            }
-            let written = report::write_names(
-                &self.state_dir,
-                tables,
-                &self.service_names,
-                &all_pods,
-                &self.programmed_revisions,
-            );
-            failures.part("names", written);
-        }
-        failures
+        .and_then(|synced| synced);
+        self.report_policy_sync(synced.as_ref().err().map(|e| format!("{e:#}")), nodes)
+            .await;
+        synced?;
+        self.rule_names = tables
+            .rules
+            .iter()
+            .map(|(id, r)| (*id, r.to_string()))
+            .collect();
+        Ok(())
     }
 }
 

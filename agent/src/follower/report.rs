@@ -9,7 +9,6 @@ use kube::runtime::events::{Event, EventType};
 use tracing::{info, warn};
 
 use super::Follower;
-use crate::model::policy::PolicyTables;
 
 impl Follower {
     /// A policy sync that failed left the node tighter than desired (see
@@ -65,19 +64,14 @@ impl Follower {
 }
 
 /// Names for `sluicectl` (rule ids → policy rules, pod addresses → pods, backend sets →
-/// Services) and how far the programmed state has caught up with the API server.
+/// Services), in `names.json`. Written when the policy or the Services were recompiled, not on
+/// every round: with 30,000 pods it is megabytes.
 pub(super) fn write_names(
     state_dir: &Path,
-    tables: &PolicyTables,
+    rules: &BTreeMap<u32, String>,
     services: &BTreeMap<u32, String>,
     pods: &[Arc<Pod>],
-    revisions: &BTreeMap<&'static str, u64>,
 ) -> Result<()> {
-    let rules: BTreeMap<u32, String> = tables
-        .rules
-        .iter()
-        .map(|(id, r)| (*id, r.to_string()))
-        .collect();
     let mut addresses = BTreeMap::new();
     for pod in pods {
         let name = format!(
@@ -86,20 +80,34 @@ pub(super) fn write_names(
             pod.metadata.name.as_deref().unwrap_or("")
         );
         for ip in pod.status.iter().flat_map(|s| s.pod_ips.iter().flatten()) {
-            addresses.insert(ip.ip.clone(), name.clone());
+            addresses.insert(ip.ip.as_str(), name.clone());
         }
     }
-    // `programmedResourceVersions` tells the lab (and operators) how far the datapath has caught
-    // up with the API server, per watched kind.
     let names = serde_json::json!({
         "rules": rules,
         "pods": addresses,
         "services": services,
-        "programmedResourceVersions": revisions,
     });
-    let path = state_dir.join("names.json");
+    replace(&state_dir.join("names.json"), &serde_json::to_vec(&names)?)
+}
+
+/// How far the programmed state has caught up with the API server, per watched kind
+/// (`programmed.json`, every round): for the lab, and for operators.
+pub(super) fn write_programmed(
+    state_dir: &Path,
+    revisions: &BTreeMap<&'static str, u64>,
+) -> Result<()> {
+    let programmed = serde_json::json!({ "programmedResourceVersions": revisions });
+    replace(
+        &state_dir.join("programmed.json"),
+        &serde_json::to_vec_pretty(&programmed)?,
+    )
+}
+
+/// Replaces `path` whole (a reader sees the old file or the new one, never half of one).
+fn replace(path: &Path, contents: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&names)?)
-        .and_then(|()| std::fs::rename(&tmp, &path))
+    std::fs::write(&tmp, contents)
+        .and_then(|()| std::fs::rename(&tmp, path))
         .with_context(|| format!("writing {}", path.display()))
 }

@@ -10,18 +10,13 @@ use tracing::{info, warn};
 
 use super::Follower;
 use crate::{
-    cni::server::PodNetwork,
     external_ip,
     model::service::{self, ServiceInputs},
 };
 
 impl Follower {
     /// Services: compiled, synced, health-check ports served.
-    pub(super) async fn program_services(
-        &mut self,
-        pods: &mut PodNetwork,
-        node_addresses: &[IpAddr],
-    ) -> Result<()> {
+    pub(super) async fn program_services(&mut self, node_addresses: &[IpAddr]) -> Result<()> {
         // Compiled from references into the watch stores: copying 10,000 Services and their
         // slices on every change would double the agent's memory.
         let service_store = self.cluster.services.state();
@@ -29,22 +24,28 @@ impl Follower {
         let services: Vec<_> = service_store.iter().map(AsRef::as_ref).collect();
         let slices: Vec<_> = slice_store.iter().map(AsRef::as_ref).collect();
         let node_ports = self.settings.node_port_addresses(node_addresses);
-        let tables = service::compile(
-            &ServiceInputs {
-                services: &services,
-                slices: &slices,
-                node_name: &self.own,
-                node_port_addresses: &node_ports,
-            },
-            &mut self.sets,
-        );
+        // Off the async workers, with the pod network unlocked: 10,000 Services take a while.
+        let tables = tokio::task::block_in_place(|| {
+            service::compile(
+                &ServiceInputs {
+                    services: &services,
+                    slices: &slices,
+                    node_name: &self.own,
+                    node_port_addresses: &node_ports,
+                },
+                &mut self.sets,
+            )
+        });
         if tables.errors != self.service_errors {
             for error in &tables.errors {
                 warn!("{error}: that part of the Service is not programmed until fixed");
             }
             self.service_errors = tables.errors.clone();
         }
-        pods.set_services(&tables)?;
+        {
+            let mut pods = self.pods.lock().await;
+            tokio::task::block_in_place(|| pods.set_services(&tables))?;
+        }
         for error in self.health_checks.update(&tables.health_checks).await {
             warn!("{error:#}");
         }

@@ -4,6 +4,7 @@
 
 pub mod access;
 mod node_changes;
+mod pod_trim;
 mod slice;
 
 pub use slice::{Endpoint, EndpointSlice};
@@ -65,6 +66,10 @@ pub struct ClusterStore {
     /// EndpointSlice; of Nodes only those that change what the tables read, not heartbeats):
     /// unchanged, the tables need no recompiling.
     pub service_events: Arc<AtomicU64>,
+    /// Events of the kinds NetworkPolicy is compiled from (Pod, Namespace, NetworkPolicy; and
+    /// Nodes as for `service_events`, since the node's own addresses are HOST): unchanged, the
+    /// policy tables need no recompiling.
+    pub policy_events: Arc<AtomicU64>,
 }
 
 /// Publishes Events that are each said once, when what they report changes. kube's `Recorder`
@@ -122,18 +127,18 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
 }
 
 /// What every watch event touches: the shared "something changed" signal, the highest
-/// resourceVersion of this kind's stream, and a counter of the events of this kind's group.
+/// resourceVersion of this kind's stream, and the counters of the parts this kind feeds.
 #[derive(Clone)]
 struct Signals {
     changed: Arc<Notify>,
     observed: Arc<AtomicU64>,
-    events: Arc<AtomicU64>,
+    events: Vec<Arc<AtomicU64>>,
 }
 
 impl Signals {
-    fn counting(&self, events: &Arc<AtomicU64>) -> Signals {
+    fn counting(&self, events: &[&Arc<AtomicU64>]) -> Signals {
         Signals {
-            events: events.clone(),
+            events: events.iter().map(|e| Arc::clone(e)).collect(),
             ..self.clone()
         }
     }
@@ -158,17 +163,19 @@ where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    watch_with(api, Default::default(), config, signals, |_| true)
+    watch_with(api, Default::default(), config, signals, |_| true, |_| {})
 }
 
 /// As [`watch`], for kinds known only at run time (`DynamicObject` with its `ApiResource`);
-/// `counts` tells the events that count in `signals.events` (every one changes the store).
+/// `counts` tells the events that count in `signals.events` (every one changes the store), and
+/// `trim` drops what of an object the agent never reads before the store keeps it.
 fn watch_with<K>(
     api: Api<K>,
     dyntype: K::DynamicType,
     config: watcher::Config,
     signals: Signals,
     mut counts: impl FnMut(&watcher::Event<K>) -> bool + Send + 'static,
+    mut trim: impl FnMut(&mut K) + Send + 'static,
 ) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
@@ -178,9 +185,10 @@ where
     let writer = Writer::new(dyntype);
     let reader = writer.as_reader();
     // managedFields are never read and are often the bulk of an object: not kept.
-    let objects = watcher(api, config)
-        .default_backoff()
-        .modify(|obj| obj.meta_mut().managed_fields = None);
+    let objects = watcher(api, config).default_backoff().modify(move |obj| {
+        obj.meta_mut().managed_fields = None;
+        trim(obj);
+    });
     let stream = reflector::reflector(writer, objects);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -201,7 +209,9 @@ where
                             .fetch_max(rv.unwrap_or(0), Ordering::AcqRel);
                     }
                     if counts(&event) {
-                        signals.events.fetch_add(1, Ordering::AcqRel);
+                        for events in &signals.events {
+                            events.fetch_add(1, Ordering::AcqRel);
+                        }
                     }
                     signals.changed.notify_one()
                 }
@@ -223,9 +233,16 @@ where
     let signals = Signals {
         changed,
         observed: Arc::default(),
-        events: Arc::default(),
+        events: Vec::new(),
     };
-    watch_with(api, dyntype, watcher::Config::default(), signals, |_| true)
+    watch_with(
+        api,
+        dyntype,
+        watcher::Config::default(),
+        signals,
+        |_| true,
+        |_| {},
+    )
 }
 
 impl ClusterStore {
@@ -233,9 +250,10 @@ impl ClusterStore {
         let signals = Signals {
             changed: Arc::new(Notify::new()),
             observed: Arc::default(),
-            events: Arc::default(),
+            events: Vec::new(),
         };
         let service_events = Arc::new(AtomicU64::new(0));
+        let policy_events = Arc::new(AtomicU64::new(0));
         let mut observed = Vec::new();
         let all = watcher::Config::default;
         let external_ip_pools = gates.service_external_ip.then(|| {
@@ -246,47 +264,58 @@ impl ClusterStore {
                 all(),
                 signals.kind("ExternalIPPool", &mut observed),
                 |_| true,
+                |_| {},
             )
         });
-        // Heartbeats do not recompile the Services.
+        // Heartbeats recompile neither the Services nor the policy.
         let mut node_changes = node_changes::NodeChanges::default();
         let nodes = watch_with(
             Api::<Node>::all(client.clone()),
             (),
             all(),
             signals
-                .counting(&service_events)
+                .counting(&[&service_events, &policy_events])
                 .kind("Node", &mut observed),
             move |event| node_changes.relevant(event),
+            |_| {},
         );
         let namespaces = watch(
             Api::<Namespace>::all(client.clone()),
             all(),
-            signals.kind("Namespace", &mut observed),
+            signals
+                .counting(&[&policy_events])
+                .kind("Namespace", &mut observed),
         );
-        let pods = watch(
+        let pods = watch_with(
             Api::<Pod>::all(client.clone()),
+            (),
             all(),
-            signals.kind("Pod", &mut observed),
+            signals
+                .counting(&[&policy_events])
+                .kind("Pod", &mut observed),
+            |_| true,
+            pod_trim::trim,
         );
         let services = watch(
             Api::<Service>::all(client.clone()),
             all(),
             signals
-                .counting(&service_events)
+                .counting(&[&service_events])
                 .kind("Service", &mut observed),
         );
         let endpoint_slices = watch(
             Api::<EndpointSlice>::all(client.clone()),
             all(),
             signals
-                .counting(&service_events)
+                .counting(&[&service_events])
                 .kind("EndpointSlice", &mut observed),
         );
         let network_policies = watch(
             Api::<NetworkPolicy>::all(client),
             all(),
-            signals.kind("NetworkPolicy", &mut observed),
+            signals
+                .counting(&[&policy_events])
+                .kind("NetworkPolicy", &mut observed),
         );
         ClusterStore {
             nodes,
@@ -299,6 +328,7 @@ impl ClusterStore {
             changed: signals.changed,
             observed,
             service_events,
+            policy_events,
         }
     }
 

@@ -1,8 +1,8 @@
-//! Which Node events matter to the Service tables. A kubelet rewrites its Node's status on
-//! every heartbeat; of a Node the Service compiler and ServiceExternalIP read only the name,
-//! labels, pod CIDRs, addresses and whether it is Ready. An event that changes none of them is
-//! still a change of the store (the round runs, and reports it programmed) but does not
-//! recompile the Services.
+//! Which Node events matter to the Service tables and the policy. A kubelet rewrites its Node's
+//! status on every heartbeat; of a Node the Service compiler and ServiceExternalIP read only the
+//! name, labels, pod CIDRs, addresses and whether it is Ready, the policy compiler only the
+//! node's own addresses. An event that changes none of them is still a change of the store (the
+//! round runs, and reports it programmed) but recompiles neither.
 
 use std::{
     collections::{hash_map::DefaultHasher, BTreeMap, HashMap},

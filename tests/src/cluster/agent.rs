@@ -16,9 +16,7 @@ use sluice_common::HAIRPIN_IPV4;
 
 use super::{Cluster, KubeNode};
 
-/// The field of `names.json` the suites wait on. Read alone: the file also names every rule, pod
-/// and Service (hundreds of KiB with 10,000 Services), which need not become a `Value` on every
-/// poll.
+/// What the suites wait on: `programmed.json`, which the agent rewrites every round.
 #[derive(serde::Deserialize)]
 struct Reported {
     #[serde(rename = "programmedResourceVersions")]
@@ -35,9 +33,10 @@ pub(crate) const WATCHED: [(&str, &str); 6] = [
     ("NetworkPolicy", "networkpolicies"),
 ];
 
-fn programmed_revisions(names_json: &std::path::Path) -> BTreeMap<String, u64> {
-    let names = std::fs::read(names_json).unwrap_or_default();
-    serde_json::from_slice::<Reported>(&names).map_or_else(|_| BTreeMap::new(), |r| r.programmed)
+fn programmed_revisions(programmed_json: &std::path::Path) -> BTreeMap<String, u64> {
+    let programmed = std::fs::read(programmed_json).unwrap_or_default();
+    serde_json::from_slice::<Reported>(&programmed)
+        .map_or_else(|_| BTreeMap::new(), |r| r.programmed)
 }
 
 /// The kinds whose `targets` revision is above what `reported` says programmed, as
@@ -68,15 +67,15 @@ impl KubeNode {
             .context("the node's containerd is not running")
     }
 
-    /// What the agent reports programmed (`names.json` in its state directory, `/var/lib/sluice`
+    /// What the agent reports programmed (`programmed.json` in its state directory, `/var/lib/sluice`
     /// on the node): the newest resourceVersion of each kind; empty before its first report.
     pub fn programmed_revisions(&self) -> BTreeMap<String, u64> {
-        programmed_revisions(&self.names_json())
+        programmed_revisions(&self.programmed_json())
     }
 
-    /// The agent's report file, as this process opens it.
-    pub fn names_json(&self) -> PathBuf {
-        self.dir.join("var-lib/sluice/names.json")
+    /// The agent's report of how far it has programmed, as this process opens it.
+    pub fn programmed_json(&self) -> PathBuf {
+        self.dir.join("var-lib/sluice/programmed.json")
     }
 
     /// The routes the agent owns on this node other than the two every node has for Services

@@ -31,6 +31,9 @@ pub struct ControllerManager {
     /// `--allocate-node-cidrs --cluster-cidr`: kube-controller-manager's NodeIPAM, as kubeadm's
     /// `--pod-network-cidr` turns on.
     pub cluster_cidr: Option<String>,
+    /// Flags besides the lab's (the scale benchmark's grace periods: its API-only Nodes have no
+    /// kubelet, and must not be marked unreachable, their pods not ready, while it runs).
+    pub args: Vec<&'static str>,
 }
 
 impl ControlPlane {
@@ -154,6 +157,7 @@ impl ControlPlane {
             .args(["--root-ca-file", &p("ca.crt")])
             .args(["--use-service-account-credentials", "--leader-elect=false"])
             .args(["--bind-address", "127.0.0.1", "--controllers", "*"])
+            .args(&kcm.args)
             .args(["--service-cluster-ip-range", service_cidr]);
         match &kcm.cluster_cidr {
             Some(cidr) => {

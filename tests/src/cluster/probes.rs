@@ -104,7 +104,7 @@ impl Cluster {
     }
 
     /// Waits until every lab pod is Ready with an address and every agent reports the API's
-    /// current objects programmed (`names.json` in its state directory, `/var/lib/sluice` on the
+    /// current objects programmed (`programmed.json` in its state directory, `/var/lib/sluice` on the
     /// node).
     pub fn wait_programmed(&self, timeout: Duration) -> Result<()> {
         self.wait_settled(timeout, true)

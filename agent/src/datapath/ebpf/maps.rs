@@ -39,6 +39,10 @@ pub struct Maps {
     /// instead of reading 100,000 entries back (a failed sync forgets it). Kept as sorted
     /// vectors: a third of the memory of the maps they come from.
     services_written: Option<WrittenServices>,
+    /// IPCACHE, ENDPOINT_POLICY and POLICY(_EXACT) as the last sync left them, with the pods
+    /// isolated since: as `services_written`, so that a sync costs the change, not the cluster's
+    /// 30,000 identities read back.
+    pub(super) policy_written: Option<crate::model::policy::PolicyTables>,
     pub rule_stats: PerCpuArray<MapData, RuleStats>,
     pub policy_events: RingBuf<MapData>,
     pub node_config: Array<MapData, NodeConfig>,
@@ -113,6 +117,7 @@ impl Maps {
             affinity: typed(map(map_names::AFFINITY)?)?,
             external_ips: typed(map(map_names::EXTERNAL_IPS)?)?,
             services_written: None,
+            policy_written: None,
             rule_stats: typed(map(map_names::RULE_STATS)?)?,
             policy_events: typed(map(map_names::POLICY_EVENTS)?)?,
             node_config: typed(map(map_names::NODE_CONFIG)?)?,

@@ -73,8 +73,29 @@ impl Maps {
     /// - an allow entry that cannot be written is left out: its pods allow less;
     /// - an identity that cannot be written would let its addresses be judged as a wider
     ///   prefix's, so every isolated pod of the node then allows nothing (`POLICY_PENDING`).
+    ///
+    /// Diffs against what the previous sync wrote; the maps are read back only when there is
+    /// no such record (the first sync, or one after a failure, whose partial writes are unknown).
     pub fn sync_policy(&mut self, desired: &PolicyTables) -> Result<SyncReport> {
-        let current = self.policy_tables()?;
+        let current = match self.policy_written.take() {
+            Some(written) => written,
+            None => self.policy_tables()?,
+        };
+        let report = self.write_policy(&current, desired)?;
+        self.policy_written = Some(PolicyTables {
+            ipcache: desired.ipcache.clone(),
+            endpoint_policy: desired.endpoint_policy.clone(),
+            policy: desired.policy.clone(),
+            ..PolicyTables::default()
+        });
+        Ok(report)
+    }
+
+    fn write_policy(
+        &mut self,
+        current: &PolicyTables,
+        desired: &PolicyTables,
+    ) -> Result<SyncReport> {
         let ipcache = diff(&current.ipcache, &desired.ipcache);
         let endpoints = diff(&current.endpoint_policy, &desired.endpoint_policy);
         let policy = diff(&current.policy, &desired.policy);
@@ -112,7 +133,7 @@ impl Maps {
         let mut unwritten: BTreeSet<&str> = BTreeSet::new();
         let mut first_failure = None;
         for (key, value) in &policy.upserts {
-            if let Err(e) = self.insert_policy(key, *value) {
+            if let Err(e) = self.write_policy_entry(key, *value) {
                 let policy_name = desired
                     .rules
                     .get(&value.rule)
@@ -174,6 +195,8 @@ impl Maps {
             ingress_policy: POLICY_PENDING,
             egress_policy: POLICY_PENDING,
         };
+        // Recorded as written, so the next sync replaces (or removes) them like its own.
+        let mut written = self.policy_written.take();
         for addr in addrs {
             self.endpoint_policy.insert(addr, pending, 0).map_err(|e| {
                 full(
@@ -182,13 +205,22 @@ impl Maps {
                     capacity(&self.endpoint_policy),
                 )
             })?;
+            if let Some(written) = &mut written {
+                written.endpoint_policy.insert(*addr, pending);
+            }
         }
+        self.policy_written = written;
         Ok(())
     }
 
     /// Writes one allow entry where the datapath looks for it: POLICY_EXACT unless it is a port
-    /// range.
+    /// range. Outside a sync (tests, benchmarks): the next sync reads the maps back.
     pub fn insert_policy(&mut self, key: &PolicyLpmKey, rule: PolicyRule) -> Result<()> {
+        self.policy_written = None;
+        self.write_policy_entry(key, rule)
+    }
+
+    fn write_policy_entry(&mut self, key: &PolicyLpmKey, rule: PolicyRule) -> Result<()> {
         match to_exact(key) {
             Some(exact) => self
                 .policy_exact

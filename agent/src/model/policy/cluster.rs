@@ -11,7 +11,7 @@ use sluice_common::identity;
 
 use super::{
     parse::{Namespaces, ParsedPolicy, Peer, Rule},
-    ports::{named_ports, NamedPort},
+    ports::named_port,
     prefix::Prefix,
     Allocator, LocalNode, NAMESPACE_NAME_LABEL,
 };
@@ -24,7 +24,7 @@ pub(super) struct PodEndpoint<'a> {
     labels: &'a BTreeMap<String, String>,
     pub local: bool,
     pub ips: Vec<IpAddr>,
-    ports: Vec<NamedPort>,
+    pod: &'a Pod,
 }
 
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
@@ -61,15 +61,12 @@ impl<'a> PodEndpoint<'a> {
             labels: pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
             local,
             ips,
-            ports: named_ports(pod),
+            pod,
         })
     }
 
     pub(super) fn port(&self, name: &str, proto: u8) -> Option<u16> {
-        self.ports
-            .iter()
-            .find(|p| p.name == name && p.proto == proto)
-            .map(|p| p.port)
+        named_port(self.pod, name, proto)
     }
 }
 
@@ -98,6 +95,9 @@ fn status_ips(status: Option<&PodStatus>) -> Vec<IpAddr> {
 pub(super) struct Cluster<'a> {
     /// Sorted by namespace and name, so every compile walks them in the same order.
     pub endpoints: Vec<PodEndpoint<'a>>,
+    /// Which of `endpoints` are this node's: the only ones a policy can select here, a few
+    /// among the cluster's thousands.
+    local: Vec<usize>,
     namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     pub identities: BTreeMap<Prefix, u32>,
 }
@@ -148,8 +148,12 @@ impl<'a> Cluster<'a> {
                     BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), ep.namespace.to_string())])
                 });
         }
+        let local = (0..endpoints.len())
+            .filter(|&e| endpoints[e].local)
+            .collect();
         Cluster {
             endpoints,
+            local,
             namespace_labels,
             identities: BTreeMap::new(),
         }
@@ -197,11 +201,15 @@ impl<'a> Cluster<'a> {
         self.identities.get(&Prefix::host(ip)).copied()
     }
 
+    /// This node's pods.
+    pub(super) fn local(&self) -> impl Iterator<Item = &PodEndpoint<'a>> {
+        self.local.iter().map(|&e| &self.endpoints[e])
+    }
+
     /// This node's pods the policy selects (a broken podSelector: all of its namespace).
     pub(super) fn selected_by(&self, policy: &ParsedPolicy) -> Vec<&PodEndpoint<'a>> {
-        self.endpoints
-            .iter()
-            .filter(|ep| ep.local && ep.namespace == policy.namespace)
+        self.local()
+            .filter(|ep| ep.namespace == policy.namespace)
             .filter(|ep| {
                 policy
                     .selector

@@ -241,14 +241,37 @@ fn isolate_unknown(
     endpoint_policy: &mut BTreeMap<IpKey, EndpointPolicy>,
 ) {
     let known: BTreeSet<IpAddr> = cluster
-        .endpoints
-        .iter()
-        .filter(|ep| ep.local)
+        .local()
         .flat_map(|ep| ep.ips.iter().copied())
         .collect();
     for net in endpoints.iter().flat_map(|ep| &ep.ips) {
         if !known.contains(&net.ip()) {
             endpoint_policy.insert(
+                ip_key(net.ip()),
+                EndpointPolicy {
+                    ingress_policy: POLICY_PENDING,
+                    egress_policy: POLICY_PENDING,
+                },
+            );
+        }
+    }
+}
+
+/// Isolates pending, in `tables` compiled for the pod interfaces `compiled_for`, every address
+/// of an interface in `wired` (wired since) that `compiled_for` did not have: a pod the
+/// compile did not see allows nothing until the next compile, as its CNI ADD left it.
+pub fn isolate_new(
+    tables: &mut PolicyTables,
+    compiled_for: &[LocalEndpoint],
+    wired: &[LocalEndpoint],
+) {
+    let known: BTreeSet<IpAddr> = compiled_for
+        .iter()
+        .flat_map(|ep| ep.ips.iter().map(|n| n.ip()))
+        .collect();
+    for net in wired.iter().flat_map(|ep| &ep.ips) {
+        if !known.contains(&net.ip()) {
+            tables.endpoint_policy.insert(
                 ip_key(net.ip()),
                 EndpointPolicy {
                     ingress_policy: POLICY_PENDING,

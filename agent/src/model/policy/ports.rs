@@ -117,41 +117,28 @@ pub(in crate::model) fn valid_port(number: i32) -> Option<u16> {
     u16::try_from(number).ok().filter(|&p| p != 0)
 }
 
-/// A named container port of a pod.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) struct NamedPort {
-    pub name: String,
-    pub proto: u8,
-    pub port: u16,
-}
-
-/// The named ports a pod declares: its containers' and its sidecars' (init containers that
-/// keep running, `restartPolicy: Always`), which serve traffic like any container.
-pub(super) fn named_ports(pod: &Pod) -> Vec<NamedPort> {
-    let Some(spec) = &pod.spec else {
-        return Vec::new();
-    };
+/// The port a pod declares under `name` for `proto` (the lowest, should it declare several):
+/// its containers' and its sidecars' (init containers that keep running, `restartPolicy:
+/// Always`), which serve traffic like any container. Looked up when a rule names a port, not
+/// kept for every pod of the cluster.
+pub(super) fn named_port(pod: &Pod, name: &str, proto: u8) -> Option<u16> {
+    let spec = pod.spec.as_ref()?;
     let sidecars = spec
         .init_containers
         .iter()
         .flatten()
         .filter(|c| c.restart_policy.as_deref() == Some("Always"));
-    let mut ports: Vec<NamedPort> = spec
-        .containers
+    spec.containers
         .iter()
         .chain(sidecars)
         .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| {
-            Some(NamedPort {
-                name: p.name.clone().filter(|n| !n.is_empty())?,
-                proto: protocol_number(p.protocol.as_deref().unwrap_or("TCP"))?,
-                port: valid_port(p.container_port)?,
-            })
+        .filter(|p| {
+            !name.is_empty()
+                && p.name.as_deref() == Some(name)
+                && protocol_number(p.protocol.as_deref().unwrap_or("TCP")) == Some(proto)
         })
-        .collect();
-    ports.sort();
-    ports.dedup();
-    ports
+        .filter_map(|p| valid_port(p.container_port))
+        .min()
 }
 
 /// The fewest `(first port, significant bits)` prefixes that cover exactly `first..=last`

@@ -9,6 +9,8 @@
 //! - `service [--quick]`: per-packet cost, connection rate, programming time and agent memory
 //!   with 1 to 10,000 Services, against kube-proxy's iptables rules; `--quick` (fewer Services
 //!   and samples) checks the benchmark itself.
+//! - `scale [--quick]`: the agent in an API holding 1,000 Nodes, 30,000 Pods, 1,000
+//!   NetworkPolicies and 10,000 Services: time per change to its report, CPU per change, memory.
 //!
 //! Rounds interleave the contenders so drift hits all of them alike.
 
@@ -23,9 +25,11 @@ use std::{
 use anyhow::{bail, Context, Result};
 use sluice_tests::{in_netns, require_root, Netns, Node};
 
+mod agent_process;
 mod cross_node;
 mod heap;
 mod policy;
+mod scale;
 mod service;
 
 #[global_allocator]
@@ -65,8 +69,13 @@ fn main() -> Result<()> {
             Some("--quick") => service::run(true),
             Some(other) => bail!("sluice-bench service: unknown argument {other:?}"),
         },
+        Some("scale") => match std::env::args().nth(2).as_deref() {
+            None => scale::run(false),
+            Some("--quick") => scale::run(true),
+            Some(other) => bail!("sluice-bench scale: unknown argument {other:?}"),
+        },
         _ => bail!(
-            "usage: sluice-bench forward | cross-node | control-plane | policy | service [--quick]"
+            "usage: sluice-bench forward | cross-node | control-plane | policy | service [--quick] | scale [--quick]"
         ),
     }
 }

@@ -143,3 +143,28 @@ fn a_restarted_agent_keeps_the_numbers_the_kernel_holds() {
         "the new pod got a number of its own"
     );
 }
+
+#[test]
+fn a_pod_wired_while_the_compile_ran_stays_isolated_pending() {
+    // Compiled for one interface; another was wired before the tables reached the maps.
+    let mut cluster = Cluster::new();
+    let before = vec![wired(PENDING_IP, Some(("prod", "pending")))];
+    cluster.wired = before.clone();
+    let mut t = cluster.tables();
+    assert!(t.endpoint_policy.is_empty(), "no policy: nothing isolated");
+    let new_ip = "10.244.0.10";
+    let now = vec![before[0].clone(), wired(new_ip, Some(("prod", "new")))];
+    isolate_new(&mut t, &before, &now);
+    assert_eq!(
+        t.endpoint_policy[&ip_key(new_ip.parse().unwrap())],
+        EndpointPolicy {
+            ingress_policy: POLICY_PENDING,
+            egress_policy: POLICY_PENDING,
+        }
+    );
+    assert_eq!(
+        t.endpoint_policy.len(),
+        1,
+        "the compiled pod keeps its entry (none)"
+    );
+}

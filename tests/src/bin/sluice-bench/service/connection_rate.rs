@@ -14,10 +14,13 @@ use sluice_common::FlowKey;
 use sluice_tests::in_netns;
 
 use super::{
-    allocated_ip, create, kube_proxy::KubeProxy, wait_reported, Scale, ENDPOINTS_PER_SERVICE,
-    FIRST_PORT, SERVICE_PORT,
+    allocated_ip, create, kube_proxy::KubeProxy, Scale, ENDPOINTS_PER_SERVICE, FIRST_PORT,
+    SERVICE_PORT,
 };
-use crate::policy::{median, one_node, with_acceptor};
+use crate::{
+    agent_process::wait_reported,
+    policy::{median, one_node, with_acceptor},
+};
 
 const CONNECT_TIME: Duration = Duration::from_secs(1);
 

@@ -7,17 +7,13 @@ mod kube_proxy;
 mod per_packet;
 mod programming;
 
-use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::Api;
 use serde_json::{json, Value};
-use sluice_tests::cluster::{behind, AdminClient, KubeNode};
+use sluice_tests::cluster::AdminClient;
 
 use crate::policy::ACCEPT_PORT;
 
@@ -172,21 +168,4 @@ fn allocated_ip(admin: &AdminClient, i: u32) -> Result<Ipv4Addr> {
         .and_then(|s| s.cluster_ip)
         .and_then(|ip| ip.parse().ok())
         .with_context(|| format!("svc-{i} has no IPv4 ClusterIP"))
-}
-
-/// Waits until `node`'s agent reports every kind programmed up to `target`; the time it took.
-fn wait_reported(node: &KubeNode, target: &BTreeMap<String, u64>) -> Result<Duration> {
-    let start = Instant::now();
-    while !behind(&node.programmed_revisions(), target).is_empty() {
-        if start.elapsed() > Duration::from_secs(300) {
-            bail!(
-                "{} did not report {target:?} programmed within 300 s",
-                node.name
-            );
-        }
-        // Every 5 ms: resolution enough for figures of hundreds of ms, while the polls (each
-        // reading the whole names.json) stay off the cores the agent needs.
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(start.elapsed())
 }

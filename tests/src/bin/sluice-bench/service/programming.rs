@@ -13,22 +13,11 @@ use sluice_agent::k8s::EndpointSlice;
 use sluice_agent::model::service::{self, ServiceInputs, SetAllocator};
 use sluice_tests::cluster::{Cluster, ClusterOptions};
 
-use super::{create, endpoints_of, wait_reported, Scale, ENDPOINTS_PER_SERVICE};
-use crate::heap;
-
-/// The agent's resident set and its peak so far (VmRSS, VmHWM), in MiB.
-fn memory(pid: u32) -> Result<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let mib = |field: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .map(|kib| kib / 1024.0)
-            .with_context(|| format!("{field} in /proc/{pid}/status"))
-    };
-    Ok((mib("VmRSS:")?, mib("VmHWM:")?))
-}
+use super::{create, endpoints_of, Scale, ENDPOINTS_PER_SERVICE};
+use crate::{
+    agent_process::{agent_pid, agent_processes, memory, wait_reported},
+    heap,
+};
 
 fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
@@ -79,7 +68,7 @@ fn restart(cluster: &Cluster, target: &BTreeMap<String, u64>) -> Result<(Duratio
     let node = &cluster.nodes[0];
     let old = agent_pid()?;
     cluster.kill_agent("node-1")?;
-    match std::fs::remove_file(node.names_json()) {
+    match std::fs::remove_file(node.programmed_json()) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
         _ => {}
     }
@@ -95,30 +84,6 @@ fn restart(cluster: &Cluster, target: &BTreeMap<String, u64>) -> Result<(Duratio
         std::thread::sleep(Duration::from_millis(1));
     };
     Ok((wait_reported(node, target)?, pid))
-}
-
-/// The agent's process: the one `sluice-agent` on this machine.
-fn agent_pid() -> Result<u32> {
-    match agent_processes()?[..] {
-        [pid] => Ok(pid),
-        ref pids => anyhow::bail!("expected one sluice-agent process, found {pids:?}"),
-    }
-}
-
-/// The processes named `sluice-agent` on this machine (the benchmark runs one cluster node).
-fn agent_processes() -> Result<Vec<u32>> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc")? {
-        let Some(pid) = entry?.file_name().to_str().and_then(|p| p.parse().ok()) else {
-            continue;
-        };
-        if std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .is_ok_and(|c| c.trim() == "sluice-agent")
-        {
-            pids.push(pid);
-        }
-    }
-    Ok(pids)
 }
 
 /// Programming time and agent memory with the largest count of Services, on a one-node
