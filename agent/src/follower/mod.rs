@@ -129,7 +129,7 @@ struct Follower {
     /// `policy_events` and the pods wired here when the policy was last programmed: a change of
     /// anything else (a Service, a heartbeat) does not recompile it.
     policy_compiled_for: Option<(u64, Vec<LocalEndpoint>)>,
-    /// `service_events` when the LoadBalancer IPs this node answers for were last programmed.
+    /// `external_ip_events` when the LoadBalancer IPs this node answers for were last programmed.
     external_ips_at: Option<u64>,
     /// Rule ids and backend set ids by name, for `sluicectl`; `names_changed` until written.
     rule_names: BTreeMap<u32, String>,
@@ -231,6 +231,7 @@ impl Follower {
             .collect();
         let service_events = self.cluster.service_events.load(Ordering::Acquire);
         let policy_events = self.cluster.policy_events.load(Ordering::Acquire);
+        let external_ip_events = self.cluster.external_ip_events.load(Ordering::Acquire);
         let nodes = self.cluster.nodes.state();
         let node_addresses = k8s::node_addresses(&nodes, &self.own);
         // The pod network is locked only to read it and to write the datapath: a CNI ADD or DEL
@@ -275,10 +276,10 @@ impl Follower {
         if let Err(e) = self.check_overlaps(&nodes).await {
             warn!("checking for overlapping networks: {e:#}");
         }
-        if self.external_ips_at != Some(service_events) {
+        if self.external_ips_at != Some(external_ip_events) {
             let programmed = self.external_ips(&nodes).await;
             if failures.part("external IPs", programmed).is_some() {
-                self.external_ips_at = Some(service_events);
+                self.external_ips_at = Some(external_ip_events);
             }
         }
         if self.names_changed {
@@ -297,7 +298,7 @@ impl Follower {
             self.programmed_revisions.extend(revisions);
         }
         let written = report::write_programmed(&self.state_dir, &self.programmed_revisions);
-        failures.part("names", written);
+        failures.part("report", written);
         failures
     }
 

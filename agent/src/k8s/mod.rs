@@ -70,6 +70,9 @@ pub struct ClusterStore {
     /// Nodes as for `service_events`, since the node's own addresses are HOST): unchanged, the
     /// policy tables need no recompiling.
     pub policy_events: Arc<AtomicU64>,
+    /// Events of the kinds ServiceExternalIP plans from (ExternalIPPool, Service; Nodes as for
+    /// `service_events`): unchanged, the LoadBalancer IPs this node answers for are the same.
+    pub external_ip_events: Arc<AtomicU64>,
 }
 
 /// Publishes Events that are each said once, when what they report changes. kube's `Recorder`
@@ -254,6 +257,7 @@ impl ClusterStore {
         };
         let service_events = Arc::new(AtomicU64::new(0));
         let policy_events = Arc::new(AtomicU64::new(0));
+        let external_ip_events = Arc::new(AtomicU64::new(0));
         let mut observed = Vec::new();
         let all = watcher::Config::default;
         let external_ip_pools = gates.service_external_ip.then(|| {
@@ -262,7 +266,9 @@ impl ClusterStore {
                 Api::<DynamicObject>::all_with(client.clone(), &pools),
                 pools,
                 all(),
-                signals.kind("ExternalIPPool", &mut observed),
+                signals
+                    .counting(&[&external_ip_events])
+                    .kind("ExternalIPPool", &mut observed),
                 |_| true,
                 |_| {},
             )
@@ -274,7 +280,7 @@ impl ClusterStore {
             (),
             all(),
             signals
-                .counting(&[&service_events, &policy_events])
+                .counting(&[&service_events, &policy_events, &external_ip_events])
                 .kind("Node", &mut observed),
             move |event| node_changes.relevant(event),
             |_| {},
@@ -300,7 +306,7 @@ impl ClusterStore {
             Api::<Service>::all(client.clone()),
             all(),
             signals
-                .counting(&[&service_events])
+                .counting(&[&service_events, &external_ip_events])
                 .kind("Service", &mut observed),
         );
         let endpoint_slices = watch(
@@ -329,6 +335,7 @@ impl ClusterStore {
             observed,
             service_events,
             policy_events,
+            external_ip_events,
         }
     }
 
