@@ -114,6 +114,11 @@ pub struct Config {
     /// Where maps and links are pinned (a bpffs directory).
     #[serde(default = "default_bpffs_dir")]
     pub bpffs_dir: PathBuf,
+    /// The host's cgroup v2 hierarchy (or the directory holding it as `unified/`): the node's
+    /// own sockets connecting to its NodePorts are balanced there, at connect. Absent: they
+    /// are not (that traffic goes over loopback, which the TC programs never see).
+    #[serde(default)]
+    pub cgroup_dir: Option<PathBuf>,
     /// Where IPAM reservations and endpoint records are kept across restarts.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,

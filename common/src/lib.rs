@@ -84,6 +84,8 @@ pub mod program_names {
     /// tc ingress on the node's uplink: NodePort, LoadBalancer and externalIPs from outside,
     /// ARP for the LoadBalancer IPs this node owns, and replies to load-balanced connections.
     pub const FROM_UPLINK: &str = "from_uplink";
+    /// cgroup connect4 on the node's cgroup: the node's sockets connecting to its own NodePorts.
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
 }
 
 /// Capacity of the per-endpoint maps (ENDPOINTS, SPOOF_GUARD).
@@ -177,10 +179,11 @@ pub struct SpoofGuardEntry {
 
 /// The node's datapath parameters, slot 0 of NODE_CONFIG.
 ///
-/// Layout (20 bytes): gateway ifindex (`sluice-gw0`, where packets for the node are delivered),
+/// Layout (32 bytes): gateway ifindex (`sluice-gw0`, where packets for the node are delivered),
 /// tunnel ifindex (0 in noEncap mode: other nodes' pods are reached through the node's routes),
 /// gateway MAC (the MAC pods talk to), 2 bytes padding, the gateway's IPv4 address (the source
-/// of SNATed Service traffic).
+/// of SNATed Service traffic), 4 bytes padding, the cookie of the node's network namespace (the
+/// sockets `sock_connect4` balances; 0: none).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NodeConfig {
@@ -189,6 +192,8 @@ pub struct NodeConfig {
     pub gateway_mac: [u8; 6],
     pub _pad: [u8; 2],
     pub gateway_ipv4: [u8; 4],
+    pub _pad2: u32,
+    pub host_netns_cookie: u64,
 }
 
 /// REMOTE_NODES value: the node that owns a pod CIDR, as the tunnel destination.
@@ -549,7 +554,7 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
 const _: () = assert!(core::mem::size_of::<SpoofGuardKey>() == 24);
 const _: () = assert!(core::mem::size_of::<SpoofGuardEntry>() == 8);
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 20);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<RemoteNode>() == 20);
 
 /// Declares a `#[repr(u32)]` enum with a stable name for every variant, the number of variants

@@ -6,9 +6,9 @@
 mod pipeline;
 
 use aya_ebpf::{
-    macros::{classifier, map},
+    macros::{cgroup_sock_addr, classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
-    programs::TcContext,
+    programs::{SockAddrContext, TcContext},
 };
 use sluice_common::{
     AffinityEntry, AffinityKey, BackendKey, CtEntry, CtKey, DropReason, Endpoint, EndpointPolicy,
@@ -144,6 +144,13 @@ pub fn from_tunnel(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_uplink(ctx: TcContext) -> i32 {
     pipeline::verdict(pipeline::from_uplink(&ctx))
+}
+
+/// cgroup connect4 on the node's cgroup: the node's own sockets connecting to a NodePort on one
+/// of its addresses (loopback traffic, which no TC program sees).
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    pipeline::connect4(&ctx)
 }
 
 #[cfg(not(test))]

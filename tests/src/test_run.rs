@@ -74,6 +74,8 @@ pub fn harness(setup: Setup) -> Harness {
                     gateway_mac: GW_MAC,
                     _pad: [0; 2],
                     gateway_ipv4: GW_V4,
+                    _pad2: 0,
+                    host_netns_cookie: 0,
                 },
                 0,
             )

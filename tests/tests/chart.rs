@@ -306,6 +306,35 @@ fn controller_replicas_never_share_a_node() {
 }
 
 #[test]
+fn the_agent_gets_the_host_cgroup_its_config_names() {
+    let cgroup = |extra: &[&str]| {
+        let objects = render(&None, extra).unwrap();
+        let config = Config::parse(config_file(&objects, "agent.yaml")).unwrap();
+        let spec = &object(&objects, "DaemonSet", "sluice-agent")["spec"]["template"]["spec"];
+        let volume = spec["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "host-cgroup")
+            .map(|v| v["hostPath"]["path"].clone());
+        let mount = spec["containers"][0]["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "host-cgroup")
+            .map(|m| m["mountPath"].as_str().unwrap().to_string());
+        (config.cgroup_dir, volume, mount)
+    };
+    let (dir, volume, mount) = cgroup(&[]);
+    assert_eq!(volume.unwrap(), "/sys/fs/cgroup");
+    assert_eq!(dir.unwrap().display().to_string(), mount.unwrap());
+    assert_eq!(
+        cgroup(&["--set", "agent.hostCgroupRoot="]),
+        (None, None, None)
+    );
+}
+
+#[test]
 fn a_config_change_rolls_the_agents() {
     let checksum = |extra: &[&str]| {
         let objects = render(&None, extra).unwrap();

@@ -91,7 +91,11 @@ async fn agent() -> Result<()> {
     let node = settings
         .node_network(pod_cidr)
         .with_context(|| format!("the Node's podCIDR {pod_cidr}"))?;
-    let datapath = EbpfDatapath::load(&config.bpffs_dir, node.tc_attach_mode, &settings.map_sizes)?;
+    let mut datapath =
+        EbpfDatapath::load(&config.bpffs_dir, node.tc_attach_mode, &settings.map_sizes)?;
+    if let Some(dir) = &config.cgroup_dir {
+        datapath.attach_sockets(dir)?;
+    }
     info!(attach = ?datapath.attach_mode(), pins = %config.bpffs_dir.display(), pod_cidr = %node.pod_cidr, encap = ?node.encap, "eBPF datapath loaded");
     let pods = Arc::new(Mutex::new(
         PodNetwork::start(node, Box::new(datapath), &config.state_dir).await?,

@@ -12,6 +12,7 @@ mod output;
 mod quoted_nat;
 mod reject;
 mod service_lb;
+mod socket_lb;
 mod spoof_guard;
 
 use aya_ebpf::{
@@ -27,6 +28,7 @@ use l3_forwarding::Next;
 pub use reject::Scratch as RejectScratch;
 use service_lb::Lb;
 pub use service_lb::Scratch as NatScratch;
+pub use socket_lb::connect4;
 
 /// A TC action (`TC_ACT_*`) or the reason the packet is dropped.
 pub type StageResult = Result<i32, DropReason>;

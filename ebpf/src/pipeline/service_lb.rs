@@ -42,9 +42,41 @@ pub struct Scratch {
     entry: NatEntry,
     reverse_key: FlowKey,
     reverse: NatEntry,
-    endpoint: NatTarget,
+    pick: Pick,
+}
+
+/// What choosing an endpoint needs: in the TC programs' per-CPU slot, on the stack of the
+/// socket program (which may be preempted, so cannot share a per-CPU slot).
+pub struct Pick {
+    pub endpoint: NatTarget,
     affinity_key: AffinityKey,
     affinity: AffinityEntry,
+}
+
+impl Pick {
+    pub const fn new() -> Pick {
+        Pick {
+            endpoint: NatTarget {
+                addr: IpKey::UNSPECIFIED,
+                port: 0,
+                _pad: 0,
+            },
+            affinity_key: AffinityKey {
+                backend_set: 0,
+                client: IpKey::UNSPECIFIED,
+            },
+            affinity: AffinityEntry {
+                endpoint: NatTarget {
+                    addr: IpKey::UNSPECIFIED,
+                    port: 0,
+                    _pad: 0,
+                },
+                index: 0,
+                _pad: 0,
+                last_used: 0,
+            },
+        }
+    }
 }
 
 #[inline(always)]
@@ -161,7 +193,7 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
             REJECT
         };
     }
-    if !pick(meta, service, s) {
+    if !pick(&meta.src, service, &mut s.pick) {
         return failed(DropReason::NoEndpoints);
     }
     let now = nat_lifetime::now();
@@ -171,9 +203,9 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
     // (from its gateway address, which the node would refuse coming back in as martian). The
     // hairpin address stands in for the client; the node routes it back through the gateway.
     let hairpin = scope == scope::INTERNAL
-        && (s.endpoint.addr == meta.src
+        && (s.pick.endpoint.addr == meta.src
             || (meta.src == IpKey::v4(node.gateway_ipv4)
-                && network_policy::is_host(&s.endpoint.addr)));
+                && network_policy::is_host(&s.pick.endpoint.addr)));
     s.entry.src = if meta.src.family != FAMILY_IPV4 {
         meta.src
     } else if hairpin {
@@ -183,13 +215,13 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
     } else {
         meta.src
     };
-    s.entry.dst = s.endpoint.addr;
+    s.entry.dst = s.pick.endpoint.addr;
     s.entry.src_port = meta.src_port;
-    s.entry.dst_port = s.endpoint.port;
+    s.entry.dst_port = s.pick.endpoint.port;
     s.entry.flags = nat_lifetime::used(0, meta, now);
-    s.reverse_key.src = s.endpoint.addr;
+    s.reverse_key.src = s.pick.endpoint.addr;
     s.reverse_key.dst = s.entry.src;
-    s.reverse_key.src_port = s.endpoint.port;
+    s.reverse_key.src_port = s.pick.endpoint.port;
     s.reverse_key.dst_port = meta.src_port;
     s.reverse_key.proto = meta.proto;
     s.reverse_key._pad = [0; 3];
@@ -313,7 +345,7 @@ fn reverse_code(ctx: &TcContext, meta: &mut IpMeta) -> u32 {
 /// SessionAffinity (when the Service asks for it), else a uniform pick among the endpoints,
 /// into `s.endpoint`. False when the Service has no endpoint.
 #[inline(always)]
-fn pick(meta: &IpMeta, service: &Service, s: &mut Scratch) -> bool {
+pub fn pick(client: &IpKey, service: &Service, s: &mut Pick) -> bool {
     if service.count == 0 {
         return false;
     }
@@ -323,7 +355,7 @@ fn pick(meta: &IpMeta, service: &Service, s: &mut Scratch) -> bool {
     if affine {
         s.affinity_key = AffinityKey {
             backend_set: service.backend_set,
-            client: meta.src,
+            client: *client,
         };
         if let Some(entry) = AFFINITY.get_ptr_mut(&s.affinity_key) {
             // SAFETY: a pointer into the map from a successful lookup.
@@ -358,7 +390,7 @@ fn pick(meta: &IpMeta, service: &Service, s: &mut Scratch) -> bool {
 
 /// Endpoint `index` of the Service's set, into `s.endpoint`.
 #[inline(always)]
-fn backend(service: &Service, index: u32, s: &mut Scratch) -> bool {
+fn backend(service: &Service, index: u32, s: &mut Pick) -> bool {
     let key = BackendKey {
         set: service.backend_set,
         index,

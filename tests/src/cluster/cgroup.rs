@@ -1,7 +1,9 @@
-//! A node's cgroup: the same name under every cgroup v1 controller of this machine (its
-//! hierarchy is v1, the unified one has no controllers). The kubelet puts the node's pods under it
-//! (`cgroupRoot`), and containerd runs in it, so its shims do too: every process of a node can be
-//! found, and ended, through it.
+//! A node's cgroup: the same name under every cgroup v1 controller of this machine and in its
+//! unified (v2) hierarchy, which has no controllers but is where cgroup BPF programs attach. The
+//! kubelet puts the node's pods under it (`cgroupRoot`), and containerd runs in it, so its shims
+//! do too: every process of a node can be found, and ended, through it, and the node's agent
+//! attaches its socket program to it (the node's mount namespace shows it as the unified
+//! hierarchy's root).
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +11,7 @@ use anyhow::{Context, Result};
 
 const ROOT: &str = "/sys/fs/cgroup";
 
-/// The v1 controllers mounted here (each its own hierarchy under /sys/fs/cgroup).
+/// The hierarchies mounted here: each v1 controller's, and the unified one.
 fn controllers() -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(ROOT) else {
         return Vec::new();
@@ -17,8 +19,17 @@ fn controllers() -> Vec<PathBuf> {
     entries
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .filter(|p| p.join("cgroup.procs").exists() && !p.join("cgroup.controllers").exists())
+        .filter(|p| p.join("cgroup.procs").exists())
         .collect()
+}
+
+/// The node's cgroup in the unified hierarchy (`/sys/fs/cgroup/unified/NAME`), if this machine
+/// mounts one.
+pub fn unified(name: &str) -> Option<PathBuf> {
+    let dir = Path::new(ROOT).join("unified");
+    dir.join("cgroup.controllers")
+        .exists()
+        .then(|| dir.join(name))
 }
 
 pub fn create(name: &str) -> Result<()> {

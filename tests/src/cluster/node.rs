@@ -178,6 +178,14 @@ impl KubeNode {
              cp /usr/lib/cni/loopback /opt/cni/bin/\n\
              mount -t bpf bpf /sys/fs/bpf\n"
         );
+        // The node's own cgroup is the unified hierarchy its processes see (where the agent's
+        // socket program attaches, as on a machine of its own).
+        if let Some(unified) = cgroup::unified(&self.cgroup) {
+            script += &format!(
+                "mount --bind {} /sys/fs/cgroup/unified\n",
+                unified.display()
+            );
+        }
         for (key, _) in KUBELET_SYSCTLS {
             script += &format!(
                 "mount --bind {dir}/sysctl/{} /proc/sys/{key}\n",

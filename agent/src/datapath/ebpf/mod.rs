@@ -10,6 +10,8 @@ pub mod layout;
 mod maps;
 mod policy_maps;
 mod service_flush;
+mod sockets;
+pub use sockets::netns_cookie;
 
 use std::{
     collections::BTreeMap,
@@ -75,6 +77,8 @@ pub struct EbpfDatapath {
     attach: Attach,
     /// The maps whose pins were of another layout, replaced at load.
     replaced: Vec<&'static str>,
+    /// The node's network namespace, whose sockets `sock_connect4` balances (0: none).
+    host_netns_cookie: u64,
 }
 
 /// Makes sure `dir` lives on a bpffs, mounting one at /sys/fs/bpf if nothing is mounted there.
@@ -150,7 +154,25 @@ impl EbpfDatapath {
             pin_dir: pin_dir.to_path_buf(),
             attach,
             replaced,
+            host_netns_cookie: 0,
         })
+    }
+
+    /// Balances the node's own connects to its NodePorts (`sock_connect4` on the cgroup v2
+    /// hierarchy at `cgroup_dir`, see `sockets`). Before `install_node`, which hands the
+    /// program the node's network namespace.
+    pub fn attach_sockets(&mut self, cgroup_dir: &Path) -> Result<()> {
+        let cgroup = sockets::resolve_cgroup(cgroup_dir)?;
+        let Some(cookie) = sockets::netns_cookie() else {
+            return Ok(());
+        };
+        let pin = self
+            .pin_dir
+            .join("links")
+            .join(format!("cgroup-{}", program_names::SOCK_CONNECT4));
+        sockets::attach_connect4(&mut self.bpf, &cgroup, &pin)?;
+        self.host_netns_cookie = cookie;
+        Ok(())
     }
 
     pub fn maps(&self) -> &Maps {
@@ -245,6 +267,8 @@ impl Datapath for EbpfDatapath {
             gateway_mac: wiring.gateway.mac.0,
             _pad: [0; 2],
             gateway_ipv4: wiring.gateway_ip.octets(),
+            _pad2: 0,
+            host_netns_cookie: self.host_netns_cookie,
         };
         self.maps
             .node_config

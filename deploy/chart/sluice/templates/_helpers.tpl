@@ -76,7 +76,7 @@ notes name them. */}}
   "hostGateway" (list) "antreaProxy" (list "nodePortAddresses") "nodeIPAM" (list)
   "kubeAPIServerOverride" (list) "serviceCIDR" (list) "serviceCIDRv6" (list)
   "featureGates" (list "NodeIPAM" "ServiceExternalIP")
-  "agent" (list "podAnnotations" "podLabels" "tolerations" "nodeSelector" "priorityClassName" "affinity" "updateStrategy" "healthPort" "bpfMapSizes" "resources")
+  "agent" (list "podAnnotations" "podLabels" "tolerations" "nodeSelector" "priorityClassName" "affinity" "updateStrategy" "healthPort" "bpfMapSizes" "hostCgroupRoot" "resources")
   "controller" (list "replicas" "podAnnotations" "podLabels" "tolerations" "nodeSelector" "priorityClassName" "affinity" "healthPort" "resources")
   "cni" (list "hostBinPath" "hostConfPath") -}}
 {{- $nested := list "antreaProxy" "featureGates" "agent" "controller" "cni" -}}
@@ -117,6 +117,9 @@ serviceCIDR: {{ . }}
 {{- end }}
 nodePortAddresses: {{ .Values.antreaProxy.nodePortAddresses | default list | toJson }}
 bpffsDir: /sys/fs/bpf/sluice
+{{- if .Values.agent.hostCgroupRoot }}
+cgroupDir: /host/cgroup
+{{- end }}
 stateDir: /var/lib/sluice
 cniSocket: /var/run/sluice/cni.sock
 featureGates:
