@@ -1,5 +1,7 @@
 //! Masquerade: pod traffic leaving the pod CIDR (other than towards the pods themselves) leaves
-//! with the node's address. One nftables table, `ip sluice`, replaced atomically as a whole.
+//! with the node's address; and the node's own traffic to other nodes' pods (or a Service) that
+//! a process sent from one of the node's addresses leaves the gateway with the gateway's.
+//! One nftables table, `ip sluice`, replaced atomically as a whole.
 
 use std::{
     io::Write,
@@ -12,12 +14,27 @@ use ipnetwork::IpNetwork;
 pub const TABLE: &str = "sluice";
 
 /// `cluster`: every pod CIDR of the cluster; traffic between pods keeps its source address.
-pub fn ruleset(pod_cidr: IpNetwork, cluster: &[IpNetwork], gateway: &str) -> String {
-    let mut pods: Vec<String> = cluster.iter().map(|c| c.to_string()).collect();
+/// `pods`: whether pod traffic is masqueraded (Antrea's `noSNAT` off).
+///
+/// The gateway rule is there whatever `pods` says: in encap mode the remote pod's reply to a
+/// node address crosses the other node's stack, which knows no connection of it and
+/// masquerades it, so the node's socket would never match it (a host-network process bound to
+/// the node's address, or `sock_connect4` sending it to a remote endpoint). From the gateway's
+/// address, the reply comes back through the tunnel. Only what the node itself sends
+/// (`fib saddr type local`), never what it forwards.
+pub fn ruleset(pod_cidr: IpNetwork, cluster: &[IpNetwork], gateway: &str, pods: bool) -> String {
+    let mut pod_cidrs: Vec<String> = cluster.iter().map(|c| c.to_string()).collect();
     if !cluster.contains(&pod_cidr) {
-        pods.push(pod_cidr.to_string());
+        pod_cidrs.push(pod_cidr.to_string());
     }
-    let pods = pods.join(", ");
+    let pod_rule = if pods {
+        format!(
+            "\x20   ip saddr {pod_cidr} ip daddr != {{ {} }} oifname != \"{gateway}\" masquerade\n",
+            pod_cidrs.join(", ")
+        )
+    } else {
+        String::new()
+    };
     // `add` then `delete` makes the replace work whether or not the table exists.
     format!(
         "add table ip {TABLE}\n\
@@ -25,14 +42,20 @@ pub fn ruleset(pod_cidr: IpNetwork, cluster: &[IpNetwork], gateway: &str) -> Str
          table ip {TABLE} {{\n\
          \x20 chain postrouting {{\n\
          \x20   type nat hook postrouting priority srcnat; policy accept;\n\
-         \x20   ip saddr {pod_cidr} ip daddr != {{ {pods} }} oifname != \"{gateway}\" masquerade\n\
+         {pod_rule}\
+         \x20   oifname \"{gateway}\" ip saddr != {pod_cidr} fib saddr type local ip daddr != {pod_cidr} masquerade\n\
          \x20 }}\n\
          }}\n"
     )
 }
 
 /// Installs the table in the agent's network namespace with `nft -f -`.
-pub fn install(pod_cidr: IpNetwork, cluster: &[IpNetwork], gateway: &str) -> Result<()> {
+pub fn install(
+    pod_cidr: IpNetwork,
+    cluster: &[IpNetwork],
+    gateway: &str,
+    pods: bool,
+) -> Result<()> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -43,7 +66,7 @@ pub fn install(pod_cidr: IpNetwork, cluster: &[IpNetwork], gateway: &str) -> Res
         .stdin
         .take()
         .expect("piped")
-        .write_all(ruleset(pod_cidr, cluster, gateway).as_bytes())?;
+        .write_all(ruleset(pod_cidr, cluster, gateway, pods).as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
@@ -59,12 +82,25 @@ mod tests {
     #[test]
     fn ruleset_masquerades_only_traffic_leaving_the_pod_cidr() {
         let own = "10.244.0.0/24".parse().unwrap();
-        let text = super::ruleset(own, &["10.244.1.0/24".parse().unwrap()], "sluice-gw0");
+        let text = super::ruleset(own, &["10.244.1.0/24".parse().unwrap()], "sluice-gw0", true);
         assert!(
             text.contains(
                 "ip saddr 10.244.0.0/24 ip daddr != { 10.244.1.0/24, 10.244.0.0/24 } oifname != \"sluice-gw0\" masquerade"
             ),
             "{text}"
         );
+        assert!(text.contains(NODE_RULE), "{text}");
+    }
+
+    const NODE_RULE: &str =
+        "oifname \"sluice-gw0\" ip saddr != 10.244.0.0/24 fib saddr type local \
+                             ip daddr != 10.244.0.0/24 masquerade";
+
+    #[test]
+    fn without_pod_masquerade_only_the_nodes_own_traffic_through_the_gateway_is() {
+        let own = "10.244.0.0/24".parse().unwrap();
+        let text = super::ruleset(own, &[], "sluice-gw0", false);
+        assert!(!text.contains("oifname != "), "{text}");
+        assert!(text.contains(NODE_RULE), "{text}");
     }
 }

@@ -45,8 +45,10 @@ impl Cgroup {
             .map(PathBuf::from)
             .find(|p| p.join("cgroup.controllers").exists())
             .expect("a cgroup v2 hierarchy");
-        let dir = root.join(unique("sluice-socklb"));
-        std::fs::create_dir(&dir).unwrap();
+        let cgroup = Cgroup {
+            dir: root.join(unique("sluice-socklb")),
+        };
+        std::fs::create_dir(&cgroup.dir).unwrap();
         let prog: &mut CgroupSockAddr = h
             .bpf
             .program_mut("sock_connect4")
@@ -54,9 +56,9 @@ impl Cgroup {
             .try_into()
             .unwrap();
         prog.load().expect("the verifier accepts sock_connect4");
-        prog.attach(File::open(&dir).unwrap(), CgroupAttachMode::Single)
+        prog.attach(File::open(&cgroup.dir).unwrap(), CgroupAttachMode::Single)
             .unwrap();
-        Cgroup { dir }
+        cgroup
     }
 
     /// Runs `script` with bash in `netns` and in this cgroup; its stdout and stderr.

@@ -106,9 +106,7 @@ impl PodNetwork {
             .await
             .context("setting up the gateway")?;
         net::write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
-        if node.masquerade {
-            masquerade::install(node.pod_cidr, &[], &node.gateway_name)?;
-        }
+        masquerade::install(node.pod_cidr, &[], &node.gateway_name, node.masquerade)?;
         let tunnel = match node.encap {
             EncapMode::Encap => {
                 let link = nl
@@ -322,10 +320,13 @@ impl PodNetwork {
             .chain(self.service_routes())
             .collect();
         self.nl.sync_routes(&routes).await?;
-        if self.node.masquerade {
-            let cluster: Vec<IpNetwork> = self.remotes.iter().map(|r| r.pod_cidr).collect();
-            masquerade::install(self.node.pod_cidr, &cluster, &self.node.gateway_name)?;
-        }
+        let cluster: Vec<IpNetwork> = self.remotes.iter().map(|r| r.pod_cidr).collect();
+        masquerade::install(
+            self.node.pod_cidr,
+            &cluster,
+            &self.node.gateway_name,
+            self.node.masquerade,
+        )?;
         self.routes_programmed = true;
         info!(
             remote_nodes = self.remotes.len(),

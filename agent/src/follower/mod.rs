@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use tokio::{sync::Mutex, time::MissedTickBehavior};
 use tracing::{info, warn};
 
@@ -28,7 +28,7 @@ use crate::{
     config::Settings,
     external_ip::ExternalIpError,
     health::{Health, UNHEALTHY_AFTER},
-    k8s::{self, ClusterStore},
+    k8s::{self, ClusterStore, Pod},
     metrics::Metrics,
     model::{
         policy::{self, Allocator, LocalNode, PolicyError},

@@ -4,11 +4,12 @@
 use std::{collections::BTreeMap, path::Path, sync::atomic::Ordering, sync::Arc};
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Event, EventType};
 use tracing::{info, warn};
 
 use super::Follower;
+use crate::k8s::Pod;
 
 impl Follower {
     /// A policy sync that failed left the node tighter than desired (see

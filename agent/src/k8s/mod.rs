@@ -4,9 +4,10 @@
 
 pub mod access;
 mod node_changes;
-mod pod_trim;
+mod pod;
 mod slice;
 
+pub use pod::{Container, Pod, PodSpec, PodStatus};
 pub use slice::{Endpoint, EndpointSlice};
 
 use std::{
@@ -23,7 +24,7 @@ use anyhow::{Context, Result};
 use futures::StreamExt;
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, ObjectReference, Pod, Service},
+    core::v1::{Namespace, Node, ObjectReference, Service},
     networking::v1::NetworkPolicy,
 };
 use kube::{
@@ -300,7 +301,7 @@ impl ClusterStore {
                 .counting(&[&policy_events])
                 .kind("Pod", &mut observed),
             |_| true,
-            pod_trim::trim,
+            pod::trim,
         );
         let services = watch(
             Api::<Service>::all(client.clone()),

@@ -125,11 +125,8 @@ impl CidrKey {
 pub struct Pipeline {
     pub spoof_guard: BTreeMap<SpoofGuardKey, SpoofGuardEntry>,
     pub l3_forwarding: BTreeMap<IpKey, Endpoint>,
-    /// Other nodes' pod CIDRs and their own addresses, reached through the tunnel (encap mode
-    /// only: in noEncap mode the node's routes carry that traffic). A pod's packet to another
-    /// node's address is tunneled too, as Cilium does: sent out of the uplink it would be
-    /// masqueraded, and a reply to that node's own connection (its socket balanced to this
-    /// pod, `sock_connect4`) would come back from an address its socket does not know.
+    /// Other nodes' pod CIDRs, reached through the tunnel (encap mode only: in noEncap mode the
+    /// node's routes carry that traffic).
     pub remote_nodes: BTreeMap<CidrKey, RemoteNode>,
 }
 
@@ -140,15 +137,12 @@ impl Pipeline {
     ) -> Pipeline {
         let mut pipeline = Pipeline::default();
         for route in tunneled {
-            let remote = RemoteNode {
-                node_ip: ip_key(route.node_ip),
-            };
-            pipeline
-                .remote_nodes
-                .insert(CidrKey::new(route.pod_cidr), remote);
-            pipeline
-                .remote_nodes
-                .insert(CidrKey::new(IpNetwork::from(route.node_ip)), remote);
+            pipeline.remote_nodes.insert(
+                CidrKey::new(route.pod_cidr),
+                RemoteNode {
+                    node_ip: ip_key(route.node_ip),
+                },
+            );
         }
         for ep in endpoints {
             for net in &ep.ips {
@@ -278,7 +272,6 @@ mod tests {
              \x20 dst_ip=10.244.0.2 -> port=7 dst_mac=0a:58:0a:f4:00:02\n\
              \x20 dst_ip=10.244.0.3 -> port=9 dst_mac=0a:58:0a:f4:00:03\n\
              \x20 dst_cidr=10.244.1.0/24 -> tunnel to node 192.168.77.2\n\
-             \x20 dst_cidr=192.168.77.2/32 -> tunnel to node 192.168.77.2\n\
              \x20 * -> gateway\n"
         );
     }

@@ -6,7 +6,9 @@ use std::{
     net::IpAddr,
 };
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, PodStatus};
+use k8s_openapi::api::core::v1::Namespace;
+
+use crate::k8s::{Pod, PodStatus};
 use sluice_common::identity;
 
 use super::{

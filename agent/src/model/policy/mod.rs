@@ -31,10 +31,8 @@ use std::{
     net::IpAddr,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod},
-    networking::v1::NetworkPolicy,
-};
+use crate::k8s::Pod;
+use k8s_openapi::api::{core::v1::Namespace, networking::v1::NetworkPolicy};
 use sluice_common::{
     EndpointPolicy, Identity, IpKey, PolicyKey, PolicyRule, MAX_RULES, POLICY_PENDING,
 };

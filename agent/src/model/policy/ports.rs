@@ -2,11 +2,11 @@
 //! decomposition of a port range into the LPM prefixes of POLICY.
 
 use k8s_openapi::{
-    api::{core::v1::Pod, networking::v1::NetworkPolicyPort},
-    apimachinery::pkg::util::intstr::IntOrString,
+    api::networking::v1::NetworkPolicyPort, apimachinery::pkg::util::intstr::IntOrString,
 };
 
 use super::parse::FieldError;
+use crate::k8s::Pod;
 
 pub(super) const TCP: u8 = 6;
 pub(super) const UDP: u8 = 17;
