@@ -194,7 +194,7 @@ fn sockets_of_other_namespaces_and_other_addresses_are_left_alone() {
             .contains("Connection refused"),
         "another namespace's connect was rewritten"
     );
-    // A frontend address that is not the node's (IPCACHE has it as no HOST) is routed to the
+    // A frontend address that is not the node's (IPCACHE does not hold it as HOST) is routed to the
     // gateway in a real node; here it is local, so an untouched connect is refused.
     let other = "exec 3<>/dev/tcp/192.0.2.3/30080 && head -1 <&3";
     assert!(cgroup.bash(&ns, other).contains("Connection refused"));
