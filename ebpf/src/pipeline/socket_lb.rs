@@ -31,7 +31,9 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
         return PROCEED;
     };
     // SAFETY: plain helper call on the program's own context.
-    if node.host_netns_cookie == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != node.host_netns_cookie {
+    if node.host_netns_cookie == 0
+        || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != node.host_netns_cookie
+    {
         return PROCEED;
     }
     // Both fields hold network byte order as they lie in memory.
