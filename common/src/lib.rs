@@ -26,6 +26,7 @@ pub mod map_names {
     pub const DROPS: &str = "DROPS";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const LAYOUT: &str = "LAYOUT";
+    pub const TUNNEL_REPLIES: &str = "TUNNEL_REPLIES";
 
     /// The maps whose size the agent config may set (`bpfMapSizes`), with the size the object
     /// declares. The per-pod maps (ENDPOINTS, SPOOF_GUARD, ENDPOINT_POLICY) are sized for any
@@ -49,7 +50,7 @@ pub mod map_names {
     pub const FORMATS: [(&str, u32); 0] = [];
 
     /// Every map, in the order LAYOUT indexes them (append only).
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 21] = [
         ENDPOINTS,
         SPOOF_GUARD,
         REMOTE_NODES,
@@ -70,6 +71,7 @@ pub mod map_names {
         DROPS,
         FRAGMENTS,
         LAYOUT,
+        TUNNEL_REPLIES,
     ];
 }
 
@@ -211,6 +213,9 @@ pub const MAX_IPCACHE: u32 = 262_144;
 pub const MAX_POLICY_ENTRIES: u32 = 262_144;
 /// Capacity of CONNTRACK (an LRU: the least recently used entries make room).
 pub const MAX_CONNTRACK: u32 = 262_144;
+/// Capacity of TUNNEL_REPLIES (an LRU: connections other nodes' own addresses opened to this
+/// node's pods through the tunnel).
+pub const MAX_TUNNEL_REPLIES: u32 = 16_384;
 /// Capacity of RULE_STATS (rule ids are below this).
 pub const MAX_RULES: u32 = 65_536;
 
@@ -453,6 +458,19 @@ pub struct FlowKey {
     pub dst_port: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    pub const fn new(src: IpKey, dst: IpKey, src_port: u16, dst_port: u16, proto: u8) -> Self {
+        Self {
+            src,
+            dst,
+            src_port,
+            dst_port,
+            proto,
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// SERVICE_NAT value: the tuple a packet of that direction leaves with, and `nat_flags`. The

@@ -16,7 +16,7 @@ use sluice_common::{
     PolicyKey, PolicyRule, RemoteNode, RuleStats, Service, ServiceKey, SpoofGuardEntry,
     SpoofGuardKey, Stage, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_ENDPOINTS,
     MAX_EXTERNAL_IPS, MAX_FRAGMENTS, MAX_IPCACHE, MAX_POLICY_ENTRIES, MAX_REMOTE_CIDRS, MAX_RULES,
-    MAX_SERVICES, MAX_SERVICE_NAT, POLICY_EVENTS_BYTES,
+    MAX_SERVICES, MAX_SERVICE_NAT, MAX_TUNNEL_REPLIES, POLICY_EVENTS_BYTES,
 };
 
 // Map statics carry the names of `sluice_common::map_names`; user space pins and opens them by
@@ -34,6 +34,12 @@ static SPOOF_GUARD: HashMap<SpoofGuardKey, SpoofGuardEntry> =
 /// L3Forwarding: other nodes' pod CIDRs (longest prefix match) → the node to tunnel to.
 #[map]
 static REMOTE_NODES: LpmTrie<IpKey, RemoteNode> = LpmTrie::with_max_entries(MAX_REMOTE_CIDRS, 0);
+
+/// L3Forwarding: replies of this node's pods to connections another node's own address opened
+/// through the tunnel (reply direction) → that node.
+#[map]
+static TUNNEL_REPLIES: LruHashMap<FlowKey, RemoteNode> =
+    LruHashMap::with_max_entries(MAX_TUNNEL_REPLIES, 0);
 
 /// Peer identities: every pod address of the cluster and the CIDRs policies name (LPM).
 #[map]

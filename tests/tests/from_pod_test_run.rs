@@ -2,7 +2,8 @@
 //! ARPResponder, L3Forwarding and Output; each case builds the packet, sets up the maps, checks
 //! the verdict, the output packet and the drop counter.
 
-use sluice_common::DropReason;
+use aya::maps::HashMap;
+use sluice_common::{map_names, DropReason, FlowKey, IpKey, RemoteNode};
 use sluice_tests::test_run::*;
 
 #[test]
@@ -216,6 +217,56 @@ fn no_encap_leaves_remote_pods_to_the_node_routes() {
         &POD_MAC,
         "to the gateway with the pod's own MAC"
     );
+}
+
+fn tunnel_replies(h: &mut Harness) -> HashMap<&mut aya::maps::MapData, FlowKey, RemoteNode> {
+    HashMap::try_from(h.bpf.map_mut(map_names::TUNNEL_REPLIES).unwrap()).unwrap()
+}
+
+/// A pod answering a connection that another node's own address opened through the tunnel goes
+/// back into the tunnel, to the node TUNNEL_REPLIES names; anything else to a node address is
+/// the node's to route. (`from_tunnel` learns the entry from the outer header, which a test run
+/// has none of: that half is tested with real packets in multi_node.)
+#[test]
+fn answers_to_a_node_that_came_through_the_tunnel_go_back_through_it() {
+    let node_ip = [192, 168, 77, 2];
+    let answer = ipv4_l4(POD_MAC, POD_V4, node_ip, 6, (80, 40000), 0x12);
+    let reply = FlowKey::new(IpKey::v4(POD_V4), IpKey::v4(node_ip), 80, 40000, 6);
+    let node = RemoteNode {
+        node_ip: IpKey::v4(node_ip),
+    };
+    for setup in [Setup::Encap, Setup::NoEncap] {
+        let encap = setup == Setup::Encap;
+        let mut h = harness(setup);
+        let (verdict, out) = h.run("from_pod", &answer);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(&out[6..12], &POD_MAC, "no entry: to the gateway");
+
+        tunnel_replies(&mut h).insert(reply, node, 0).unwrap();
+        let (verdict, out) = h.run("from_pod", &answer);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        if encap {
+            assert_eq!(&out[0..12], &[GW_MAC, GW_MAC].concat(), "into the tunnel");
+        } else {
+            assert_eq!(&out[6..12], &POD_MAC, "noEncap has no tunnel: the gateway");
+        }
+        assert_eq!(&out[14..], &answer[14..], "L3 and up untouched");
+        // Another connection of the same pod to the same node is the node's to route.
+        let other = ipv4_l4(POD_MAC, POD_V4, node_ip, 6, (80, 40001), 0x12);
+        let (_, out) = h.run("from_pod", &other);
+        assert_eq!(&out[6..12], &POD_MAC, "another connection: to the gateway");
+    }
+}
+
+#[test]
+fn from_tunnel_learns_nothing_without_a_tunnel_header() {
+    let mut h = harness(Setup::Encap);
+    let remote_mac = [0x02, 0, 0, 0, 0, 0x99];
+    let syn = ipv4_l4(remote_mac, [192, 168, 77, 2], PEER_V4, 6, (40000, 80), 0x02);
+    let (verdict, out) = h.run("from_tunnel", &syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[0..6], &PEER_MAC, "delivered to the pod all the same");
+    assert_eq!(tunnel_replies(&mut h).keys().count(), 0);
 }
 
 #[test]

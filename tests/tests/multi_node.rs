@@ -111,6 +111,16 @@ fn every_pair_connects(lab: &Lab) {
     assert_eq!(reply.client, lab.ip("p0"));
 }
 
+/// A node reaching another node's pod from its own address (a host-network client bound to it,
+/// as kube-proxy's NodePort short-circuit leaves it): the pod sees that address, and its answers
+/// find the way back (in encap through the tunnel, not masqueraded by the pod's node).
+fn node_reaches_remote_pods_as_itself(lab: &Lab) {
+    let node = lab.node(0);
+    let reply = probe::tcp(&node.ns.path(), Some(node.ip), lab.ip("p1"), PORT)
+        .expect("node-1 (from its address) -> p1 on node-2");
+    assert_eq!(reply.client, node.ip, "p1 sees node-1's address");
+}
+
 fn tunnel_tx_packets(lab: &Lab, node: usize) -> Option<u64> {
     lab.node(node)
         .ns
@@ -155,6 +165,7 @@ fn encap_two_nodes() {
     let before = tunnel_tx_packets(&lab, 0).expect("node-1 has the tunnel device");
     every_pair_connects(&lab);
     outside_traffic_is_masqueraded(&lab);
+    node_reaches_remote_pods_as_itself(&lab);
     let after = tunnel_tx_packets(&lab, 0).unwrap();
     assert!(
         after > before + 10,
@@ -181,6 +192,7 @@ fn no_encap_two_nodes() {
     );
     every_pair_connects(&lab);
     outside_traffic_is_masqueraded(&lab);
+    node_reaches_remote_pods_as_itself(&lab);
     assert!(
         remote_cidrs(&lab, 0).is_empty(),
         "no tunnel entries in noEncap mode"

@@ -104,8 +104,8 @@ pub fn from_gateway(ctx: &TcContext) -> StageResult {
 }
 
 /// Classifier → EndpointDNAT (replies) → ConntrackState → IngressRule → L3Forwarding → Output:
-/// another node's pods (or the node itself, replying to this node's gateway address) reaching
-/// this node. Never back into the tunnel: no transit.
+/// another node's pods or the node itself (from its own address, or replying to this node's
+/// gateway address) reaching this node. Never back into the tunnel: no transit.
 pub fn from_tunnel(ctx: &TcContext) -> StageResult {
     let node = node_config()?;
     match classifier::classify(ctx)? {
@@ -116,7 +116,10 @@ pub fn from_tunnel(ctx: &TcContext) -> StageResult {
             match lb {
                 Lb::Reverse => reply(ctx, meta, node),
                 _ => match l3_forwarding::lookup(meta, node) {
-                    Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
+                    Next::LocalPod(endpoint) => {
+                        l3_forwarding::learn_tunnel_client(ctx, meta);
+                        output::to_pod(ctx, endpoint, node)
+                    }
                     Next::RemoteNode(_) | Next::Node => output::to_gateway(ctx, node),
                 },
             }
@@ -168,7 +171,7 @@ fn forward(ctx: &TcContext, meta: &mut IpMeta, lb: Lb, node: &NodeConfig) -> Sta
     if matches!(lb, Lb::Reverse) {
         return reply(ctx, meta, node);
     }
-    match l3_forwarding::lookup(meta, node) {
+    match l3_forwarding::lookup_from_pod(meta, node) {
         Next::LocalPod(endpoint) => output::to_pod(ctx, endpoint, node),
         Next::RemoteNode(remote) => output::to_tunnel(ctx, &remote, node),
         Next::Node => output::to_gateway(ctx, node),

@@ -254,14 +254,13 @@ fn balance_code(ctx: &TcContext, meta: &mut IpMeta, scope: u32, node: &NodeConfi
 /// whose client went quiet while its endpoint kept sending is alive.
 #[inline(always)]
 fn replied_lately(entry: &NatEntry, meta: &IpMeta, now: u32, s: &mut Scratch) -> bool {
-    s.reverse_key = FlowKey {
-        src: entry.dst,
-        dst: entry.src,
-        src_port: entry.dst_port,
-        dst_port: entry.src_port,
-        proto: meta.proto,
-        _pad: [0; 3],
-    };
+    s.reverse_key = FlowKey::new(
+        entry.dst,
+        entry.src,
+        entry.dst_port,
+        entry.src_port,
+        meta.proto,
+    );
     match SERVICE_NAT.get_ptr(&s.reverse_key) {
         // SAFETY: a pointer into the map from a successful lookup, only read.
         Some(reverse) => nat_lifetime::fresh(unsafe { &*reverse }, meta.proto, now),
@@ -409,14 +408,7 @@ fn backend(service: &Service, index: u32, s: &mut Pick) -> bool {
 
 #[inline(always)]
 fn flow(meta: &IpMeta, key: &mut FlowKey) {
-    *key = FlowKey {
-        src: meta.src,
-        dst: meta.dst,
-        src_port: meta.src_port,
-        dst_port: meta.dst_port,
-        proto: meta.proto,
-        _pad: [0; 3],
-    };
+    *key = FlowKey::new(meta.src, meta.dst, meta.src_port, meta.dst_port, meta.proto);
 }
 
 pub(super) const IPV4_CSUM: usize = ETH_HLEN + 10;
