@@ -14,6 +14,7 @@ pub mod k8s;
 pub mod masquerade;
 pub mod metrics;
 pub mod model;
+pub mod names;
 pub mod net;
 pub mod overlap;
 pub mod service_health;

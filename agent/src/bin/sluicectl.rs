@@ -1,7 +1,8 @@
 //! sluicectl: operator CLI. Reads the node's pinned maps directly, so it works while the agent
-//! is down too.
+//! is down too; the names it puts on rule ids and addresses come from the agent's socket
+//! (without an agent answering: ids and bare addresses).
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -9,6 +10,7 @@ use sluice_agent::{
     cni::install,
     datapath::ebpf::Maps,
     model::{key_ip, policy::protocol_name},
+    names::{self, Answer, Query},
     net::Netlink,
     overlap::{self, Network, NetworkReport, Origin},
     table::{
@@ -29,7 +31,8 @@ struct Args {
         default_value = "/sys/fs/bpf/sluice"
     )]
     bpffs_dir: PathBuf,
-    /// The agent's state directory (`stateDir`), where it keeps the names of rules and pods.
+    /// The agent's state directory (`stateDir`), where its socket answers for the names of
+    /// rules, Services and pods.
     #[arg(
         long,
         global = true,
@@ -78,39 +81,12 @@ enum Cmd {
     },
 }
 
-/// What the agent writes to `names.json`.
-#[derive(Default, serde::Deserialize)]
-struct Names {
-    rules: BTreeMap<u32, String>,
-    pods: BTreeMap<String, String>,
-    /// Backend set id → "namespace/name:port".
-    #[serde(default)]
-    services: BTreeMap<u32, String>,
-}
-
-impl Names {
-    fn load(state_dir: &std::path::Path) -> Names {
-        std::fs::read(state_dir.join("names.json"))
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default()
-    }
-
-    fn rule(&self, id: u32) -> String {
-        self.rules
-            .get(&id)
-            .cloned()
-            .unwrap_or_else(|| format!("rule {id}"))
-    }
-
-    fn endpoint(&self, ip: Option<IpAddr>, port: u16) -> String {
-        let Some(ip) = ip else { return "?".into() };
-        let who = self
-            .pods
-            .get(&ip.to_string())
-            .map_or(String::new(), |p| format!(" ({p})"));
-        format!("{ip}:{port}{who}")
-    }
+/// Names from this node's agent; without an agent answering, ids and addresses alone.
+fn names(state_dir: &std::path::Path, query: &Query) -> Answer {
+    names::ask(state_dir, query).unwrap_or_else(|e| {
+        eprintln!("sluicectl: {e:#}; showing ids and addresses without names");
+        Answer::default()
+    })
 }
 
 fn main() -> Result<()> {
@@ -157,7 +133,13 @@ fn main() -> Result<()> {
         }
         Cmd::Pipeline => print!("{}", maps.pipeline()?),
         Cmd::Policy => {
-            let names = Names::load(&args.state_dir);
+            let names = names(
+                &args.state_dir,
+                &Query {
+                    rules: true,
+                    ..Query::default()
+                },
+            );
             let mut rules = Table::new(&[("RULE", Left), ("PACKETS", Right), ("BYTES", Right)]);
             for (id, stats) in maps.rule_stats()? {
                 rules.row(vec![
@@ -169,8 +151,21 @@ fn main() -> Result<()> {
             print!("{}", rules.render());
         }
         Cmd::Services => {
-            let names = Names::load(&args.state_dir);
             let (frontends, backends) = maps.service_entries()?;
+            let addresses = frontends
+                .keys()
+                .map(|k| key_ip(&k.addr))
+                .chain(backends.values().map(|e| key_ip(&e.addr)))
+                .flatten()
+                .collect();
+            let names = names(
+                &args.state_dir,
+                &Query {
+                    services: true,
+                    addresses,
+                    ..Query::default()
+                },
+            );
             let mut table = Table::new(&[
                 ("FRONTEND", Left),
                 ("SCOPE", Left),
@@ -223,37 +218,34 @@ fn main() -> Result<()> {
         Cmd::Events { count, no_follow } => {
             let mut seen = 0;
             loop {
-                let names = Names::load(&args.state_dir);
-                while let Some(item) = maps.policy_events.next() {
+                let mut batch = Vec::new();
+                while count.is_none_or(|c| seen + batch.len() < c) {
+                    let Some(item) = maps.policy_events.next() else {
+                        break;
+                    };
                     // SAFETY: the programs write whole PolicyEvents into this ring.
                     let e: PolicyEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                    let verdict = if e.verdict == VERDICT_ALLOW {
-                        "ALLOW"
-                    } else {
-                        "DROP "
-                    };
-                    let direction = if e.direction == DIRECTION_INGRESS {
-                        "ingress"
-                    } else {
-                        "egress"
-                    };
-                    let rule = if e.verdict == VERDICT_ALLOW {
-                        names.rule(e.rule)
-                    } else {
-                        "default deny".into()
-                    };
-                    println!(
-                        "{verdict} {direction:<7} proto {:<3} {} -> {}  [{rule}]",
-                        e.proto,
-                        names.endpoint(key_ip(&e.src), e.src_port),
-                        names.endpoint(key_ip(&e.dst), e.dst_port),
-                    );
-                    seen += 1;
-                    if count.is_some_and(|c| seen >= c) {
-                        return Ok(());
-                    }
+                    batch.push(e);
                 }
-                if no_follow {
+                if !batch.is_empty() {
+                    let names = names(
+                        &args.state_dir,
+                        &Query {
+                            rules: true,
+                            addresses: batch
+                                .iter()
+                                .flat_map(|e| [key_ip(&e.src), key_ip(&e.dst)])
+                                .flatten()
+                                .collect(),
+                            ..Query::default()
+                        },
+                    );
+                    for e in &batch {
+                        println!("{}", event_line(e, &names));
+                    }
+                    seen += batch.len();
+                }
+                if no_follow || count.is_some_and(|c| seen >= c) {
                     return Ok(());
                 }
                 std::thread::sleep(Duration::from_millis(100));
@@ -262,6 +254,30 @@ fn main() -> Result<()> {
         Cmd::InstallCni { .. } | Cmd::Check => unreachable!("handled before the maps are opened"),
     }
     Ok(())
+}
+
+fn event_line(e: &PolicyEvent, names: &Answer) -> String {
+    let verdict = if e.verdict == VERDICT_ALLOW {
+        "ALLOW"
+    } else {
+        "DROP "
+    };
+    let direction = if e.direction == DIRECTION_INGRESS {
+        "ingress"
+    } else {
+        "egress"
+    };
+    let rule = if e.verdict == VERDICT_ALLOW {
+        names.rule(e.rule)
+    } else {
+        "default deny".into()
+    };
+    format!(
+        "{verdict} {direction:<7} proto {:<3} {} -> {}  [{rule}]",
+        e.proto,
+        names.endpoint(key_ip(&e.src), e.src_port),
+        names.endpoint(key_ip(&e.dst), e.dst_port),
+    )
 }
 
 /// `sluicectl check`: the cluster's networks as the agent last knew them (`network.json`),

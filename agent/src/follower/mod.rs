@@ -20,6 +20,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Node;
+use kube::runtime::reflector::ObjectRef;
 use tokio::{sync::Mutex, time::MissedTickBehavior};
 use tracing::{info, warn};
 
@@ -28,13 +29,14 @@ use crate::{
     config::Settings,
     external_ip::ExternalIpError,
     health::{Health, UNHEALTHY_AFTER},
-    k8s::{self, ClusterStore, Pod},
+    k8s::{self, ClusterStore},
     metrics::Metrics,
     model::{
-        policy::{self, Allocator, LocalNode, PolicyError},
+        policy::{self, Allocator, LocalNode, ParsedPolicies, PodIndex, PodKey, PolicyError},
         service::{ServiceError, SetAllocator},
         LocalEndpoint, Mac,
     },
+    names::Names,
     service_health::HealthCheckServers,
 };
 
@@ -66,6 +68,9 @@ pub async fn start(setup: Setup) -> Result<ProgramRounds> {
     let rounds = ProgramRounds::new(setup.cluster.changed.clone());
     let mut follower = Follower {
         alloc: Allocator::seeded(&kernel_policy),
+        pod_index: PodIndex::default(),
+        index_whole: true,
+        parsed_policies: ParsedPolicies::default(),
         rounds: rounds.clone(),
         events: k8s::EventSink::new(setup.client, "sluice-agent", &setup.own),
         policy_sync_error: None,
@@ -85,14 +90,20 @@ pub async fn start(setup: Setup) -> Result<ProgramRounds> {
         uplink: None,
         services_compiled_at: None,
         policy_compiled_for: None,
+        routes_at: None,
         external_ips_at: None,
-        rule_names: BTreeMap::new(),
-        service_names: BTreeMap::new(),
-        names_changed: true,
+        names: Names::default(),
         programmed_revisions: BTreeMap::new(),
         overlaps_checked: None,
         overlaps: Vec::new(),
     };
+    let names_socket = crate::names::socket(&follower.state_dir);
+    let (names, pods) = (follower.names.clone(), follower.cluster.pods.clone());
+    tokio::spawn(async move {
+        if let Err(e) = crate::names::serve(&names_socket, names, pods).await {
+            warn!("the names socket for sluicectl stopped: {e:#}");
+        }
+    });
     let mut backoff = Backoff::default();
     follower.round(&mut backoff).await;
     tokio::spawn(follower.run(backoff));
@@ -116,6 +127,13 @@ struct Follower {
     pods: Arc<Mutex<PodNetwork>>,
     state_dir: PathBuf,
     alloc: Allocator,
+    /// The cluster's pods as policy sees them, brought up to date by the watch's changes.
+    pod_index: PodIndex,
+    /// Bring every pod of the store into `pod_index` at the next compile, not only the changed:
+    /// at start, after a relist, at a periodic resync.
+    index_whole: bool,
+    /// The NetworkPolicies parsed, kept by resourceVersion.
+    parsed_policies: ParsedPolicies,
     errors: Vec<PolicyError>,
     settings: Settings,
     sets: SetAllocator,
@@ -129,12 +147,13 @@ struct Follower {
     /// `policy_events` and the pods wired here when the policy was last programmed: a change of
     /// anything else (a Service, a heartbeat) does not recompile it.
     policy_compiled_for: Option<(u64, Vec<LocalEndpoint>)>,
+    /// `node_events` when the routes to the other nodes were last programmed: a heartbeat
+    /// neither reprograms them nor reruns the overlap check.
+    routes_at: Option<u64>,
     /// `external_ip_events` when the LoadBalancer IPs this node answers for were last programmed.
     external_ips_at: Option<u64>,
-    /// Rule ids and backend set ids by name, for `sluicectl`; `names_changed` until written.
-    rule_names: BTreeMap<u32, String>,
-    service_names: BTreeMap<u32, String>,
-    names_changed: bool,
+    /// Rule ids and backend set ids by name, for `sluicectl`.
+    names: Names,
     /// Per kind, the store's revision the last round that programmed everything had read.
     programmed_revisions: BTreeMap<&'static str, u64>,
     /// The cluster networks the overlap check last ran on (`None`: run it), and what it found.
@@ -180,8 +199,10 @@ impl Follower {
                     info!("periodic resync: every part re-derived from the store");
                     self.services_compiled_at = None;
                     self.policy_compiled_for = None;
+                    self.index_whole = true;
                     self.external_ips_at = None;
                     self.overlaps_checked = None;
+                    self.routes_at = None;
                 }
             }
             self.round(&mut backoff).await;
@@ -232,17 +253,22 @@ impl Follower {
         let service_events = self.cluster.service_events.load(Ordering::Acquire);
         let policy_events = self.cluster.policy_events.load(Ordering::Acquire);
         let external_ip_events = self.cluster.external_ip_events.load(Ordering::Acquire);
+        let node_events = self.cluster.node_events.load(Ordering::Acquire);
+        let nodes_changed = self.routes_at != Some(node_events);
         let nodes = self.cluster.nodes.state();
         let node_addresses = k8s::node_addresses(&nodes, &self.own);
         // The pod network is locked only to read it and to write the datapath: a CNI ADD or DEL
         // waits for a map sync at most, never for a compile.
         let endpoints = {
             let mut pods = self.pods.lock().await;
-            failures.part(
-                "routes",
-                pods.set_remote_routes(k8s::remote_routes(&nodes, &self.own))
-                    .await,
-            );
+            if nodes_changed {
+                let routes = pods
+                    .set_remote_routes(k8s::remote_routes(&nodes, &self.own))
+                    .await;
+                if failures.part("routes", routes).is_some() {
+                    self.routes_at = Some(node_events);
+                }
+            }
             if self.uplink.is_none() && !node_addresses.is_empty() {
                 if let Some(uplink) =
                     failures.part("uplink", pods.attach_uplink(&node_addresses).await)
@@ -254,14 +280,12 @@ impl Follower {
             }
             failures.part("policy", pods.endpoints())
         };
-        let all_pods = self.cluster.pods.state();
         if let Some(endpoints) = endpoints {
             let inputs = (policy_events, endpoints);
             if self.policy_compiled_for.as_ref() != Some(&inputs) {
-                let programmed = self.program_policy(&inputs.1, &node_addresses, &all_pods, &nodes);
+                let programmed = self.program_policy(&inputs.1, &node_addresses, &nodes);
                 if failures.part("policy", programmed.await).is_some() {
                     self.policy_compiled_for = Some(inputs);
-                    self.names_changed = true;
                 }
             }
         }
@@ -269,28 +293,19 @@ impl Follower {
             let programmed = self.program_services(&node_addresses).await;
             if failures.part("services", programmed).is_some() {
                 self.services_compiled_at = Some(service_events);
-                self.names_changed = true;
             }
         }
         // Diagnostics only: a failed check does not fail the round.
-        if let Err(e) = self.check_overlaps(&nodes).await {
-            warn!("checking for overlapping networks: {e:#}");
+        if nodes_changed || self.overlaps_checked.is_none() {
+            if let Err(e) = self.check_overlaps(&nodes).await {
+                warn!("checking for overlapping networks: {e:#}");
+                self.overlaps_checked = None;
+            }
         }
         if self.external_ips_at != Some(external_ip_events) {
             let programmed = self.external_ips(&nodes).await;
             if failures.part("external IPs", programmed).is_some() {
                 self.external_ips_at = Some(external_ip_events);
-            }
-        }
-        if self.names_changed {
-            let written = report::write_names(
-                &self.state_dir,
-                &self.rule_names,
-                &self.service_names,
-                &all_pods,
-            );
-            if failures.part("names", written).is_some() {
-                self.names_changed = false;
             }
         }
         // Only a round that programmed everything may say it caught up.
@@ -308,19 +323,36 @@ impl Follower {
         &mut self,
         endpoints: &[LocalEndpoint],
         node_addresses: &[IpAddr],
-        all_pods: &[Arc<Pod>],
         nodes: &[Arc<Node>],
     ) -> Result<()> {
         let gateway_ip = self.pods.lock().await.gateway_ip();
         let mut host = node_addresses.to_vec();
         host.push(gateway_ip);
+        // Taken before the store is read: a change after this is in the next take.
+        let changed = self.cluster.pod_changes.take();
+        let whole = std::mem::take(&mut self.index_whole) || changed.all;
         let namespaces = self.cluster.namespaces.state();
         let policies = self.cluster.network_policies.state();
         let mut tables = tokio::task::block_in_place(|| {
-            policy::compile(
-                all_pods.iter().map(|p| p.as_ref()),
+            let store = &self.cluster.pods;
+            let keys: BTreeSet<PodKey> = if whole {
+                let in_store = store.state().iter().map(|p| policy::pod_key(p)).collect();
+                let indexed: BTreeSet<PodKey> = self.pod_index.keys().cloned().collect();
+                indexed.union(&in_store).cloned().collect()
+            } else {
+                changed.keys
+            };
+            let pods = keys.into_iter().map(|key| {
+                let pod = store.get(&ObjectRef::new(&key.1).within(&key.0));
+                (key, pod)
+            });
+            self.pod_index
+                .update(pods, endpoints, &self.own, &mut self.alloc);
+            policy::compile_indexed(
+                &self.pod_index,
                 namespaces.iter().map(|n| n.as_ref()),
                 policies.iter().map(|p| p.as_ref()),
+                &mut self.parsed_policies,
                 &LocalNode {
                     name: &self.own,
                     host_ips: &host,
@@ -350,11 +382,13 @@ impl Follower {
         self.report_policy_sync(synced.as_ref().err().map(|e| format!("{e:#}")), nodes)
             .await;
         synced?;
-        self.rule_names = tables
-            .rules
-            .iter()
-            .map(|(id, r)| (*id, r.to_string()))
-            .collect();
+        self.names.set_rules(
+            tables
+                .rules
+                .iter()
+                .map(|(id, r)| (*id, r.to_string()))
+                .collect(),
+        );
         Ok(())
     }
 }

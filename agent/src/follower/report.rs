@@ -1,5 +1,5 @@
 //! What a round tells beyond the datapath: a failed policy sync on the Node (log, metric,
-//! event) and the names `sluicectl` shows.
+//! event) and how far the programmed state has caught up.
 
 use std::{collections::BTreeMap, path::Path, sync::atomic::Ordering, sync::Arc};
 
@@ -9,7 +9,6 @@ use kube::runtime::events::{Event, EventType};
 use tracing::{info, warn};
 
 use super::Follower;
-use crate::k8s::Pod;
 
 impl Follower {
     /// A policy sync that failed left the node tighter than desired (see
@@ -62,34 +61,6 @@ impl Follower {
             .and_then(|n| n.metadata.uid.clone());
         self.events.on_node(&self.own, uid, &event).await;
     }
-}
-
-/// Names for `sluicectl` (rule ids → policy rules, pod addresses → pods, backend sets →
-/// Services), in `names.json`. Written when the policy or the Services were recompiled, not on
-/// every round: with 30,000 pods it is megabytes.
-pub(super) fn write_names(
-    state_dir: &Path,
-    rules: &BTreeMap<u32, String>,
-    services: &BTreeMap<u32, String>,
-    pods: &[Arc<Pod>],
-) -> Result<()> {
-    let mut addresses = BTreeMap::new();
-    for pod in pods {
-        let name = format!(
-            "{}/{}",
-            pod.metadata.namespace.as_deref().unwrap_or(""),
-            pod.metadata.name.as_deref().unwrap_or("")
-        );
-        for ip in pod.status.iter().flat_map(|s| s.pod_ips.iter().flatten()) {
-            addresses.insert(ip.ip.as_str(), name.clone());
-        }
-    }
-    let names = serde_json::json!({
-        "rules": rules,
-        "pods": addresses,
-        "services": services,
-    });
-    replace(&state_dir.join("names.json"), &serde_json::to_vec(&names)?)
 }
 
 /// How far the programmed state has caught up with the API server, per watched kind

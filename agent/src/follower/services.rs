@@ -49,7 +49,7 @@ impl Follower {
         for error in self.health_checks.update(&tables.health_checks).await {
             warn!("{error:#}");
         }
-        self.service_names = tables.names;
+        self.names.set_services(tables.names);
         Ok(())
     }
 

@@ -3,10 +3,12 @@
 //! store into plain data for the pipeline.
 
 pub mod access;
+mod changes;
 mod node_changes;
 mod pod;
 mod slice;
 
+pub use changes::{Changed, PodChanges};
 pub use pod::{Container, Pod, PodSpec, PodStatus};
 pub use slice::{Endpoint, EndpointSlice};
 
@@ -50,6 +52,8 @@ pub struct ClusterStore {
     pub namespaces: Store<Namespace>,
     /// Every pod: NetworkPolicy peers live on any node.
     pub pods: Store<Pod>,
+    /// Which of `pods` changed since the policy compiler last took them.
+    pub pod_changes: PodChanges,
     pub services: Store<Service>,
     pub endpoint_slices: Store<EndpointSlice>,
     pub network_policies: Store<NetworkPolicy>,
@@ -71,6 +75,9 @@ pub struct ClusterStore {
     /// Nodes as for `service_events`, since the node's own addresses are HOST): unchanged, the
     /// policy tables need no recompiling.
     pub policy_events: Arc<AtomicU64>,
+    /// Node events that change more than heartbeats (the routes to the other nodes and the
+    /// overlap check read them).
+    pub node_events: Arc<AtomicU64>,
     /// Events of the kinds ServiceExternalIP plans from (ExternalIPPool, Service; Nodes as for
     /// `service_events`): unchanged, the LoadBalancer IPs this node answers for are the same.
     pub external_ip_events: Arc<AtomicU64>,
@@ -258,6 +265,7 @@ impl ClusterStore {
         };
         let service_events = Arc::new(AtomicU64::new(0));
         let policy_events = Arc::new(AtomicU64::new(0));
+        let node_events = Arc::new(AtomicU64::new(0));
         let external_ip_events = Arc::new(AtomicU64::new(0));
         let mut observed = Vec::new();
         let all = watcher::Config::default;
@@ -281,7 +289,12 @@ impl ClusterStore {
             (),
             all(),
             signals
-                .counting(&[&service_events, &policy_events, &external_ip_events])
+                .counting(&[
+                    &service_events,
+                    &policy_events,
+                    &node_events,
+                    &external_ip_events,
+                ])
                 .kind("Node", &mut observed),
             move |event| node_changes.relevant(event),
             |_| {},
@@ -293,6 +306,8 @@ impl ClusterStore {
                 .counting(&[&policy_events])
                 .kind("Namespace", &mut observed),
         );
+        let pod_changes = PodChanges::default();
+        let recorder = pod_changes.clone();
         let pods = watch_with(
             Api::<Pod>::all(client.clone()),
             (),
@@ -300,7 +315,10 @@ impl ClusterStore {
             signals
                 .counting(&[&policy_events])
                 .kind("Pod", &mut observed),
-            |_| true,
+            move |event| {
+                recorder.record(event);
+                true
+            },
             pod::trim,
         );
         let services = watch(
@@ -328,6 +346,7 @@ impl ClusterStore {
             nodes,
             namespaces,
             pods,
+            pod_changes,
             services,
             endpoint_slices,
             network_policies,
@@ -336,6 +355,7 @@ impl ClusterStore {
             observed,
             service_events,
             policy_events,
+            node_events,
             external_ip_events,
         }
     }

@@ -216,16 +216,40 @@ pub fn diff<K: Ord + Copy, V: PartialEq + Copy>(
     current: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
 ) -> Diff<K, V> {
-    let upserts = desired
-        .iter()
-        .filter(|(k, v)| current.get(k) != Some(v))
-        .map(|(k, v)| (*k, *v))
-        .collect();
-    let deletes = current
-        .keys()
-        .filter(|k| !desired.contains_key(k))
-        .copied()
-        .collect();
+    // One walk of both in key order: a lookup per key would cost a tree search each, and
+    // IPCACHE holds every pod address of the cluster.
+    let (mut upserts, mut deletes) = (Vec::new(), Vec::new());
+    let (mut cur, mut want) = (current.iter().peekable(), desired.iter().peekable());
+    loop {
+        match (cur.peek(), want.peek()) {
+            (None, None) => break,
+            (Some(&(k, _)), None) => {
+                deletes.push(*k);
+                cur.next();
+            }
+            (None, Some(&(k, v))) => {
+                upserts.push((*k, *v));
+                want.next();
+            }
+            (Some(&(ck, cv)), Some(&(wk, wv))) => match ck.cmp(wk) {
+                std::cmp::Ordering::Less => {
+                    deletes.push(*ck);
+                    cur.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    upserts.push((*wk, *wv));
+                    want.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if cv != wv {
+                        upserts.push((*wk, *wv));
+                    }
+                    cur.next();
+                    want.next();
+                }
+            },
+        }
+    }
     Diff { upserts, deletes }
 }
 

@@ -60,6 +60,15 @@ impl Allocator {
         self.identities.get(prefix)
     }
 
+    /// The identity of a pod address, kept until released (not asked for again per compile).
+    pub(super) fn hold_identity(&mut self, prefix: CidrKey) -> Option<u32> {
+        self.identities.hold(prefix)
+    }
+
+    pub(super) fn release_identity(&mut self, prefix: CidrKey) {
+        self.identities.release(prefix);
+    }
+
     pub(super) fn policy(&mut self, pod_ip: IpKey, direction: Direction) -> Option<u32> {
         self.policies.get((pod_ip, direction))
     }
@@ -76,12 +85,20 @@ impl Allocator {
     }
 }
 
-/// Stable numbers for one kind of key; the Service compiler's backend sets use it too.
+/// Stable numbers for one kind of key; the Service compiler's backend sets use it too. A number
+/// is either asked for on every compile (`get`, then `sweep` frees what was not asked for) or
+/// held until released (`hold`/`release`), so that a sweep costs what was asked for, not every
+/// number held.
 #[derive(Clone, Debug)]
 pub(in crate::model) struct Pool<K> {
     ids: BTreeMap<K, u32>,
     taken: BTreeSet<u32>,
     seen: BTreeSet<K>,
+    /// The keys the next sweep frees unless asked for since the last one: those handed out by
+    /// `get`, seeded, or released.
+    swept: BTreeSet<K>,
+    /// Keys held, with how many times.
+    held: BTreeMap<K, usize>,
     /// Where the search for a free number starts: just past the last one handed out.
     next: u32,
     first: u32,
@@ -95,6 +112,8 @@ impl<K: Ord + Clone> Pool<K> {
             ids: BTreeMap::new(),
             taken: BTreeSet::new(),
             seen: BTreeSet::new(),
+            swept: BTreeSet::new(),
+            held: BTreeMap::new(),
             next: first,
             first,
             end,
@@ -111,7 +130,8 @@ impl<K: Ord + Clone> Pool<K> {
             return;
         }
         self.taken.insert(id);
-        self.ids.insert(key, id);
+        self.ids.insert(key.clone(), id);
+        self.swept.insert(key);
         if id >= self.next {
             self.next = if id + 1 >= self.end {
                 self.first
@@ -122,8 +142,33 @@ impl<K: Ord + Clone> Pool<K> {
     }
 
     pub(in crate::model) fn get(&mut self, key: K) -> Option<u32> {
-        if let Some(&id) = self.ids.get(&key) {
-            self.seen.insert(key);
+        let id = self.number(&key)?;
+        self.seen.insert(key.clone());
+        self.swept.insert(key);
+        Some(id)
+    }
+
+    /// A number for `key` that stays until as many `release`s.
+    pub(in crate::model) fn hold(&mut self, key: K) -> Option<u32> {
+        let id = self.number(&key)?;
+        *self.held.entry(key).or_default() += 1;
+        Some(id)
+    }
+
+    /// The last release leaves the number to the next sweep, which frees it unless asked for
+    /// or held again by then.
+    pub(in crate::model) fn release(&mut self, key: K) {
+        if let Some(count) = self.held.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                self.held.remove(&key);
+                self.swept.insert(key);
+            }
+        }
+    }
+
+    fn number(&mut self, key: &K) -> Option<u32> {
+        if let Some(&id) = self.ids.get(key) {
             return Some(id);
         }
         if self.taken.len() as u64 >= u64::from(self.end - self.first) {
@@ -138,7 +183,6 @@ impl<K: Ord + Clone> Pool<K> {
             };
             if self.taken.insert(id) {
                 self.ids.insert(key.clone(), id);
-                self.seen.insert(key);
                 return Some(id);
             }
         }
@@ -146,13 +190,17 @@ impl<K: Ord + Clone> Pool<K> {
 
     pub(in crate::model) fn sweep(&mut self) {
         let seen = std::mem::take(&mut self.seen);
-        let taken = &mut self.taken;
-        self.ids.retain(|key, id| {
-            let keep = seen.contains(key);
-            if !keep {
-                taken.remove(id);
+        let (ids, taken, held) = (&mut self.ids, &mut self.taken, &self.held);
+        self.swept.retain(|key| {
+            if seen.contains(key) {
+                return true;
             }
-            keep
+            if !held.contains_key(key) {
+                if let Some(id) = ids.remove(key) {
+                    taken.remove(&id);
+                }
+            }
+            false
         });
     }
 }
@@ -176,5 +224,28 @@ mod tests {
         assert_eq!(pool.get("e"), None, "full");
         pool.sweep();
         assert_eq!(pool.get("d"), Some(1));
+    }
+
+    #[test]
+    fn a_held_number_outlives_sweeps_until_released() {
+        let mut pool: Pool<&str> = Pool::new(1, 10);
+        assert_eq!(pool.hold("a"), Some(1));
+        assert_eq!(pool.hold("a"), Some(1), "held twice");
+        pool.sweep();
+        pool.sweep();
+        assert_eq!(pool.hold("b"), Some(2));
+        pool.release("a");
+        pool.sweep();
+        assert_eq!(pool.hold("c"), Some(3), "\"a\" is still held once");
+        pool.release("a");
+        assert_eq!(pool.get("a"), Some(1), "released, not swept yet");
+        pool.sweep();
+        pool.sweep();
+        assert_eq!(pool.get("a"), Some(4), "not asked for in a sweep: freed");
+        // Released and held again before a sweep: the same number.
+        pool.release("b");
+        assert_eq!(pool.hold("b"), Some(2));
+        pool.sweep();
+        assert_eq!(pool.hold("b"), Some(2));
     }
 }

@@ -8,61 +8,43 @@ use std::{
 
 use k8s_openapi::api::core::v1::Namespace;
 
-use crate::k8s::{Pod, PodStatus};
-use sluice_common::identity;
+use crate::{
+    k8s::{Pod, PodStatus},
+    model::CidrKey,
+};
+use sluice_common::{identity, Identity};
 
 use super::{
+    index::{IndexedPod, PodIndex},
     parse::{Namespaces, ParsedPolicy, Peer, Rule},
     ports::named_port,
     prefix::Prefix,
-    Allocator, LocalNode, NAMESPACE_NAME_LABEL,
+    Allocator, NAMESPACE_NAME_LABEL,
 };
 
 /// A pod that can be selected or be a peer: not host-network (it has the node's address), not
 /// finished, and with at least one address.
 pub(super) struct PodEndpoint<'a> {
     pub namespace: &'a str,
-    name: &'a str,
     labels: &'a BTreeMap<String, String>,
     pub local: bool,
-    pub ips: Vec<IpAddr>,
+    pub ips: &'a [IpAddr],
     pod: &'a Pod,
 }
 
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
 impl<'a> PodEndpoint<'a> {
-    /// `wired`: the addresses this node's CNI gave the pod, when it is one of this node's.
-    fn new(pod: &'a Pod, local_node: &str, wired: &[IpAddr]) -> Option<PodEndpoint<'a>> {
-        let spec = pod.spec.as_ref();
-        if spec.and_then(|s| s.host_network) == Some(true) {
+    fn new(indexed: &'a IndexedPod) -> Option<PodEndpoint<'a>> {
+        if indexed.ips.is_empty() {
             return None;
         }
-        let status = pod.status.as_ref();
-        // A finished pod's address goes back to IPAM and may already be another pod's.
-        if matches!(
-            status.and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        ) {
-            return None;
-        }
-        let local = spec.and_then(|s| s.node_name.as_deref()) == Some(local_node);
-        // This node wired the pod: its addresses are known before the kubelet reports them.
-        let mut ips: Vec<IpAddr> = if local { wired.to_vec() } else { Vec::new() };
-        if ips.is_empty() {
-            ips.extend(status_ips(status));
-        }
-        ips.sort();
-        ips.dedup();
-        if ips.is_empty() {
-            return None;
-        }
+        let pod = indexed.pod.as_ref();
         Some(PodEndpoint {
             namespace: pod.metadata.namespace.as_deref().unwrap_or("default"),
-            name: pod.metadata.name.as_deref().unwrap_or_default(),
             labels: pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
-            local,
-            ips,
+            local: indexed.local,
+            ips: &indexed.ips,
             pod,
         })
     }
@@ -70,6 +52,29 @@ impl<'a> PodEndpoint<'a> {
     pub(super) fn port(&self, name: &str, proto: u8) -> Option<u16> {
         named_port(self.pod, name, proto)
     }
+}
+
+/// The addresses policy knows `pod` by: none for a host-network pod (it has the node's) or a
+/// finished one (its address goes back to IPAM and may already be another pod's); `wired`, the
+/// addresses this node's CNI gave it, when it is one of this node's; else its status's.
+pub(super) fn endpoint_ips(pod: &Pod, wired: &[IpAddr]) -> Vec<IpAddr> {
+    if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+        return Vec::new();
+    }
+    let status = pod.status.as_ref();
+    if matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    ) {
+        return Vec::new();
+    }
+    let mut ips = wired.to_vec();
+    if ips.is_empty() {
+        ips.extend(status_ips(status));
+    }
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 /// `status.podIPs`, or the older `status.podIP`.
@@ -95,42 +100,26 @@ fn status_ips(status: Option<&PodStatus>) -> Vec<IpAddr> {
 }
 
 pub(super) struct Cluster<'a> {
-    /// Sorted by namespace and name, so every compile walks them in the same order.
+    /// In namespace and name order, so every compile walks them in the same order.
     pub endpoints: Vec<PodEndpoint<'a>>,
     /// Which of `endpoints` are this node's: the only ones a policy can select here, a few
     /// among the cluster's thousands.
     local: Vec<usize>,
     namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
-    pub identities: BTreeMap<Prefix, u32>,
+    /// The pod addresses' identities.
+    index: &'a PodIndex,
+    /// The other prefixes': the host's addresses (HOST, over a pod's) and the CIDRs and
+    /// excepts of healthy policies.
+    pub named: BTreeMap<Prefix, u32>,
 }
 
 impl<'a> Cluster<'a> {
-    pub(super) fn new(
-        pods: &[&'a Pod],
-        namespaces: impl IntoIterator<Item = &'a Namespace>,
-        node: &LocalNode,
+    pub(super) fn new<'n>(
+        index: &'a PodIndex,
+        namespaces: impl IntoIterator<Item = &'n Namespace>,
     ) -> Cluster<'a> {
-        let mut wired: BTreeMap<(&str, &str), Vec<IpAddr>> = BTreeMap::new();
-        for ep in node.endpoints {
-            if let Some(pod) = &ep.pod {
-                wired
-                    .entry((&pod.namespace, &pod.name))
-                    .or_default()
-                    .extend(ep.ips.iter().map(|n| n.ip()));
-            }
-        }
-        let mut endpoints: Vec<PodEndpoint> = pods
-            .iter()
-            .filter_map(|pod| {
-                let key = (
-                    pod.metadata.namespace.as_deref().unwrap_or("default"),
-                    pod.metadata.name.as_deref().unwrap_or_default(),
-                );
-                let ips = wired.get(&key).map_or(&[][..], Vec::as_slice);
-                PodEndpoint::new(pod, node.name, ips)
-            })
-            .collect();
-        endpoints.sort_by(|a, b| (a.namespace, a.name).cmp(&(b.namespace, b.name)));
+        let endpoints: Vec<PodEndpoint> =
+            index.pods.values().filter_map(PodEndpoint::new).collect();
 
         // The API server guarantees the name label; a pod's namespace without an object (yet)
         // still has that one.
@@ -144,11 +133,12 @@ impl<'a> Cluster<'a> {
             namespace_labels.insert(name, labels);
         }
         for ep in &endpoints {
-            namespace_labels
-                .entry(ep.namespace.to_string())
-                .or_insert_with(|| {
-                    BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), ep.namespace.to_string())])
-                });
+            if !namespace_labels.contains_key(ep.namespace) {
+                namespace_labels.insert(
+                    ep.namespace.to_string(),
+                    BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), ep.namespace.to_string())]),
+                );
+            }
         }
         let local = (0..endpoints.len())
             .filter(|&e| endpoints[e].local)
@@ -157,15 +147,16 @@ impl<'a> Cluster<'a> {
             endpoints,
             local,
             namespace_labels,
-            identities: BTreeMap::new(),
+            index,
+            named: BTreeMap::new(),
         }
     }
 
-    /// The host's addresses are HOST; every pod address and every prefix a healthy policy
-    /// names gets its own identity, allocated in prefix order so a compile is deterministic.
+    /// The host's addresses are HOST; every prefix a healthy policy names gets an identity of
+    /// its own (the pod addresses hold theirs in the index; a CIDR that is one shares it).
     pub(super) fn assign_identities(
         &mut self,
-        parsed: &[ParsedPolicy],
+        parsed: &[&ParsedPolicy],
         host_ips: &[IpAddr],
         alloc: &mut Allocator,
     ) {
@@ -173,11 +164,7 @@ impl<'a> Cluster<'a> {
             .iter()
             .map(|&ip| (Prefix::host(ip), identity::HOST))
             .collect();
-        let mut named: BTreeSet<Prefix> = self
-            .endpoints
-            .iter()
-            .flat_map(|ep| ep.ips.iter().map(|&ip| Prefix::host(ip)))
-            .collect();
+        let mut named: BTreeSet<Prefix> = BTreeSet::new();
         for policy in parsed.iter().filter(|p| !p.broken) {
             for rule in policy.rules.iter().flatten() {
                 for peer in rule.peers.iter().flatten() {
@@ -196,11 +183,26 @@ impl<'a> Cluster<'a> {
                 ids.insert(prefix, id);
             }
         }
-        self.identities = ids;
+        self.named = ids;
+    }
+
+    /// Every prefix with its identity, as IPCACHE holds them.
+    pub(super) fn ipcache(&self) -> BTreeMap<CidrKey, Identity> {
+        let mut out = self.index.ipcache.clone();
+        out.extend(
+            self.named
+                .iter()
+                .map(|(prefix, &id)| (prefix.cidr_key(), Identity { id })),
+        );
+        out
     }
 
     pub(super) fn identity_of(&self, ip: IpAddr) -> Option<u32> {
-        self.identities.get(&Prefix::host(ip)).copied()
+        let prefix = Prefix::host(ip);
+        self.named
+            .get(&prefix)
+            .copied()
+            .or_else(|| self.index.identity(&prefix))
     }
 
     /// This node's pods.
@@ -231,7 +233,7 @@ impl<'a> Cluster<'a> {
         };
         let list = rule.peers.as_deref().unwrap_or_default();
         for (e, ep) in self.endpoints.iter().enumerate() {
-            for &ip in &ep.ips {
+            for &ip in ep.ips {
                 let by_selector = list.iter().any(|peer| match peer {
                     Peer::Pods { namespaces, pods } => {
                         pods.matches(ep.labels) && self.in_namespaces(namespaces, policy, ep)
@@ -257,11 +259,16 @@ impl<'a> Cluster<'a> {
         // IPCACHE's longest-prefix answer, that is exactly the block's addresses.
         for peer in list {
             if let Peer::Block(block) = peer {
-                let inside = self.identities.range(block.cidr.range());
+                let named = self.named.range(block.cidr.range()).map(|(p, &id)| (p, id));
+                let pods = self
+                    .index
+                    .identities_in(block.cidr.range())
+                    .filter(|(prefix, _)| !self.named.contains_key(prefix));
                 out.ids.extend(
-                    inside
+                    named
+                        .chain(pods)
                         .filter(|(prefix, _)| block.admits(prefix))
-                        .map(|(_, &id)| id),
+                        .map(|(_, id)| id),
                 );
             }
         }

@@ -17,7 +17,9 @@
 mod allocator;
 mod cluster;
 mod display;
+mod index;
 mod parse;
+mod parsed;
 mod ports;
 mod prefix;
 mod rules;
@@ -29,6 +31,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use crate::k8s::Pod;
@@ -41,8 +44,10 @@ use super::{ip_key, CidrKey, LocalEndpoint};
 pub use allocator::Allocator;
 pub(in crate::model) use allocator::Pool;
 use cluster::{Cluster, PodEndpoint};
+pub use index::{PodIndex, PodKey};
 pub(crate) use parse::FieldError;
-use parse::{parse_policy, ParsedPolicy};
+use parse::ParsedPolicy;
+pub use parsed::ParsedPolicies;
 pub use ports::port_prefixes;
 pub use ports::protocol_name;
 pub(in crate::model) use ports::{protocol_number, valid_port};
@@ -148,7 +153,7 @@ pub struct LocalNode<'a> {
 
 /// Compiles the cluster's NetworkPolicies for `node`. Numbers come from `alloc`, which must be
 /// the same across calls for them to stay stable. Never fails: what cannot be applied is in
-/// `errors` and fails closed.
+/// `errors` and fails closed. Indexes every pod anew: the agent keeps a [`PodIndex`] instead.
 pub fn compile<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
     namespaces: impl IntoIterator<Item = &'a Namespace>,
@@ -156,35 +161,47 @@ pub fn compile<'a>(
     node: &LocalNode,
     alloc: &mut Allocator,
 ) -> PolicyTables {
-    let pods: Vec<&Pod> = pods.into_iter().collect();
-    let mut cluster = Cluster::new(&pods, namespaces, node);
-    let mut tables = PolicyTables::default();
+    let mut index = PodIndex::default();
+    let pods = pods
+        .into_iter()
+        .map(|pod| (pod_key(pod), Some(Arc::new(pod.clone()))));
+    index.update(pods, node.endpoints, node.name, alloc);
+    let mut parsed = ParsedPolicies::default();
+    let tables = compile_indexed(&index, namespaces, policies, &mut parsed, node, alloc);
+    index.clear(alloc);
+    tables
+}
 
-    let mut policies: Vec<&NetworkPolicy> = policies.into_iter().collect();
-    policies.sort_by_key(|np| {
-        (
-            np.metadata.namespace.as_deref(),
-            np.metadata.name.as_deref(),
-        )
-    });
-    let parsed: Vec<ParsedPolicy> = policies
-        .iter()
-        .map(|np| {
-            let (policy, errors) = parse_policy(np);
-            let key = &policy.key;
-            tables
-                .errors
-                .extend(errors.into_iter().map(|e| e.for_policy(key)));
-            policy
-        })
-        .collect();
+/// A Pod's key in the index.
+pub fn pod_key(pod: &Pod) -> PodKey {
+    (
+        pod.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        pod.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// As [`compile`], with the pods from `index`, which must be up to date with `node.endpoints`,
+/// and the policies parsed through `cache` (kept between compiles like `index`).
+pub fn compile_indexed<'a, 'b>(
+    index: &'b PodIndex,
+    namespaces: impl IntoIterator<Item = &'a Namespace>,
+    policies: impl IntoIterator<Item = &'a NetworkPolicy>,
+    cache: &mut ParsedPolicies,
+    node: &LocalNode,
+    alloc: &mut Allocator,
+) -> PolicyTables {
+    let mut cluster = Cluster::new(index, namespaces);
+    let (parsed, errors) = cache.update(policies);
+    let mut tables = PolicyTables {
+        errors,
+        ..PolicyTables::default()
+    };
 
     cluster.assign_identities(&parsed, node.host_ips, alloc);
-    tables.ipcache = cluster
-        .identities
-        .iter()
-        .map(|(prefix, &id)| (prefix.cidr_key(), Identity { id }))
-        .collect();
+    tables.ipcache = cluster.ipcache();
 
     let selected: Vec<Vec<&PodEndpoint>> = parsed.iter().map(|p| cluster.selected_by(p)).collect();
     let policy_ids = isolate(&parsed, &selected, alloc, &mut tables.endpoint_policy);
@@ -201,7 +218,7 @@ pub fn compile<'a>(
 /// Gives every address of a selected local pod one policy id per direction it is isolated in,
 /// whether or not any rule allows something there.
 fn isolate(
-    parsed: &[ParsedPolicy],
+    parsed: &[&ParsedPolicy],
     selected: &[Vec<&PodEndpoint>],
     alloc: &mut Allocator,
     endpoint_policy: &mut BTreeMap<IpKey, EndpointPolicy>,
@@ -320,7 +337,7 @@ fn add_rules(
                     Direction::Ingress => ingress_named_ports(rule, ep, &peers),
                     Direction::Egress => Vec::new(),
                 };
-                for ip in &ep.ips {
+                for ip in ep.ips {
                     let Some(&id) = policy_ids.get(&(ip_key(*ip), direction)) else {
                         continue;
                     };

@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 use sluice_common::{identity, PolicyKey, POLICY_KEY_EXACT_BITS, PROTO_ANY};
 
 mod errors;
+mod incremental;
 mod new_pods;
 
 use super::ports::{SCTP, TCP, UDP};
@@ -902,11 +903,11 @@ fn the_tables_print_stage_by_stage() {
     let text = cluster.tables().to_string();
     let expected = "\
 IPCache
-  10.0.0.0/8 -> identity 256
-  10.244.0.0/16 -> identity 257
-  10.244.0.2/32 -> identity 258
-  10.244.0.3/32 -> identity 259
-  10.244.1.3/32 -> identity 260
+  10.0.0.0/8 -> identity 259
+  10.244.0.0/16 -> identity 260
+  10.244.0.2/32 -> identity 256
+  10.244.0.3/32 -> identity 257
+  10.244.1.3/32 -> identity 258
   192.168.0.10/32 -> host
   * -> world
 EndpointPolicy
@@ -914,10 +915,10 @@ EndpointPolicy
   pod_ip=10.244.0.3 -> ingress_policy=3 egress_policy=open
 IngressRule
   from=host -> allow
-  policy=1 from=256(10.0.0.0/8) UDP/any -> allow rule=2 (prod/web ingress[1])
-  policy=1 from=260(10.244.1.3/32) TCP/1000-1007 -> allow rule=1 (prod/web ingress[0])
-  policy=1 from=260(10.244.1.3/32) TCP/1008-1023 -> allow rule=1 (prod/web ingress[0])
-  policy=1 from=260(10.244.1.3/32) TCP/8080 -> allow rule=1 (prod/web ingress[0])
+  policy=1 from=258(10.244.1.3/32) TCP/1000-1007 -> allow rule=1 (prod/web ingress[0])
+  policy=1 from=258(10.244.1.3/32) TCP/1008-1023 -> allow rule=1 (prod/web ingress[0])
+  policy=1 from=258(10.244.1.3/32) TCP/8080 -> allow rule=1 (prod/web ingress[0])
+  policy=1 from=259(10.0.0.0/8) UDP/any -> allow rule=2 (prod/web ingress[1])
   * -> drop (IngressDefaultRule)
 EgressRule
   policy=2 to=any any -> allow rule=4 (prod/web egress[1])

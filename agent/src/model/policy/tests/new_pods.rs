@@ -7,7 +7,7 @@ use crate::model::{LocalEndpoint, Mac, PodRef};
 
 const PENDING_IP: &str = "10.244.0.9";
 
-fn wired(ip: &str, pod: Option<(&str, &str)>) -> LocalEndpoint {
+pub(super) fn wired(ip: &str, pod: Option<(&str, &str)>) -> LocalEndpoint {
     LocalEndpoint {
         container_id: format!("c-{ip}"),
         ifname: "eth0".into(),
