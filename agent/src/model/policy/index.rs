@@ -31,9 +31,8 @@ pub struct PodIndex {
     pub(super) pods: BTreeMap<PodKey, IndexedPod>,
     /// How many pods have each pod address (two may, briefly).
     holders: BTreeMap<Prefix, usize>,
-    /// Every pod address's identity.
-    ids: BTreeMap<Prefix, u32>,
-    /// The same, as IPCACHE holds it.
+    /// Their identities, as IPCACHE holds them (a compile copies this rather than sorting
+    /// 30,000 entries again). An address is missing only when the pool has no number left.
     pub(super) ipcache: BTreeMap<CidrKey, Identity>,
     /// The addresses this node's CNI gave its pods, by Pod, at the last update.
     wired: BTreeMap<PodKey, Vec<IpAddr>>,
@@ -90,14 +89,12 @@ impl PodIndex {
     fn number(&mut self, touched: BTreeSet<Prefix>, alloc: &mut Allocator) {
         for prefix in touched {
             let held = self.holders.contains_key(&prefix);
-            let numbered = self.ids.contains_key(&prefix);
+            let numbered = self.ipcache.contains_key(&prefix.cidr_key());
             if held && !numbered {
                 if let Some(id) = alloc.hold_identity(prefix.cidr_key()) {
-                    self.ids.insert(prefix, id);
                     self.ipcache.insert(prefix.cidr_key(), Identity { id });
                 }
             } else if !held && numbered {
-                self.ids.remove(&prefix);
                 self.ipcache.remove(&prefix.cidr_key());
                 alloc.release_identity(prefix.cidr_key());
             }
@@ -120,14 +117,16 @@ impl PodIndex {
     }
 
     pub(super) fn identity(&self, prefix: &Prefix) -> Option<u32> {
-        self.ids.get(prefix).copied()
+        self.ipcache.get(&prefix.cidr_key()).map(|i| i.id)
     }
 
     pub(super) fn identities_in(
         &self,
         range: std::ops::RangeInclusive<Prefix>,
     ) -> impl Iterator<Item = (&Prefix, u32)> {
-        self.ids.range(range).map(|(prefix, &id)| (prefix, id))
+        self.holders
+            .range(range)
+            .filter_map(|(prefix, _)| Some((prefix, self.identity(prefix)?)))
     }
 
     /// Brings one pod's record to `pod`; the addresses it gained or lost go to `touched`.
