@@ -63,3 +63,39 @@ impl ParsedPolicies {
         (self.by_key.values().map(|p| &p.policy).collect(), errors)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(version: Option<&str>, port: u16) -> NetworkPolicy {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "namespace": "ns", "name": "p", "resourceVersion": version },
+            "spec": { "podSelector": {}, "ingress": [{ "ports": [{ "port": port }] }] },
+        }))
+        .unwrap()
+    }
+
+    fn ports(cache: &mut ParsedPolicies, np: &NetworkPolicy) -> Vec<String> {
+        let (parsed, _) = cache.update([np]);
+        parsed[0].rules[0][0]
+            .ports
+            .iter()
+            .map(|p| format!("{p:?}"))
+            .collect()
+    }
+
+    #[test]
+    fn a_policy_is_parsed_again_only_under_a_new_resource_version() {
+        let mut cache = ParsedPolicies::default();
+        let first = ports(&mut cache, &policy(Some("5"), 80));
+        // Content changed under the same resourceVersion (an API server never does this): kept.
+        assert_eq!(ports(&mut cache, &policy(Some("5"), 81)), first);
+        assert_ne!(ports(&mut cache, &policy(Some("6"), 81)), first);
+        // Without a resourceVersion, parsed every time.
+        let unversioned = ports(&mut cache, &policy(None, 82));
+        assert_ne!(ports(&mut cache, &policy(None, 83)), unversioned);
+        // A policy gone from the input is forgotten.
+        assert!(cache.update([]).0.is_empty());
+    }
+}
